@@ -1,0 +1,27 @@
+"""colt5-hf: CoLT5 (conditional long T5) as a Hugging Face Transformers model."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+
+from .configuration_colt5 import CoLT5Config
+from .modeling_colt5 import (
+    CoLT5EncoderModel,
+    CoLT5ForConditionalGeneration,
+    CoLT5Model,
+    CoLT5PreTrainedModel,
+)
+from .routing import CoLT5Router, RouterOutput, coordinate_descent
+
+AutoConfig.register("colt5", CoLT5Config, exist_ok=True)
+AutoModel.register(CoLT5Config, CoLT5Model, exist_ok=True)
+AutoModelForSeq2SeqLM.register(CoLT5Config, CoLT5ForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "CoLT5Config",
+    "CoLT5PreTrainedModel",
+    "CoLT5Model",
+    "CoLT5ForConditionalGeneration",
+    "CoLT5EncoderModel",
+    "CoLT5Router",
+    "RouterOutput",
+    "coordinate_descent",
+]

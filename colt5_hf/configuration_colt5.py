@@ -1,0 +1,151 @@
+"""CoLT5 configuration."""
+
+import math
+
+from transformers import PreTrainedConfig
+
+
+ROUTER_TYPES = ("coor_descent",)
+
+
+class CoLT5Config(PreTrainedConfig):
+    r"""
+    Configuration of a CoLT5 encoder-decoder (Ainslie et al. 2023): a T5.1.1/LongT5 model whose encoder layers run a
+    light branch (local attention, narrow gated feed-forward) on every token and a heavy branch (full attention, wide
+    gated feed-forward) on the tokens picked by learned routers.
+
+    Shared with T5.1.1: `vocab_size`, `d_model`, `d_kv` (size of every attention head), `d_ff` (decoder feed-forward
+    width), `num_layers`, `num_decoder_layers`, `num_heads` (decoder heads), `relative_attention_num_buckets`,
+    `relative_attention_max_distance`, `dropout_rate`, `layer_norm_epsilon`, `initializer_factor`, `dense_act_fn`.
+
+    Encoder (conditional computation):
+        num_light_heads / num_heavy_heads: heads of the local and of the routed attention (default 1/4 and 3/4 of
+            `num_heads`).
+        light_d_ff / heavy_d_ff: widths of the light (all tokens) and heavy (routed tokens) feed-forward (default
+            `d_ff // 2` and `4 * d_ff`).
+        local_radius: each token attends to positions i - radius .. i + radius in the light attention.
+        attention_q_fraction / attention_kv_fraction / feed_forward_fraction: share of each sample's real (unpadded)
+            tokens routed to heavy attention as queries, as keys/values, and to the heavy feed-forward.
+        min_routed_tokens: every router takes at least this many tokens (all of them when a sample is shorter).
+        router_type, router_iterations, router_epsilon, router_fetch_ratio, router_straight_through: the soft top-k
+            (coordinate descent) of the routers; it runs for `router_fetch_ratio * k` tokens, then the hard top-k.
+
+    Decoder cross-attention:
+        num_cross_attention_routes: R routes; the query heads are split evenly among them and each route attends to its
+            own subset of encoder tokens.
+        cross_attention_fraction: share of the encoder's real tokens each route sees (1.0 = all, no router).
+        num_cross_attention_kv_heads: key/value heads per route (1 = multi-query attention, the paper's setting).
+    """
+
+    model_type = "colt5"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "num_heads",
+        "num_hidden_layers": "num_layers",
+        "head_dim": "d_kv",
+    }
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_layers: int = 6
+    num_decoder_layers: int | None = None
+    num_heads: int = 8
+    num_light_heads: int | None = None
+    num_heavy_heads: int | None = None
+    light_d_ff: int | None = None
+    heavy_d_ff: int | None = None
+    local_radius: int = 127
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    attention_q_fraction: float = 1 / 16
+    attention_kv_fraction: float = 1 / 8
+    feed_forward_fraction: float = 1 / 16
+    min_routed_tokens: int = 1
+    router_type: str = "coor_descent"
+    router_iterations: int = 50
+    router_epsilon: float = 1.0
+    router_fetch_ratio: float = 9 / 8
+    router_straight_through: bool = True
+    num_cross_attention_routes: int = 1
+    cross_attention_fraction: float = 1.0
+    num_cross_attention_kv_heads: int = 1
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    initializer_factor: float = 1.0
+    dense_act_fn: str = "gelu_new"
+    is_encoder_decoder: bool = True
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    decoder_start_token_id: int | None = 0
+
+    def __post_init__(self, **kwargs):
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+        if self.num_light_heads is None and self.num_heavy_heads is None:
+            self.num_light_heads = max(1, self.num_heads // 4)
+        if self.num_light_heads is None:
+            self.num_light_heads = self.num_heads - self.num_heavy_heads
+        if self.num_heavy_heads is None:
+            self.num_heavy_heads = self.num_heads - self.num_light_heads
+        if self.light_d_ff is None:
+            self.light_d_ff = self.d_ff // 2
+        if self.heavy_d_ff is None:
+            self.heavy_d_ff = 4 * self.d_ff
+        super().__post_init__(**kwargs)
+        self._check()
+
+    def _check(self):
+        def positive(name):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"CoLT5Config: `{name}` must be a positive integer, got {value!r}")
+
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+                     "num_light_heads", "num_heavy_heads", "light_d_ff", "heavy_d_ff", "local_radius",
+                     "relative_attention_num_buckets", "relative_attention_max_distance", "min_routed_tokens",
+                     "router_iterations", "num_cross_attention_routes", "num_cross_attention_kv_heads"):
+            positive(name)
+        for name in ("attention_q_fraction", "attention_kv_fraction", "feed_forward_fraction",
+                     "cross_attention_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"CoLT5Config: `{name}` must be a fraction in (0, 1], got {value!r}")
+        if not (isinstance(self.router_epsilon, (int, float)) and math.isfinite(self.router_epsilon)
+                and self.router_epsilon > 0):
+            raise ValueError(f"CoLT5Config: `router_epsilon` must be a positive number, got {self.router_epsilon!r}")
+        if not (isinstance(self.router_fetch_ratio, (int, float)) and self.router_fetch_ratio >= 1):
+            raise ValueError(f"CoLT5Config: `router_fetch_ratio` must be >= 1, got {self.router_fetch_ratio!r}")
+        if self.router_type not in ROUTER_TYPES:
+            raise ValueError(f"CoLT5Config: `router_type` must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"CoLT5Config: `dropout_rate` must be in [0, 1), got {self.dropout_rate!r}")
+        routes, kv_heads = self.num_cross_attention_routes, self.num_cross_attention_kv_heads
+        if self.num_heads % routes:
+            raise ValueError(
+                f"CoLT5Config: `num_heads` ({self.num_heads}) must be divisible by `num_cross_attention_routes` "
+                f"({routes}): the decoder's query heads are split evenly among the cross-attention routes"
+            )
+        if (self.num_heads // routes) % kv_heads:
+            raise ValueError(
+                f"CoLT5Config: the {self.num_heads // routes} query heads of each cross-attention route must be "
+                f"divisible by `num_cross_attention_kv_heads` ({kv_heads})"
+            )
+        if self.relative_attention_num_buckets % 2:
+            raise ValueError("CoLT5Config: `relative_attention_num_buckets` must be even (bidirectional buckets)")
+
+    def routed_count(self, fraction: float, length):
+        """Tokens a router takes from a sample of `length` real tokens: ceil(fraction * length), at least
+        `min_routed_tokens`, at most `length`. Works on ints and on integer tensors."""
+        # both branches compute in float64, so an int length and a tensor length give the same count
+        if isinstance(length, int):
+            return min(length, max(self.min_routed_tokens, math.ceil(fraction * length - 1e-9)))
+        k = (length.double() * fraction - 1e-9).ceil().long().clamp(min=self.min_routed_tokens)
+        return k.minimum(length.long())
+
+
+__all__ = ["CoLT5Config"]

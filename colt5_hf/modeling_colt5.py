@@ -1,0 +1,800 @@
+"""PyTorch CoLT5: LongT5 with conditional computation (Ainslie et al. 2023, arXiv 2303.09752).
+
+Encoder layers: X + A_light(X) + s_q * A_heavy(X_q, s_kv * X_kv), then X + FF_light(X) + s * FF_heavy(X_routed).
+Decoder layers: T5.1.1 causal self-attention, multi-route (multi-query by default) cross-attention, gated FF.
+"""
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+)
+
+from .configuration_colt5 import CoLT5Config
+from .routing import CoLT5Router, RouterOutput, gather_tokens, scatter_tokens
+
+
+# Transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; support both.
+CACHE_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
+
+
+def mask_value(dtype):
+    # half the dtype's minimum: added to a score it stays finite, so fully masked rows never turn into NaN
+    return torch.finfo(dtype).min / 2
+
+
+def clamp_fp16(hidden_states):
+    """T5's guard for fp16 training: keep activations inside the representable range."""
+    if hidden_states.dtype == torch.float16:
+        limit = torch.finfo(torch.float16).max - 1000
+        hidden_states = hidden_states.clamp(-limit, limit)
+    return hidden_states
+
+
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's bucketing of `key_position - query_position`: exact buckets for small distances, logarithmic ones up to
+    `max_distance`, one bucket beyond; bidirectional buckets split the range between the two directions."""
+    if bidirectional:
+        num_buckets //= 2
+        bucket = (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        bucket = torch.zeros_like(relative_position)
+        distance = (-relative_position).clamp(min=0)
+    exact = num_buckets // 2
+    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (num_buckets - exact)).long()).clamp(max=num_buckets - 1)
+    return bucket + torch.where(distance < exact, distance, far)
+
+
+def attend(query, key, value, bias, dropout: float, implementation: str):
+    """T5 attention, unscaled: softmax(q k^T + bias) v.
+
+    query (b, ..., q, d); key, value (b, ..., k, d) with the same middle dims; bias broadcastable to (b, ..., q, k),
+    holding the relative position bias and `mask_value` at masked keys. Returns the output (b, ..., q, d) and, for the
+    eager implementation, the attention probabilities (b, ..., q, k).
+    """
+    if implementation == "sdpa":
+        shape, k_len = query.shape, key.shape[-2]
+        q, k, v = (t.reshape(shape[0], -1, *t.shape[-2:]) for t in (query, key, value))
+        bias = bias.expand(*shape[:-1], k_len).reshape(shape[0], -1, shape[-2], k_len).to(query.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
+        return out.reshape(shape), None
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() + bias.float()
+    probs = scores.softmax(-1).to(value.dtype)
+    return torch.matmul(F.dropout(probs, p=dropout), value), probs
+
+
+def check_implementation(config, output_attentions):
+    implementation = config._attn_implementation or "eager"
+    if implementation not in ("eager", "sdpa"):
+        raise ValueError(f"CoLT5 supports attn_implementation 'eager' and 'sdpa', got {implementation!r}")
+    if output_attentions and implementation != "eager":
+        raise ValueError(
+            "output_attentions=True needs the eager attention: load the model with attn_implementation='eager'"
+        )
+    return implementation
+
+
+class CoLT5LayerNorm(nn.Module):
+    """T5's RMS norm: no mean subtraction, no bias, variance in float32."""
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        variance = hidden_states.float().pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return self.weight * hidden_states
+
+
+class CoLT5GatedFeedForward(nn.Module):
+    """T5.1.1 gated-GELU feed-forward: wo(act(wi_0 x) * wi_1 x)."""
+
+    def __init__(self, config: CoLT5Config, d_ff: int):
+        super().__init__()
+        self.wi_0 = nn.Linear(config.d_model, d_ff, bias=False)
+        self.wi_1 = nn.Linear(config.d_model, d_ff, bias=False)
+        self.wo = nn.Linear(d_ff, config.d_model, bias=False)
+        self.act = ACT2FN[config.dense_act_fn]
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states):
+        hidden_states = self.dropout(self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states))
+        return self.wo(hidden_states.to(self.wo.weight.dtype))
+
+
+class CoLT5RoutedFeedForward(nn.Module):
+    """FF_light(X) on every token + s * FF_heavy(X) on the routed ones, scattered back (zero elsewhere)."""
+
+    def __init__(self, config: CoLT5Config):
+        super().__init__()
+        self.light_feed_forward = CoLT5GatedFeedForward(config, config.light_d_ff)
+        self.heavy_feed_forward = CoLT5GatedFeedForward(config, config.heavy_d_ff)
+        self.router = CoLT5Router(config, config.feed_forward_fraction)
+
+    def forward(self, hidden_states, mask):
+        # hidden_states: (b, n, d) normalised; mask: (b, n) bool
+        routing = self.router(hidden_states, mask)
+        indices, weights = routing.indices[:, 0], routing.weights[:, 0]  # (b, m)
+        routed = gather_tokens(hidden_states, indices)  # (b, m, d)
+        heavy = self.heavy_feed_forward(routed) * weights[..., None].to(hidden_states.dtype)
+        heavy = scatter_tokens(heavy, indices, hidden_states.shape[1])  # (b, n, d)
+        return self.light_feed_forward(hidden_states) + heavy
+
+
+class CoLT5LocalAttention(nn.Module):
+    """Light branch: every token attends to the tokens within `local_radius` of it, with T5 relative position bias.
+
+    The sequence is cut into blocks of radius + 1 tokens; each block's queries attend to its own and its two
+    neighbouring blocks (3 * block keys), masked to the band |i - j| <= radius and to real keys.
+    """
+
+    def __init__(self, config: CoLT5Config):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_light_heads
+        inner = self.num_heads * config.d_kv
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+
+    def forward(self, hidden_states, mask, bias_table, implementation, output_attentions=False):
+        # hidden_states: (b, n, d) normalised; mask: (b, n) bool; bias_table: (h, 2 * radius + 1) for offsets -r..r
+        b, n, _ = hidden_states.shape
+        block = self.config.local_radius + 1
+        num_blocks = -(-n // block)
+        pad = num_blocks * block - n
+
+        def blocks(t):  # (b, n, h * d) -> (b, h, nb, block, d)
+            t = F.pad(t, (0, 0, 0, pad)).view(b, num_blocks, block, self.num_heads, -1)
+            return t.permute(0, 3, 1, 2, 4)
+
+        def with_neighbours(t):  # (b, ..., nb, block, x) -> (b, ..., nb, 3 * block, x): previous, own, next block
+            t = F.pad(t, (0, 0, 0, 0, 1, 1))
+            return torch.cat([t[..., :-2, :, :], t[..., 1:-1, :, :], t[..., 2:, :, :]], dim=-2)
+
+        query = blocks(self.q(hidden_states))
+        key = with_neighbours(blocks(self.k(hidden_states)))
+        value = with_neighbours(blocks(self.v(hidden_states)))
+        key_mask = with_neighbours(F.pad(mask, (0, pad)).view(b, num_blocks, block, 1))[..., 0]  # (b, nb, 3 * block)
+
+        offset = torch.arange(3 * block, device=mask.device) - block - torch.arange(block, device=mask.device)[:, None]
+        in_band = offset.abs() <= self.config.local_radius  # (block, 3 * block)
+        bias = bias_table[:, (offset + self.config.local_radius).clamp(0, 2 * self.config.local_radius)]
+        keep = in_band & key_mask[:, None, :, None, :]  # (b, 1, nb, block, 3 * block)
+        bias = bias[None, :, None].to(query.dtype).masked_fill(~keep, mask_value(query.dtype))
+
+        dropout = self.config.dropout_rate if self.training else 0.0
+        out, probs = attend(query, key, value, bias, dropout, implementation)  # (b, h, nb, block, d)
+        out = out.permute(0, 2, 3, 1, 4).reshape(b, num_blocks * block, -1)[:, :n]
+        weights = self.dense_weights(probs, n) if output_attentions else None
+        return self.o(out), weights
+
+    @staticmethod
+    def dense_weights(probs, n):
+        """(b, h, nb, block, 3 * block) banded probabilities -> (b, h, n, n)."""
+        b, h, num_blocks, block, _ = probs.shape
+        columns = torch.arange(num_blocks, device=probs.device)[:, None, None] * block + torch.arange(
+            3 * block, device=probs.device
+        )  # (nb, 1, 3 * block), in coordinates padded by one block on each side
+        dense = probs.new_zeros(b, h, num_blocks, block, (num_blocks + 2) * block)
+        dense.scatter_(-1, columns.expand(num_blocks, block, -1).expand(b, h, -1, -1, -1), probs)
+        return dense.view(b, h, num_blocks * block, -1)[:, :, :n, block : block + n]
+
+
+class CoLT5HeavyAttention(nn.Module):
+    """Heavy branch: full attention of the routed queries over the routed keys/values, with relative position bias
+    from the tokens' original positions. K and V are projections of s_kv * X; the output is scaled by s_q."""
+
+    def __init__(self, config: CoLT5Config):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_heavy_heads
+        inner = self.num_heads * config.d_kv
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+
+    def forward(self, hidden_states, q_routing, kv_routing, bias_weight, implementation, output_attentions=False):
+        # hidden_states: (b, n, d) normalised; routings: one route each; bias_weight: (buckets, h)
+        b, n, _ = hidden_states.shape
+        q_index, kv_index = q_routing.indices[:, 0], kv_routing.indices[:, 0]  # (b, m), (b, m_kv)
+        dtype = hidden_states.dtype
+        routed_q = gather_tokens(hidden_states, q_index)
+        routed_kv = gather_tokens(hidden_states, kv_index) * kv_routing.weights[:, 0, :, None].to(dtype)
+
+        def heads(t):  # (b, m, h * d) -> (b, h, m, d)
+            return t.view(b, t.shape[1], self.num_heads, -1).transpose(1, 2)
+
+        query, key, value = heads(self.q(routed_q)), heads(self.k(routed_kv)), heads(self.v(routed_kv))
+        bucket = relative_position_bucket(
+            kv_index[:, None, :] - q_index[:, :, None],
+            bidirectional=True,
+            num_buckets=self.config.relative_attention_num_buckets,
+            max_distance=self.config.relative_attention_max_distance,
+        )  # (b, m, m_kv)
+        bias = F.embedding(bucket, bias_weight).permute(0, 3, 1, 2).to(dtype)  # (b, h, m, m_kv)
+        bias = bias.masked_fill(~kv_routing.valid[:, :, None, :], mask_value(dtype))
+
+        dropout = self.config.dropout_rate if self.training else 0.0
+        out, probs = attend(query, key, value, bias, dropout, implementation)
+        out = self.o(out.transpose(1, 2).reshape(b, -1, self.num_heads * self.config.d_kv))
+        out = out * q_routing.weights[:, 0, :, None].to(out.dtype)
+        weights = None
+        if output_attentions:
+            probs = probs * (q_routing.valid[:, 0, :, None] & kv_routing.valid[:, 0, None, :])[:, None]
+            weights = probs.new_zeros(b, self.num_heads, n, n)
+            rows = q_index[:, None, :, None].expand_as(probs)
+            columns = kv_index[:, None, None, :].expand_as(probs)
+            batch = torch.arange(b, device=probs.device)[:, None, None, None].expand_as(probs)
+            head = torch.arange(self.num_heads, device=probs.device)[None, :, None, None].expand_as(probs)
+            weights.index_put_((batch, head, rows, columns), probs, accumulate=True)
+        return scatter_tokens(out, q_index, n), weights
+
+
+class CoLT5RoutedSelfAttention(nn.Module):
+    """A_light(X) + s_q * A_heavy(X_q, s_kv * X_kv): local attention for every token plus full attention among the
+    tokens picked by two routers (queries: `attention_q_fraction`, keys/values: `attention_kv_fraction`)."""
+
+    def __init__(self, config: CoLT5Config):
+        super().__init__()
+        self.light_attention = CoLT5LocalAttention(config)
+        self.heavy_attention = CoLT5HeavyAttention(config)
+        self.q_router = CoLT5Router(config, config.attention_q_fraction)
+        self.kv_router = CoLT5Router(config, config.attention_kv_fraction)
+
+    def forward(self, hidden_states, mask, light_bias_table, heavy_bias_weight, implementation,
+                output_attentions=False):
+        light, light_weights = self.light_attention(
+            hidden_states, mask, light_bias_table, implementation, output_attentions
+        )
+        heavy, heavy_weights = self.heavy_attention(
+            hidden_states,
+            self.q_router(hidden_states, mask),
+            self.kv_router(hidden_states, mask),
+            heavy_bias_weight,
+            implementation,
+            output_attentions,
+        )
+        weights = torch.cat([light_weights, heavy_weights], dim=1) if output_attentions else None
+        return light + heavy, weights
+
+
+class CoLT5EncoderBlock(GradientCheckpointingLayer):
+    def __init__(self, config: CoLT5Config):
+        super().__init__()
+        self.attention_layer_norm = CoLT5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.attention = CoLT5RoutedSelfAttention(config)
+        self.feed_forward_layer_norm = CoLT5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.feed_forward = CoLT5RoutedFeedForward(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states, mask, light_bias_table, heavy_bias_weight, implementation="eager",
+                output_attentions=False):
+        attention, weights = self.attention(
+            self.attention_layer_norm(hidden_states),
+            mask,
+            light_bias_table,
+            heavy_bias_weight,
+            implementation,
+            output_attentions,
+        )
+        hidden_states = clamp_fp16(hidden_states + self.dropout(attention))
+        feed_forward = self.feed_forward(self.feed_forward_layer_norm(hidden_states), mask)
+        hidden_states = clamp_fp16(hidden_states + self.dropout(feed_forward))
+        return hidden_states, weights
+
+
+class CoLT5SelfAttention(nn.Module):
+    """Decoder causal self-attention (T5), with its keys/values in the self-attention cache."""
+
+    def __init__(self, config: CoLT5Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        inner = config.num_heads * config.d_kv
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+
+    def forward(self, hidden_states, bias, cache, implementation):
+        # hidden_states: (b, t, d); bias: (b or 1, h, t, past + t)
+        b, t, _ = hidden_states.shape
+
+        def heads(x):
+            return x.view(b, t, self.config.num_heads, -1).transpose(1, 2)
+
+        query, key, value = heads(self.q(hidden_states)), heads(self.k(hidden_states)), heads(self.v(hidden_states))
+        if cache is not None:
+            key, value = cache.self_attention_cache.update(key, value, self.layer_idx)
+        dropout = self.config.dropout_rate if self.training else 0.0
+        out, probs = attend(query, key, value, bias, dropout, implementation)
+        return self.o(out.transpose(1, 2).reshape(b, t, -1)), probs
+
+
+class CoLT5CrossAttention(nn.Module):
+    """Multi-route cross-attention. The decoder's query heads are split evenly among R routes; route r attends to its
+    own subset of encoder tokens (picked by the r-th routing vector of `kv_router`, or all tokens when
+    `cross_attention_fraction` is 1) through `num_cross_attention_kv_heads` key/value heads (1: multi-query).
+    Routed keys/values are computed once per encoder output and kept in the cross-attention cache."""
+
+    def __init__(self, config: CoLT5Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_routes = config.num_cross_attention_routes
+        self.num_kv_heads = config.num_cross_attention_routes * config.num_cross_attention_kv_heads
+        self.q = nn.Linear(config.d_model, config.num_heads * config.d_kv, bias=False)
+        self.k = nn.Linear(config.d_model, self.num_kv_heads * config.d_kv, bias=False)
+        self.v = nn.Linear(config.d_model, self.num_kv_heads * config.d_kv, bias=False)
+        self.o = nn.Linear(config.num_heads * config.d_kv, config.d_model, bias=False)
+        self.kv_router = (
+            CoLT5Router(config, config.cross_attention_fraction, self.num_routes)
+            if config.cross_attention_fraction < 1
+            else None
+        )
+
+    def key_values(self, encoder_hidden_states, encoder_mask):
+        """Keys and values, (b, routes * kv_heads, k, d_kv) each: per route, the routed encoder tokens (valid slots
+        first), scaled by their router weights; without a router, every encoder position."""
+        b, n, _ = encoder_hidden_states.shape
+        if self.kv_router is None:
+            key, value = self.k(encoder_hidden_states), self.v(encoder_hidden_states)  # (b, n, kv_heads * d_kv)
+            return (t.view(b, n, self.num_kv_heads, -1).transpose(1, 2) for t in (key, value))
+        routing = self.kv_router(encoder_hidden_states, encoder_mask)
+        routed = gather_tokens(encoder_hidden_states, routing.indices)  # (b, r, k, d)
+        routed = routed * routing.weights[..., None].to(routed.dtype)
+
+        def project(linear):  # route r uses its own slice of the projection: (b, r, k, d) -> (b, r * kv_heads, k, d_kv)
+            weight = linear.weight.view(self.num_routes, -1, linear.in_features)
+            out = torch.einsum("brkd,red->brke", routed, weight)
+            return out.view(b, self.num_routes, out.shape[2], -1, self.config.d_kv).permute(0, 1, 3, 2, 4).flatten(1, 2)
+
+        return project(self.k), project(self.v)
+
+    def key_mask(self, encoder_mask, key_length):
+        """(b, key_length) bool: which key slots hold (routed) encoder tokens, the same for every route. Derived from
+        the encoder mask alone (each route's valid slots come first), so generation need not cache it."""
+        if self.kv_router is None:
+            return encoder_mask
+        count = self.config.routed_count(self.config.cross_attention_fraction, encoder_mask.sum(-1))
+        return torch.arange(key_length, device=encoder_mask.device) < count[:, None]
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_mask, cache, implementation):
+        # hidden_states: (b, t, d); encoder_hidden_states: (b, n, d); encoder_mask: (b, n) bool
+        b, t, _ = hidden_states.shape
+        heads = self.config.num_heads
+        query = self.q(hidden_states).view(b, t, heads, -1).transpose(1, 2)  # (b, h, t, d_kv)
+        if cache is not None and cache.is_updated.get(self.layer_idx):
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            key, value = layer.keys, layer.values
+        else:
+            key, value = self.key_values(encoder_hidden_states, encoder_mask)
+            if cache is not None:
+                key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+                cache.is_updated[self.layer_idx] = True
+        group = heads // self.num_kv_heads
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)  # (b, h, k, d_kv)
+        keep = self.key_mask(encoder_mask, key.shape[2])[:, None, None, :]  # (b, 1, 1, k)
+        bias = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill(~keep, mask_value(query.dtype))
+        dropout = self.config.dropout_rate if self.training else 0.0
+        out, probs = attend(query, key, value, bias, dropout, implementation)
+        return self.o(out.transpose(1, 2).reshape(b, t, -1)), probs
+
+
+class CoLT5DecoderBlock(GradientCheckpointingLayer):
+    def __init__(self, config: CoLT5Config, layer_idx: int):
+        super().__init__()
+        self.self_attention_layer_norm = CoLT5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.self_attention = CoLT5SelfAttention(config, layer_idx)
+        self.cross_attention_layer_norm = CoLT5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.cross_attention = CoLT5CrossAttention(config, layer_idx)
+        self.feed_forward_layer_norm = CoLT5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.feed_forward = CoLT5GatedFeedForward(config, config.d_ff)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states, self_attention_bias, encoder_hidden_states, encoder_mask, cache=None,
+                implementation="eager"):
+        attention, self_weights = self.self_attention(
+            self.self_attention_layer_norm(hidden_states), self_attention_bias, cache, implementation
+        )
+        hidden_states = clamp_fp16(hidden_states + self.dropout(attention))
+        attention, cross_weights = self.cross_attention(
+            self.cross_attention_layer_norm(hidden_states), encoder_hidden_states, encoder_mask, cache, implementation
+        )
+        hidden_states = clamp_fp16(hidden_states + self.dropout(attention))
+        feed_forward = self.feed_forward(self.feed_forward_layer_norm(hidden_states))
+        hidden_states = clamp_fp16(hidden_states + self.dropout(feed_forward))
+        return hidden_states, self_weights, cross_weights
+
+
+def input_embeddings(embedding, input_ids, inputs_embeds, name="input_ids"):
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError(f"Pass exactly one of `{name}` and `{name.replace('input_ids', 'inputs_embeds')}`")
+    return embedding(input_ids) if inputs_embeds is None else inputs_embeds
+
+
+def check_mask(attention_mask, shape, name):
+    """(b, n) 0/1 mask -> bool; a missing mask means every position is real."""
+    if attention_mask is None:
+        return torch.ones(shape, dtype=torch.bool)
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(
+            f"`{name}` has shape {tuple(attention_mask.shape)} but the inputs it masks have (batch, length) "
+            f"{tuple(shape)}: pass a (batch, length) mask of 1 for real tokens and 0 for padding"
+        )
+    return attention_mask.bool()
+
+
+class CoLT5Encoder(nn.Module):
+    """The token embedding (shared with the decoder) and the stack of encoder blocks. One relative position bias
+    table serves every layer (as in T5): its first `num_light_heads` columns bias the light attention, the others
+    the heavy attention."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self, config: CoLT5Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.relative_attention_bias = nn.Embedding(
+            config.relative_attention_num_buckets, config.num_light_heads + config.num_heavy_heads
+        )
+        self.block = nn.ModuleList([CoLT5EncoderBlock(config) for _ in range(config.num_layers)])
+        self.final_layer_norm = CoLT5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        inputs_embeds = input_embeddings(self.embed_tokens, input_ids, inputs_embeds)
+        b, n, _ = inputs_embeds.shape
+        if n == 0:
+            raise ValueError("CoLT5 got an empty input: the encoder needs at least one token per sequence")
+        implementation = check_implementation(config, output_attentions)
+        mask = check_mask(attention_mask, (b, n), "attention_mask").to(inputs_embeds.device)
+        radius = config.local_radius
+        offsets = torch.arange(-radius, radius + 1, device=inputs_embeds.device)
+        buckets = relative_position_bucket(
+            offsets, True, config.relative_attention_num_buckets, config.relative_attention_max_distance
+        )
+        bias_weight = self.relative_attention_bias.weight  # (buckets, light + heavy heads)
+        light_bias_table = bias_weight[buckets, : config.num_light_heads].t()  # (light heads, 2 * radius + 1)
+        heavy_bias_weight = bias_weight[:, config.num_light_heads :]
+
+        hidden_states = self.dropout(inputs_embeds)
+        all_hidden_states, all_attentions = (), ()
+        for block in self.block:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, weights = block(
+                hidden_states, mask, light_bias_table, heavy_bias_weight, implementation, output_attentions
+            )
+            if output_attentions:
+                all_attentions += (weights,)
+        hidden_states = self.dropout(self.final_layer_norm(hidden_states))
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        outputs = BaseModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states if output_hidden_states else None,
+            attentions=all_attentions if output_attentions else None,
+        )
+        return outputs if (return_dict is None or return_dict) else outputs.to_tuple()
+
+
+class CoLT5Decoder(nn.Module):
+    def __init__(self, config: CoLT5Config):
+        super().__init__()
+        self.config = config
+        self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        self.block = nn.ModuleList([CoLT5DecoderBlock(config, i) for i in range(config.num_decoder_layers)])
+        self.final_layer_norm = CoLT5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def self_attention_bias(self, past_length, length, attention_mask, dtype, device):
+        """(b or 1, h, length, past_length + length): relative position bias, causal mask and decoder padding mask."""
+        query_position = torch.arange(past_length, past_length + length, device=device)[:, None]
+        key_position = torch.arange(past_length + length, device=device)[None, :]
+        relative = key_position - query_position
+        bucket = relative_position_bucket(
+            relative, False, self.config.relative_attention_num_buckets, self.config.relative_attention_max_distance
+        )
+        bias = self.relative_attention_bias(bucket).permute(2, 0, 1)[None].to(dtype)  # (1, h, t, past + t)
+        keep = (relative <= 0)[None, None]
+        if attention_mask is not None:
+            if attention_mask.shape[-1] != past_length + length:
+                raise ValueError(
+                    f"`decoder_attention_mask` covers {attention_mask.shape[-1]} positions but the decoder has "
+                    f"{past_length} cached + {length} new ones"
+                )
+            keep = keep & attention_mask.bool()[:, None, None, :]
+        return bias.masked_fill(~keep, mask_value(dtype))
+
+    def forward(self, inputs_embeds, attention_mask, encoder_hidden_states, encoder_attention_mask, cache=None,
+                output_attentions=False, output_hidden_states=False):
+        b, t, _ = inputs_embeds.shape
+        if t == 0:
+            raise ValueError("CoLT5 got empty decoder inputs: the decoder needs at least one token per sequence")
+        implementation = check_implementation(self.config, output_attentions)
+        encoder_mask = check_mask(encoder_attention_mask, encoder_hidden_states.shape[:2], "attention_mask")
+        encoder_mask = encoder_mask.to(inputs_embeds.device)
+        past_length = cache.self_attention_cache.get_seq_length() if cache is not None else 0
+        bias = self.self_attention_bias(past_length, t, attention_mask, inputs_embeds.dtype, inputs_embeds.device)
+
+        hidden_states = self.dropout(inputs_embeds)
+        all_hidden_states, all_self_attentions, all_cross_attentions = (), (), ()
+        for block in self.block:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, self_weights, cross_weights = block(
+                hidden_states, bias, encoder_hidden_states, encoder_mask, cache=cache, implementation=implementation
+            )
+            all_self_attentions += (self_weights,)
+            all_cross_attentions += (cross_weights,)
+        hidden_states = self.dropout(self.final_layer_norm(hidden_states))
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states if output_hidden_states else None,
+            attentions=all_self_attentions if output_attentions else None,
+            cross_attentions=all_cross_attentions if output_attentions else None,
+            **{CACHE_FIELD: cache},
+        )
+
+
+class CoLT5PreTrainedModel(PreTrainedModel):
+    config_class = CoLT5Config
+    config: CoLT5Config
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CoLT5EncoderBlock", "CoLT5DecoderBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    def _init_weights(self, module):
+        """T5.1.1's initialisation, extended to the CoLT5 branches and routers."""
+        factor = self.config.initializer_factor
+        d_model, d_kv = self.config.d_model, self.config.d_kv
+        if isinstance(module, CoLT5LayerNorm):
+            init.constant_(module.weight, factor)
+        elif isinstance(module, CoLT5ForConditionalGeneration) and not self.config.tie_word_embeddings:
+            init.normal_(module.lm_head.weight, mean=0.0, std=factor)
+        elif isinstance(module, CoLT5GatedFeedForward):
+            init.normal_(module.wi_0.weight, mean=0.0, std=factor * d_model**-0.5)
+            init.normal_(module.wi_1.weight, mean=0.0, std=factor * d_model**-0.5)
+            init.normal_(module.wo.weight, mean=0.0, std=factor * module.wo.in_features**-0.5)
+        elif isinstance(module, (CoLT5LocalAttention, CoLT5HeavyAttention, CoLT5SelfAttention, CoLT5CrossAttention)):
+            init.normal_(module.q.weight, mean=0.0, std=factor * (d_model * d_kv) ** -0.5)
+            init.normal_(module.k.weight, mean=0.0, std=factor * d_model**-0.5)
+            init.normal_(module.v.weight, mean=0.0, std=factor * d_model**-0.5)
+            init.normal_(module.o.weight, mean=0.0, std=factor * module.o.in_features**-0.5)
+        elif isinstance(module, (CoLT5Encoder, CoLT5Decoder)):
+            init.normal_(module.relative_attention_bias.weight, mean=0.0, std=factor * d_model**-0.5)
+            if isinstance(module, CoLT5Encoder):
+                init.normal_(module.embed_tokens.weight, mean=0.0, std=factor)
+        elif isinstance(module, CoLT5Router):
+            init.normal_(module.weight, mean=0.0, std=factor * d_model**-0.5)
+
+    def _shift_right(self, input_ids):
+        start, pad = self.config.decoder_start_token_id, self.config.pad_token_id
+        if start is None or pad is None:
+            raise ValueError("CoLT5Config needs `decoder_start_token_id` and `pad_token_id` to shift labels right")
+        shifted = input_ids.new_full(input_ids.shape, start)
+        shifted[..., 1:] = input_ids[..., :-1]
+        return shifted.masked_fill(shifted == -100, pad)
+
+    @contextlib.contextmanager
+    def record_routing(self):
+        """Record which tokens every router picks during the forward passes inside the block:
+
+            with model.record_routing() as routing:
+                model(**inputs)
+            routing["encoder.block.0.attention.q_router"][0].indices  # (batch, routes, k) token positions
+
+        Yields a dict from router name to the list of `RouterOutput`s of its calls (one per forward of the encoder;
+        cross-attention routers run once per encoder output). Use `.valid` to drop the empty slots of short samples.
+        """
+        routing = {}
+        handles = []
+        for name, module in self.named_modules():
+            if isinstance(module, CoLT5Router):
+                def hook(_module, _args, output, name=name):
+                    routing.setdefault(name, []).append(RouterOutput(*(t.detach() for t in output)))
+
+                handles.append(module.register_forward_hook(hook))
+        try:
+            yield routing
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+class CoLT5EncoderModel(CoLT5PreTrainedModel):
+    """The CoLT5 encoder alone: token ids to contextual hidden states."""
+
+    def __init__(self, config: CoLT5Config):
+        super().__init__(config)
+        self.encoder = CoLT5Encoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.encoder.embed_tokens
+
+    def set_input_embeddings(self, embeddings):
+        self.encoder.embed_tokens = embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        return self.encoder(
+            input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states, return_dict
+        )
+
+
+class CoLT5Model(CoLT5PreTrainedModel):
+    """The bare CoLT5 encoder-decoder, returning the decoder's last hidden states."""
+
+    def __init__(self, config: CoLT5Config):
+        super().__init__(config)
+        self.encoder = CoLT5Encoder(config)
+        self.decoder = CoLT5Decoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.encoder.embed_tokens
+
+    def set_input_embeddings(self, embeddings):
+        self.encoder.embed_tokens = embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                encoder_outputs=None, cache=None, inputs_embeds=None, decoder_inputs_embeds=None, use_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, past_key_values=None,
+                **kwargs):
+        outputs = encode_decode(
+            self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
+            cache if cache is not None else past_key_values, inputs_embeds, decoder_inputs_embeds, use_cache,
+            output_attentions, output_hidden_states,
+        )
+        return outputs if (return_dict is None or return_dict) else outputs.to_tuple()
+
+
+def encode_decode(model, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
+                  cache, inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states):
+    """Encoder (unless `encoder_outputs` are given), then decoder: the body of CoLT5Model and
+    CoLT5ForConditionalGeneration."""
+    config = model.config
+    output_attentions = config.output_attentions if output_attentions is None else output_attentions
+    output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+    if encoder_outputs is None:
+        encoder_outputs = model.encoder(
+            input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states, return_dict=True
+        )
+    elif not isinstance(encoder_outputs, BaseModelOutput):
+        encoder_outputs = BaseModelOutput(*encoder_outputs)
+    use_cache = config.use_cache if use_cache is None else use_cache
+    if not use_cache:
+        cache = None
+    elif cache is None:
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    decoder_outputs = model.decoder(
+        input_embeddings(model.encoder.embed_tokens, decoder_input_ids, decoder_inputs_embeds, "decoder_input_ids"),
+        decoder_attention_mask,
+        encoder_outputs.last_hidden_state,
+        attention_mask,
+        cache=cache,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
+    )
+    return Seq2SeqModelOutput(
+        last_hidden_state=decoder_outputs.last_hidden_state,
+        decoder_hidden_states=decoder_outputs.hidden_states,
+        decoder_attentions=decoder_outputs.attentions,
+        cross_attentions=decoder_outputs.cross_attentions,
+        encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+        encoder_hidden_states=encoder_outputs.hidden_states,
+        encoder_attentions=encoder_outputs.attentions,
+        **{CACHE_FIELD: cache},
+    )
+
+
+class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
+    """CoLT5 with a language-modelling head: seq2seq training (`labels`) and `generate`."""
+
+    _tied_weights_keys = {"lm_head.weight": "encoder.embed_tokens.weight"}
+
+    def __init__(self, config: CoLT5Config):
+        super().__init__(config)
+        self.encoder = CoLT5Encoder(config)
+        self.decoder = CoLT5Decoder(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.encoder.embed_tokens
+
+    def set_input_embeddings(self, embeddings):
+        self.encoder.embed_tokens = embeddings
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, embeddings):
+        self.lm_head = embeddings
+
+    def prepare_decoder_input_ids_from_labels(self, labels):
+        return self._shift_right(labels)
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                encoder_outputs=None, cache=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                past_key_values=None, num_items_in_batch=None, **kwargs):
+        r"""
+        labels (`(batch, target_length)`, -100 where no loss): the loss is the token-level cross-entropy summed and
+        divided by `num_items_in_batch` when Trainer passes it (gradient accumulation), else averaged over the
+        labelled tokens.
+        """
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self._shift_right(labels)
+        outputs = encode_decode(
+            self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
+            cache if cache is not None else past_key_values, inputs_embeds, decoder_inputs_embeds, use_cache,
+            output_attentions, output_hidden_states,
+        )
+        sequence_output = outputs.last_hidden_state
+        if self.config.tie_word_embeddings:
+            sequence_output = sequence_output * self.config.d_model**-0.5
+        logits = self.lm_head(sequence_output)
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+            )
+            count = (labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
+            loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+
+        result = Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+        return result if (return_dict is None or return_dict) else result.to_tuple()
+
+
+__all__ = [
+    "CoLT5PreTrainedModel",
+    "CoLT5Model",
+    "CoLT5ForConditionalGeneration",
+    "CoLT5EncoderModel",
+]
