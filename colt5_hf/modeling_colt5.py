@@ -576,6 +576,13 @@ class CoLT5PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # For custom code, Transformers skips every module without parameters of its own (attention, feed-forward,
+        # encoder, decoder, the LM model), so `_init_weights` would never reach the layers it initialises from their
+        # parent. Ours writes only through `transformers.initialization`, which leaves loaded tensors alone: run it
+        # on every module.
+        super()._initialize_weights(module)
+
     def _init_weights(self, module):
         """T5.1.1's initialisation, extended to the CoLT5 branches and routers."""
         factor = self.config.initializer_factor

@@ -73,7 +73,9 @@ class CoLT5Router(nn.Module):
             scores = torch.einsum("bnd,rd->brn", hidden_states.float(), self.weight.float())  # (b, r, n)
         route_mask = mask[:, None, :].expand_as(scores)
         ranked = scores.masked_fill(~route_mask, float("-inf"))
-        indices = ranked.topk(k_max, dim=-1).indices  # (b, r, k_max), best first
+        # best first; the stable sort breaks exact ties (a repeated token scores alike in the first layer) by position,
+        # where topk's choice among ties depends on the batch's shape
+        indices = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :k_max]  # (b, r, k_max)
         valid = torch.arange(k_max, device=scores.device) < k[:, None, None]  # (b, 1, k_max)
         valid = valid.expand_as(indices)
 
