@@ -1,0 +1,302 @@
+"""Routers of CoLT5 (colt5_hf/routing.py): coordinate descent, CoLT5Router, gather/scatter.
+
+The oracle for coordinate descent is the reference implementation, colt5_attention.coor_descent (0.2.2)."""
+
+import math
+
+import pytest
+import torch
+from colt5_attention.coor_descent import coor_descent as reference_coor_descent
+
+from colt5_hf import CoLT5Config
+from colt5_hf.routing import CoLT5Router, coordinate_descent, gather_tokens, scatter_tokens
+
+
+def random_rows(seed, batch=6, n=48, scale=2.0):
+    """Random scores, a mask with real tokens at random places (one row fully masked), and a per-row k in
+    [1, real length] that is fractional in some rows, like the routers' k_fetch = 9/8 * k."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(batch, n, generator=generator) * scale
+    lengths = torch.tensor([n, n - 7, 25, 9, 1, 0])[:batch]
+    rank = torch.rand(batch, n, generator=generator).argsort(-1).argsort(-1)
+    mask = rank < lengths[:, None]  # (batch, n): `lengths` real tokens at random positions
+    k = torch.tensor([8.0, 5.625, 3.375, 9.0, 1.0, 1.0])[:batch, None]
+    k = torch.minimum(k, lengths[:, None].float().clamp(min=1))
+    return scores, mask, k
+
+
+# ---------------------------------------------------------------------------------------------- coordinate descent
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_soft_scores_sum_to_k_and_respect_mask(seed):
+    scores, mask, k = random_rows(seed)
+    # rows whose k equals their length (every token saturates) converge slowest: 100 iterations bring them to 1e-4
+    soft = coordinate_descent(scores, mask, k, iterations=100, epsilon=1.0)
+    real_rows = mask.any(-1)
+    assert soft.dtype == torch.float32 and torch.isfinite(soft).all()
+    assert (soft >= 0).all() and (soft <= 1).all()
+    torch.testing.assert_close(soft.sum(-1)[real_rows], k[real_rows, 0], atol=1e-3, rtol=1e-3)
+    assert (soft[~mask] == 0).all()  # exactly zero, not merely small
+    assert (soft[~real_rows] == 0).all()
+    # every real token of a row whose k equals its length is fully selected
+    full = (mask.sum(-1) == k[:, 0]) & real_rows
+    assert full.sum() >= 2
+    selected = soft[full][mask[full]]
+    torch.testing.assert_close(selected, torch.ones_like(selected), atol=1e-3, rtol=0)
+
+
+def test_fully_masked_row_gives_zeros_and_finite_gradients():
+    scores = torch.randn(3, 10, requires_grad=True)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[1] = False
+    mask[2, 5:] = False
+    soft = coordinate_descent(scores, mask, torch.full((3, 1), 2.0), iterations=20, epsilon=1.0)
+    assert torch.isfinite(soft).all()
+    assert (soft[1] == 0).all()
+    (soft * torch.randn(3, 10)).sum().backward()
+    assert torch.isfinite(scores.grad).all()
+    assert (scores.grad[1] == 0).all() and (scores.grad[2, 5:] == 0).all()
+    assert scores.grad[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("epsilon, separation, iterations", [(1.0, 10.0, 50), (0.1, 1.5, 50), (0.05, 1.5, 20)])
+def test_agrees_with_hard_top_k_when_well_separated(epsilon, separation, iterations):
+    generator = torch.Generator().manual_seed(3)
+    batch, n = 5, 40
+    lengths = torch.tensor([40, 31, 17, 9, 3])
+    mask = torch.rand(batch, n, generator=generator).argsort(-1).argsort(-1) < lengths[:, None]
+    k = torch.tensor([5, 12, 1, 8, 3])[:, None]
+    # the k chosen real tokens score around +separation, all others around -separation
+    rank = torch.rand(batch, n, generator=generator).masked_fill(~mask, 2.0).argsort(-1).argsort(-1)
+    hard = (rank < k) & mask
+    scores = torch.where(hard, separation, -separation) + torch.rand(batch, n, generator=generator) - 0.5
+    soft = coordinate_descent(scores, mask, k.float(), iterations=iterations, epsilon=epsilon)
+    torch.testing.assert_close(soft, hard.float(), atol=1e-3, rtol=0)
+    # and the hard top-k of the soft scores is the hard top-k of the logits
+    assert torch.equal(soft > 0.5, hard)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_run_in_float32(dtype):
+    scores, mask, k = random_rows(4)
+    scores = scores.to(dtype)
+    soft = coordinate_descent(scores, mask, k.to(dtype), iterations=30, epsilon=1.0)
+    assert soft.dtype == torch.float32 and torch.isfinite(soft).all()
+    # identical to running on the same values upcast by hand: nothing is computed in half precision
+    expected = coordinate_descent(scores.float(), mask, k.to(dtype).float(), iterations=30, epsilon=1.0)
+    assert torch.equal(soft, expected)
+    # extreme half-precision scores stay finite, gradients too
+    big = (torch.randn(2, 32) * (torch.finfo(torch.float16).max / 4)).to(dtype).requires_grad_()
+    out = coordinate_descent(big, torch.ones(2, 32, dtype=torch.bool), torch.full((2, 1), 4.0), iterations=30,
+                             epsilon=1.0)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    out.sum().backward()
+    assert big.grad.dtype == dtype and torch.isfinite(big.grad).all()
+
+
+def test_bf16_autocast_keeps_float32():
+    scores, mask, k = random_rows(5)
+    scores.requires_grad_()
+    expected = coordinate_descent(scores, mask, k, iterations=30, epsilon=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        soft = coordinate_descent(scores, mask, k, iterations=30, epsilon=1.0)
+    assert soft.dtype == torch.float32 and torch.isfinite(soft).all()
+    assert torch.equal(soft, expected)
+    soft.sum().backward()
+    assert torch.isfinite(scores.grad).all()
+
+
+@pytest.mark.parametrize("epsilon, iterations", [(1.0, 20), (1.0, 50), (0.1, 50)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_parity_with_reference_coor_descent(seed, epsilon, iterations):
+    scores, mask, k = random_rows(seed)
+    real_rows = mask.any(-1)  # the reference gives no defined answer for a row without any real token
+    scores, mask, k = scores[real_rows], mask[real_rows], k[real_rows]
+    ours_input = scores.clone().requires_grad_()
+    reference_input = scores.clone().requires_grad_()
+    ours = coordinate_descent(ours_input, mask, k, iterations=iterations, epsilon=epsilon)
+    # same semantics: `k` is the per-row target sum (a tensor), `eps` the entropy weight epsilon
+    reference = reference_coor_descent(reference_input, n_iters=iterations, k=k, eps=epsilon, mask=mask)
+    torch.testing.assert_close(ours, reference, atol=5e-5, rtol=1e-4)
+    upstream = torch.randn(scores.shape, generator=torch.Generator().manual_seed(seed))
+    (ours * upstream).sum().backward()
+    (reference * upstream).sum().backward()
+    torch.testing.assert_close(ours_input.grad, reference_input.grad, atol=1e-4, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------- the router
+
+
+def router_config(**overrides):
+    values = dict(d_model=16, d_kv=4, d_ff=32, num_heads=4, num_layers=1, feed_forward_fraction=0.25,
+                  min_routed_tokens=3, router_iterations=30, router_epsilon=1.0, dropout_rate=0.0)
+    values.update(overrides)
+    return CoLT5Config(**values)
+
+
+def make_router(config, fraction=None, routes=1, seed=0):
+    torch.manual_seed(seed)
+    router = CoLT5Router(config, config.feed_forward_fraction if fraction is None else fraction, routes)
+    torch.nn.init.normal_(router.weight)
+    return router
+
+
+def expected_count(config, fraction, length):
+    """Independent statement of the routed count: ceil(fraction * length), at least min_routed_tokens, at most
+    length."""
+    return min(length, max(config.min_routed_tokens, math.ceil(round(fraction * length, 9))))
+
+
+def padded_batch(lengths, n, d=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden_states = torch.randn(len(lengths), n, d, generator=generator)
+    mask = torch.arange(n) < torch.tensor(lengths)[:, None]
+    return hidden_states, mask
+
+
+@pytest.mark.parametrize("routes", [1, 3])
+def test_router_picks_top_k_raw_scores_of_real_tokens(routes):
+    config = router_config()
+    router = make_router(config, routes=routes)
+    lengths = [40, 23, 12, 5, 2, 0]
+    hidden_states, mask = padded_batch(lengths, 40)
+    # padding in the middle of one sample: the router must follow the mask, not a length
+    mask[1, 3:8] = False
+    mask[1, 23:28] = True
+    out = router(hidden_states, mask)
+    raw = torch.einsum("bnd,rd->brn", hidden_states, router.weight.detach())
+    k_max = expected_count(config, config.feed_forward_fraction, 40)
+    assert out.indices.shape == out.weights.shape == out.valid.shape == (len(lengths), routes, k_max)
+    assert out.weights.dtype == torch.float32
+    for i in range(len(lengths)):
+        real = mask[i].nonzero()[:, 0]
+        k = expected_count(config, config.feed_forward_fraction, len(real))
+        for r in range(routes):
+            valid = out.valid[i, r]
+            assert valid.sum() == k and valid[:k].all()  # valid slots come first
+            chosen = out.indices[i, r][valid]
+            expected = real[raw[i, r, real].argsort(descending=True)[:k]]  # best first
+            assert torch.equal(chosen, expected)
+            assert len(set(out.indices[i, r].tolist())) == k_max  # distinct slots: scatter stays a plain scatter
+            assert (out.weights[i, r][~valid] == 0).all()
+            assert (out.weights[i, r][valid] == 1.0).all()  # straight-through: exactly 1 in the forward pass
+
+
+def test_router_straight_through_gradient_is_the_soft_score_gradient():
+    lengths = [30, 17, 4]
+    hidden_states, mask = padded_batch(lengths, 30, seed=1)
+    upstream = torch.randn(3, 1, 8)
+    grads = {}
+    for straight_through in (True, False):
+        config = router_config(router_straight_through=straight_through)
+        router = make_router(config, seed=1)
+        out = router(hidden_states, mask)
+        assert out.indices.shape[-1] == 8
+        (out.weights * upstream).sum().backward()
+        grads[straight_through] = router.weight.grad
+        assert torch.isfinite(router.weight.grad).all() and router.weight.grad.abs().sum() > 0
+        if straight_through:
+            assert (out.weights[out.valid] == 1.0).all()
+        else:
+            assert (out.weights[out.valid] < 1.0).any()
+    torch.testing.assert_close(grads[True], grads[False], atol=1e-6, rtol=1e-5)
+
+
+def test_router_soft_weights_match_reference_coordinate_descent():
+    config = router_config(router_straight_through=False, router_iterations=40)
+    router = make_router(config, seed=2)
+    lengths = [36, 20, 7]
+    hidden_states, mask = padded_batch(lengths, 36, seed=2)
+    out = router(hidden_states, mask)
+    raw = torch.einsum("bnd,rd->brn", hidden_states, router.weight.detach())
+    for i, length in enumerate(lengths):
+        k = expected_count(config, config.feed_forward_fraction, length)
+        k_fetch = torch.tensor([[min(k * config.router_fetch_ratio, length)]])
+        soft = reference_coor_descent(raw[i, :, :length], n_iters=40, k=k_fetch, eps=1.0)[0]
+        valid = out.valid[i, 0]
+        torch.testing.assert_close(out.weights[i, 0][valid], soft[out.indices[i, 0][valid]], atol=1e-5, rtol=1e-5)
+
+
+def test_router_selection_is_top_k_of_soft_scores_with_ties_broken_by_raw_score():
+    config = router_config(feed_forward_fraction=0.125, min_routed_tokens=1, router_iterations=50)
+    router = make_router(config, seed=3)
+    lengths = [64, 50, 31]
+    hidden_states, mask = padded_batch(lengths, 64, seed=3)
+    hidden_states = hidden_states * 8  # spread the scores: many soft scores saturate at exactly 1.0
+    out = router(hidden_states, mask)
+    raw = torch.einsum("bnd,rd->brn", hidden_states, router.weight.detach())[:, 0]  # (b, n)
+    k = torch.tensor([expected_count(config, config.feed_forward_fraction, length) for length in lengths])
+    k_fetch = torch.minimum(k * config.router_fetch_ratio, torch.tensor(lengths))[:, None].float()
+    soft = coordinate_descent(raw, mask, k_fetch, iterations=50, epsilon=1.0)
+    saturated = (soft == 1.0).sum(-1)
+    assert (saturated >= 2).all() and (saturated > k).any(), "the test needs ties at 1.0 to mean anything"
+    for i in range(len(lengths)):
+        real = mask[i].nonzero()[:, 0]
+        by_raw = real[raw[i, real].argsort(descending=True, stable=True)]
+        order = by_raw[soft[i, by_raw].argsort(descending=True, stable=True)]  # soft first, raw breaks ties
+        assert torch.equal(out.indices[i, 0][out.valid[i, 0]], order[: k[i]])
+
+
+def test_router_short_sequence_routes_every_token():
+    config = router_config(min_routed_tokens=4)
+    router = make_router(config)
+    hidden_states, mask = padded_batch([3], 3)
+    out = router(hidden_states, mask)
+    assert out.valid.all() and sorted(out.indices[0, 0].tolist()) == [0, 1, 2]
+    # a short sample inside a longer batch: its real tokens, all of them, and nothing else
+    hidden_states, mask = padded_batch([30, 3, 1], 30)
+    out = router(hidden_states, mask)
+    assert sorted(out.indices[1, 0][out.valid[1, 0]].tolist()) == [0, 1, 2]
+    assert out.indices[2, 0][out.valid[2, 0]].tolist() == [0]
+
+
+@pytest.mark.parametrize("straight_through", [True, False])
+def test_router_sample_padded_in_batch_equals_sample_alone(straight_through):
+    config = router_config(router_straight_through=straight_through)
+    router = make_router(config, routes=2, seed=4)
+    hidden_states, mask = padded_batch([40, 19, 26], 40, seed=4)
+    hidden_states[1, 19:] = torch.randn(21, 16) * 100  # junk in the padding must not matter
+    batched = router(hidden_states, mask)
+    for i, length in enumerate([40, 19, 26]):
+        alone = router(hidden_states[i : i + 1, :length], mask[i : i + 1, :length])
+        valid = batched.valid[i]
+        assert torch.equal(valid.sum(-1), alone.valid[0].sum(-1))
+        k = int(valid[0].sum())
+        assert torch.equal(batched.indices[i][:, :k], alone.indices[0][:, :k])
+        torch.testing.assert_close(batched.weights[i][:, :k], alone.weights[0][:, :k], atol=1e-6, rtol=1e-6)
+
+
+def test_router_under_bf16_autocast_and_bf16_inputs():
+    config = router_config()
+    router = make_router(config)
+    hidden_states, mask = padded_batch([32, 13], 32)
+    expected = router(hidden_states, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = router(hidden_states, mask)
+    assert out.weights.dtype == torch.float32
+    assert torch.equal(out.indices, expected.indices) and torch.equal(out.weights, expected.weights)
+    out = router(hidden_states.bfloat16(), mask)
+    assert out.weights.dtype == torch.float32 and torch.isfinite(out.weights).all()
+    assert torch.equal(out.valid, expected.valid)
+
+
+# ----------------------------------------------------------------------------------------------- gather / scatter
+
+
+def test_gather_scatter_round_trip():
+    generator = torch.Generator().manual_seed(0)
+    b, n, d, k, routes = 3, 20, 5, 7, 2
+    hidden_states = torch.randn(b, n, d, generator=generator)
+    indices = torch.stack([torch.randperm(n, generator=generator)[: routes * k] for _ in range(b)]).view(b, routes, k)
+    gathered = gather_tokens(hidden_states, indices)  # (b, routes, k, d)
+    assert gathered.shape == (b, routes, k, d)
+    for i in range(b):
+        for r in range(routes):
+            assert torch.equal(gathered[i, r], hidden_states[i, indices[i, r]])
+    one_route = indices[:, 0]
+    scattered = scatter_tokens(gather_tokens(hidden_states, one_route), one_route, n)  # (b, n, d)
+    chosen = torch.zeros(b, n, dtype=torch.bool).scatter(1, one_route, True)
+    assert torch.equal(scattered[chosen], hidden_states[chosen])
+    assert (scattered[~chosen] == 0).all()
+    assert torch.equal(gather_tokens(scattered, one_route), gather_tokens(hidden_states, one_route))
