@@ -703,7 +703,7 @@ def encode_decode(model, input_ids, attention_mask, decoder_input_ids, decoder_a
     elif not isinstance(encoder_outputs, BaseModelOutput):
         encoder_outputs = BaseModelOutput(*encoder_outputs)
     use_cache = config.use_cache if use_cache is None else use_cache
-    if model.is_gradient_checkpointing and model.training:
+    if model.training and any(block.gradient_checkpointing for block in model.decoder.block):
         use_cache = False  # the backward replay of a checkpointed block would write the cache a second time
     if not use_cache:
         cache = None
