@@ -366,9 +366,10 @@ class CoLT5CrossAttention(nn.Module):
         routed = routed * routing.weights[..., None].to(routed.dtype)
 
         def project(linear):  # route r uses its own slice of the projection: (b, r, k, d) -> (b, r * kv_heads, k, d_kv)
-            weight = linear.weight.view(self.num_routes, -1, linear.in_features)
-            out = torch.einsum("brkd,red->brke", routed, weight)
-            return out.view(b, self.num_routes, out.shape[2], -1, self.config.d_kv).permute(0, 1, 3, 2, 4).flatten(1, 2)
+            # called as a module (not through `linear.weight`), so PEFT adapters and accelerate offload hooks apply
+            out = linear(routed).unflatten(-1, (self.num_routes, -1)).diagonal(dim1=1, dim2=3)  # (b, k, e, r)
+            out = out.permute(0, 3, 1, 2)  # (b, r, k, e)
+            return out.reshape(b, self.num_routes, out.shape[2], -1, self.config.d_kv).transpose(2, 3).flatten(1, 2)
 
         return project(self.k), project(self.v)
 
@@ -480,7 +481,9 @@ class CoLT5Encoder(nn.Module):
         buckets = relative_position_bucket(
             offsets, True, config.relative_attention_num_buckets, config.relative_attention_max_distance
         )
-        bias_weight = self.relative_attention_bias.weight  # (buckets, light + heavy heads)
+        # a module call rather than `.weight`, so that accelerate's offload hooks load the table
+        all_buckets = torch.arange(config.relative_attention_num_buckets, device=offsets.device)
+        bias_weight = self.relative_attention_bias(all_buckets)  # (buckets, light + heavy heads)
         light_bias_table = bias_weight[buckets, : config.num_light_heads].t()  # (light heads, 2 * radius + 1)
         heavy_bias_weight = bias_weight[:, config.num_light_heads :]
 
