@@ -3,6 +3,7 @@
 import math
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 
 ROUTER_TYPES = ("coor_descent",)
@@ -24,6 +25,8 @@ class CoLT5Config(PreTrainedConfig):
         light_d_ff / heavy_d_ff: widths of the light (all tokens) and heavy (routed tokens) feed-forward (default
             `d_ff // 2` and `4 * d_ff`).
         local_radius: each token attends to positions i - radius .. i + radius in the light attention.
+        max_input_length: the longest input (padded length) the encoder accepts; longer inputs are an error. None: no
+            limit but memory.
         attention_q_fraction / attention_kv_fraction / feed_forward_fraction: share of each sample's real (unpadded)
             tokens routed to heavy attention as queries, as keys/values, and to the heavy feed-forward.
         min_routed_tokens: every router takes at least this many tokens (all of them when a sample is shorter).
@@ -58,6 +61,7 @@ class CoLT5Config(PreTrainedConfig):
     light_d_ff: int | None = None
     heavy_d_ff: int | None = None
     local_radius: int = 127
+    max_input_length: int | None = None
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     attention_q_fraction: float = 1 / 16
@@ -122,8 +126,30 @@ class CoLT5Config(PreTrainedConfig):
             raise ValueError(f"CoLT5Config: `router_fetch_ratio` must be >= 1, got {self.router_fetch_ratio!r}")
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"CoLT5Config: `router_type` must be one of {ROUTER_TYPES}, got {self.router_type!r}")
-        if not 0 <= self.dropout_rate < 1:
+        if not (isinstance(self.dropout_rate, (int, float)) and 0 <= self.dropout_rate < 1):
             raise ValueError(f"CoLT5Config: `dropout_rate` must be in [0, 1), got {self.dropout_rate!r}")
+        for name in ("layer_norm_epsilon", "initializer_factor"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"CoLT5Config: `{name}` must be a positive number, got {value!r}")
+        for name in ("router_straight_through", "use_cache", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CoLT5Config: `{name}` must be True or False, got {getattr(self, name)!r}")
+        if self.is_encoder_decoder is not True:
+            raise ValueError(f"CoLT5Config: `is_encoder_decoder` must be True, got {self.is_encoder_decoder!r}")
+        if self.dense_act_fn not in ACT2FN:
+            raise ValueError(f"CoLT5Config: `dense_act_fn` must be an activation of ACT2FN, got {self.dense_act_fn!r}")
+        if self.max_input_length is not None:
+            positive("max_input_length")
+        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+            value = getattr(self, name)
+            token_ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            if value is not None and not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in token_ids
+            ):
+                raise ValueError(
+                    f"CoLT5Config: `{name}` must be None or a token id in [0, vocab_size={self.vocab_size}), got {value!r}"
+                )
         routes, kv_heads = self.num_cross_attention_routes, self.num_cross_attention_kv_heads
         if self.num_heads % routes:
             raise ValueError(
@@ -135,8 +161,18 @@ class CoLT5Config(PreTrainedConfig):
                 f"CoLT5Config: the {self.num_heads // routes} query heads of each cross-attention route must be "
                 f"divisible by `num_cross_attention_kv_heads` ({kv_heads})"
             )
-        if self.relative_attention_num_buckets % 2:
-            raise ValueError("CoLT5Config: `relative_attention_num_buckets` must be even (bidirectional buckets)")
+        if self.relative_attention_num_buckets % 2 or self.relative_attention_num_buckets < 4:
+            raise ValueError(
+                "CoLT5Config: `relative_attention_num_buckets` must be even (bidirectional buckets) and at least 4, got "
+                f"{self.relative_attention_num_buckets}"
+            )
+        if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
+            # T5's logarithmic buckets start at num_buckets // 2 in the decoder: a shorter max distance makes far
+            # positions fall into negative buckets
+            raise ValueError(
+                f"CoLT5Config: `relative_attention_max_distance` ({self.relative_attention_max_distance}) must exceed "
+                f"`relative_attention_num_buckets` // 2 ({self.relative_attention_num_buckets // 2})"
+            )
 
     def routed_count(self, fraction: float, length):
         """Tokens a router takes from a sample of `length` real tokens: ceil(fraction * length), at least
@@ -146,6 +182,9 @@ class CoLT5Config(PreTrainedConfig):
             return min(length, max(self.min_routed_tokens, math.ceil(fraction * length - 1e-9)))
         k = (length.double() * fraction - 1e-9).ceil().long().clamp(min=self.min_routed_tokens)
         return k.minimum(length.long())
+
+
+CoLT5Config.register_for_auto_class()  # Hub custom code: save_pretrained copies this file and maps AutoConfig to it
 
 
 __all__ = ["CoLT5Config"]
