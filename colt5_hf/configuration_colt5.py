@@ -174,6 +174,18 @@ class CoLT5Config(PreTrainedConfig):
                 f"`relative_attention_num_buckets` // 2 ({self.relative_attention_num_buckets // 2})"
             )
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """As `PreTrainedConfig.from_dict` (which `from_pretrained` calls), with two checks: the config of another model
+        type is an error (Transformers only warns, then builds a CoLT5 model that none of the weights fit), and values
+        given as keyword arguments, which Transformers sets after construction, are validated too."""
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"CoLT5Config: the config is of model type {model_type!r}, not {cls.model_type!r}")
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result)._check()
+        return result
+
     def routed_count(self, fraction: float, length):
         """Tokens a router takes from a sample of `length` real tokens: ceil(fraction * length), at least
         `min_routed_tokens`, at most `length`. Works on ints and on integer tensors."""
