@@ -6,9 +6,11 @@ Decoder layers: T5.1.1 causal self-attention, multi-route (multi-query by defaul
 
 import contextlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -474,6 +476,11 @@ class CoLT5Encoder(nn.Module):
         b, n, _ = inputs_embeds.shape
         if n == 0:
             raise ValueError("CoLT5 got an empty input: the encoder needs at least one token per sequence")
+        if config.max_input_length is not None and n > config.max_input_length:
+            raise ValueError(
+                f"CoLT5 got an input of {n} tokens (padded length), more than the model's `max_input_length` "
+                f"({config.max_input_length})"
+            )
         implementation = check_implementation(config, output_attentions)
         mask = check_mask(attention_mask, (b, n), "attention_mask").to(inputs_embeds.device)
         radius = config.local_radius
@@ -609,6 +616,39 @@ class CoLT5PreTrainedModel(PreTrainedModel):
                 init.normal_(module.embed_tokens.weight, mean=0.0, std=factor)
         elif isinstance(module, CoLT5Router):
             init.normal_(module.weight, mean=0.0, std=factor * d_model**-0.5)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` with three guards:
+
+        - weights are read from safetensors files only, never through pickle: `pytorch_model.bin`, GGUF and
+          `use_safetensors=False` are refused;
+        - a truncated or corrupt safetensors file is an OSError naming the checkpoint;
+        - a checkpoint that holds some weights of a part (encoder, decoder, LM head) but lacks others is an OSError,
+          where Transformers would warn and initialise the missing ones at random. A part absent altogether (the LM
+          head of a CoLT5Model checkpoint) is initialised as usual.
+        """
+        source = str(pretrained_model_name_or_path)
+        if kwargs.pop("use_safetensors", None) is False or kwargs.get("gguf_file") or (
+            os.path.isfile(source) and not source.endswith(".safetensors")
+        ):
+            raise ValueError("CoLT5 reads weights from safetensors files only, never through pickle or GGUF")
+        return_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, use_safetensors=True, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise OSError(f"The safetensors weights of {source} are truncated or corrupt: {error}") from error
+        missing = loading_info["missing_keys"]
+        loaded_parts = {key.split(".")[0] for key in model.state_dict() if key not in missing}
+        incomplete = sorted(key for key in missing if key.split(".")[0] in loaded_parts)
+        if incomplete:
+            raise OSError(
+                f"The checkpoint {source} lacks {len(incomplete)} weights of parts it otherwise holds: "
+                f"{', '.join(incomplete[:5])}{', ...' if len(incomplete) > 5 else ''}"
+            )
+        return (model, loading_info) if return_loading_info else model
 
     def _shift_right(self, input_ids):
         start, pad = self.config.decoder_start_token_id, self.config.pad_token_id
