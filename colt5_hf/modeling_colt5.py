@@ -357,23 +357,23 @@ class CoLT5CrossAttention(nn.Module):
         )
 
     def key_values(self, encoder_hidden_states, encoder_mask):
-        """Keys and values, (b, routes * kv_heads, k, d_kv) each: per route, the routed encoder tokens (valid slots
-        first), scaled by their router weights; without a router, every encoder position."""
+        """Keys and values, (b, routes * kv_heads, k, d_kv) each: per route, its own heads at the routed encoder
+        tokens (valid slots first), scaled by the router weights; without a router, every encoder position."""
         b, n, _ = encoder_hidden_states.shape
+        # projecting every position once, then gathering, equals projecting the router-scaled tokens (no bias) and
+        # goes through the modules, so PEFT adapters and accelerate offload hooks apply
+        key, value = self.k(encoder_hidden_states), self.v(encoder_hidden_states)  # (b, n, kv_heads * d_kv)
         if self.kv_router is None:
-            key, value = self.k(encoder_hidden_states), self.v(encoder_hidden_states)  # (b, n, kv_heads * d_kv)
             return (t.view(b, n, self.num_kv_heads, -1).transpose(1, 2) for t in (key, value))
         routing = self.kv_router(encoder_hidden_states, encoder_mask)
-        routed = gather_tokens(encoder_hidden_states, routing.indices)  # (b, r, k, d)
-        routed = routed * routing.weights[..., None].to(routed.dtype)
 
-        def project(linear):  # route r uses its own slice of the projection: (b, r, k, d) -> (b, r * kv_heads, k, d_kv)
-            # called as a module (not through `linear.weight`), so PEFT adapters and accelerate offload hooks apply
-            out = linear(routed).unflatten(-1, (self.num_routes, -1)).diagonal(dim1=1, dim2=3)  # (b, k, e, r)
-            out = out.permute(0, 3, 1, 2)  # (b, r, k, e)
-            return out.reshape(b, self.num_routes, out.shape[2], -1, self.config.d_kv).transpose(2, 3).flatten(1, 2)
+        def route(t):  # (b, n, r * kv_heads * d_kv) -> (b, r * kv_heads, k, d_kv)
+            t = t.view(b, n, self.num_routes, -1).transpose(1, 2)  # (b, r, n, kv_heads * d_kv)
+            t = t.gather(2, routing.indices[..., None].expand(-1, -1, -1, t.shape[-1]))  # (b, r, k, kv_heads * d_kv)
+            t = t * routing.weights[..., None].to(t.dtype)
+            return t.unflatten(-1, (-1, self.config.d_kv)).transpose(2, 3).flatten(1, 2)
 
-        return project(self.k), project(self.v)
+        return route(key), route(value)
 
     def key_mask(self, encoder_mask, key_length):
         """(b, key_length) bool: which key slots hold (routed) encoder tokens, the same for every route. Derived from
@@ -617,6 +617,22 @@ class CoLT5PreTrainedModel(PreTrainedModel):
         elif isinstance(module, CoLT5Router):
             init.normal_(module.weight, mean=0.0, std=factor * d_model**-0.5)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes a Hub custom-code folder. The classes are registered for auto classes (end of this file), so
+        Transformers copies configuration_colt5.py, modeling_colt5.py and the modules they import next to the weights
+        and writes `auto_map`, but maps only AutoConfig and the saved class: map every auto class the weights load
+        into. `colt5_hf.save_for_hub` adds a model card."""
+        if self.is_remote_code():
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            if isinstance(self, CoLT5EncoderModel):  # no decoder weights: AutoModel (set on save) only
+                auto_map.pop("AutoModelForSeq2SeqLM", None)
+            else:
+                auto_map["AutoModel"] = f"{module}.CoLT5Model"
+                auto_map["AutoModelForSeq2SeqLM"] = f"{module}.CoLT5ForConditionalGeneration"
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained` with three guards:
@@ -842,6 +858,12 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
         return result if (return_dict is None or return_dict) else result.to_tuple()
+
+
+# Hub custom code: save_pretrained copies the code next to the weights (see CoLT5PreTrainedModel.save_pretrained)
+CoLT5Model.register_for_auto_class("AutoModel")
+CoLT5EncoderModel.register_for_auto_class("AutoModel")
+CoLT5ForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 
 
 __all__ = [
