@@ -70,7 +70,11 @@ class CoLT5Router(nn.Module):
         k_max = config.routed_count(self.fraction, n)
         k = config.routed_count(self.fraction, lengths)  # (b,), per-sample count, <= k_max
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            scores = torch.einsum("bnd,rd->brn", hidden_states.float(), self.weight.float())  # (b, r, n)
+            # a product and a sum, not a matmul: matmul kernels round a row's dot product differently depending on its
+            # place in the batch, so equal hidden states (a repeated token in the first layer) could score unequally,
+            # and a padded sample would break their tie differently than the sample alone
+            hidden_states = hidden_states.float()
+            scores = torch.stack([(hidden_states * route).sum(-1) for route in self.weight.float()], dim=1)  # (b, r, n)
         route_mask = mask[:, None, :].expand_as(scores)
         ranked = scores.masked_fill(~route_mask, float("-inf"))
         # best first; the stable sort breaks exact ties (a repeated token scores alike in the first layer) by position,
