@@ -1,0 +1,246 @@
+"""Encoder stacks at long inputs: milliseconds per layer (forward; forward+backward) and peak memory.
+
+One process, one GPU, bf16 weights and activations, batch 1, a stack of `--layers` (6) encoder layers of the Large
+shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; random weights and random inputs
+(inputs_embeds ~ N(0, 1), upstream gradient ~ N(0, 1)); dropout off. Models:
+
+  colt5-hf/<impl>          this package's CoLT5EncoderModel encoder, attn_implementation eager, sdpa, flex_attention
+                           (routing by the fused Triton coordinate descent on CUDA)
+  colt5-hf/flex+eager-cd   flex_attention with the eager coordinate-descent loop (the fused kernels switched off)
+  longt5-local, longt5-tglobal   transformers' LongT5 encoder (local / transient-global attention, radius 127)
+  t5                       transformers' T5 encoder (full attention), 2 layers, n <= 16384
+  reference                colt5-attention 0.2.2 ConditionalRoutedTransformerBlock x layers (light heads 4, heavy
+                           heads 12, window 256, FF multipliers 1.375 / 11, 50 iterations); float32 weights and
+                           residual stream under bf16 autocast: with bf16 weights its heavy attention multiplies
+                           float32 probabilities with bf16 values and raises
+
+Memory: peak allocated during one forward+backward (weights and their gradients included: `peak_gib`) and the part
+above what was allocated before it (`extra_gib`). Writes encoder.json and encoder.png to $OUT (or benchmarks/out).
+
+    python benchmarks/encoder.py [--sizes 4096 16384 32768 65536] [--models ...] [--layers 6]
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from common import LARGE, colt5_large_config, cuda_time, environment, error_text, free_memory, out_dir
+
+
+MODELS = ["colt5-hf/flex_attention", "longt5-local", "reference", "longt5-tglobal", "colt5-hf/sdpa", "colt5-hf/eager",
+          "colt5-hf/flex+eager-cd", "t5"]
+T5_MAX_LENGTH = 16384
+T5_LAYERS = 2
+
+
+class Stack:
+    """A callable x (1, n, d) -> (1, n, d) with its parameters; `per_call` kwargs depend on n (reference only)."""
+
+    def __init__(self, name, module, run, layers, context=None):
+        self.name, self.module, self.run, self.layers, self.context = name, module, run, layers, context
+
+
+def build(name, layers):
+    dtype, device = torch.bfloat16, "cuda"
+    if name.startswith("colt5-hf"):
+        from colt5_hf import CoLT5EncoderModel, routing
+
+        implementation = name.split("/")[1]
+        context = None
+        if implementation == "flex+eager-cd":
+            implementation = "flex_attention"
+
+            class EagerRouting:
+                def __enter__(self):
+                    self.saved, routing.fused_coordinate_descent = routing.fused_coordinate_descent, None
+
+                def __exit__(self, *exc):
+                    routing.fused_coordinate_descent = self.saved
+
+            context = EagerRouting
+        config = colt5_large_config(num_layers=layers)
+        with torch.device(device):
+            model = CoLT5EncoderModel(config).to(dtype)
+        model.config._attn_implementation = implementation
+        encoder = model.encoder
+        return Stack(name, encoder, lambda x, n: encoder(inputs_embeds=x).last_hidden_state, layers, context)
+    if name.startswith("longt5"):
+        from transformers import LongT5Config, LongT5EncoderModel
+
+        attention = "local" if name == "longt5-local" else "transient-global"
+        config = LongT5Config(**LARGE, num_layers=layers, encoder_attention_type=attention, local_radius=127,
+                              global_block_size=16, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+        with torch.device(device):
+            model = LongT5EncoderModel(config).to(dtype)
+        return Stack(name, model, lambda x, n: model(inputs_embeds=x).last_hidden_state, layers)
+    if name == "t5":
+        from transformers import T5Config, T5EncoderModel
+
+        config = T5Config(**LARGE, num_layers=T5_LAYERS, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+        with torch.device(device):
+            model = T5EncoderModel(config).to(dtype)
+        return Stack(name, model, lambda x, n: model(inputs_embeds=x).last_hidden_state, T5_LAYERS)
+    if name == "reference":
+        from colt5_attention.transformer_block import ConditionalRoutedTransformerBlock
+
+        with torch.device(device):
+            blocks = torch.nn.ModuleList(
+                ConditionalRoutedTransformerBlock(
+                    LARGE["d_model"], num_heavy_attn_tokens_q=1, num_heavy_attn_tokens_kv=1, num_heavy_ff_tokens=1,
+                    light_dim_head=64, light_heads=4, light_window_size=256, heavy_dim_head=64, heavy_heads=12,
+                    light_ff_mult=1408 / 1024, heavy_ff_mult=11264 / 1024, router_kwargs=dict(n_iters=50),
+                )
+                for _ in range(layers)
+            )
+
+        def run(x, n):
+            x = x.float()  # its routed outputs come out in float32 and are written into a tensor like x
+            with torch.autocast("cuda", dtype=dtype):
+                for block in blocks:
+                    x = block(x, num_heavy_attn_tokens_q=n // 16, num_heavy_attn_tokens_kv=n // 8,
+                              num_heavy_ff_tokens=n // 16)
+            return x
+
+        return Stack(name, blocks, run, layers)
+    raise ValueError(name)
+
+
+def measure(stack, n, budget_s):
+    """{fwd_ms, fwdbwd_ms, peak_gib, extra_gib} per layer for one length, or an error for the part that failed."""
+    d = LARGE["d_model"]
+    generator = torch.Generator(device="cuda").manual_seed(n)
+    x = torch.randn(1, n, d, device="cuda", generator=generator).to(torch.bfloat16)
+    result = {}
+    params = list(stack.module.parameters())
+
+    def drop_grads():
+        for p in params:
+            p.grad = None
+        x.grad = None
+
+    try:
+        stack.module.eval()
+        with torch.no_grad():
+            result["fwd_ms"] = cuda_time(lambda: stack.run(x, n), budget_s=budget_s) / stack.layers
+    except Exception as error:  # noqa: BLE001 - recorded, the benchmark goes on
+        result["fwd_error"] = error_text(error)
+    free_memory()
+    if "fwd_error" in result and result["fwd_error"] == "out of memory":
+        result["fwdbwd_error"] = "out of memory (forward already)"
+        return result
+    try:
+        stack.module.train()
+        x.requires_grad_(True)
+        upstream = torch.randn(1, n, d, device="cuda", generator=generator).to(torch.bfloat16)
+
+        def step():
+            stack.run(x, n).backward(upstream)
+
+        result["fwdbwd_ms"] = cuda_time(step, budget_s=budget_s, between=drop_grads) / stack.layers
+        drop_grads()
+        free_memory()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        result["peak_gib"] = peak / 2**30
+        result["extra_gib"] = (peak - before) / 2**30
+    except Exception as error:  # noqa: BLE001
+        result["fwdbwd_error"] = error_text(error)
+    finally:
+        x.requires_grad_(False)
+        drop_grads()
+        free_memory()
+    return result
+
+
+def plot(records, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for key, axis, title in (("fwd_ms", axes[0], "forward"), ("fwdbwd_ms", axes[1], "forward + backward")):
+        for model in dict.fromkeys(r["model"] for r in records):
+            points = sorted((r["n"], r[key]) for r in records if r["model"] == model and key in r)
+            if points:
+                axis.plot(*zip(*points), marker="o", label=model)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("input length n (tokens)")
+        axis.set_ylabel("ms per layer")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=8)
+    device = records[0].get("device") or torch.cuda.get_device_name()
+    figure.suptitle(f"Encoder layer time, Large shape, bf16, batch 1 ({device})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def table(records):
+    lines = [f"{'model':26s} {'n':>6s} {'fwd ms/layer':>13s} {'fwd+bwd ms/layer':>17s} {'peak GiB':>9s} {'extra GiB':>9s}"]
+    for r in records:
+        fwd = f"{r['fwd_ms']:.2f}" if "fwd_ms" in r else r.get("fwd_error", "-")[:13]
+        bwd = f"{r['fwdbwd_ms']:.2f}" if "fwdbwd_ms" in r else r.get("fwdbwd_error", "-")[:17]
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
+        extra = f"{r['extra_gib']:.2f}" if "extra_gib" in r else "-"
+        lines.append(f"{r['model']:26s} {r['n']:6d} {fwd:>13s} {bwd:>17s} {peak:>9s} {extra:>9s}")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--budget", type=float, default=1.5, help="seconds of timed repeats per measurement")
+    parser.add_argument("--name", default="encoder")
+    parser.add_argument("--from-json", nargs="+", help="only redraw the table and plot from earlier runs' JSON")
+    args = parser.parse_args()
+    out = out_dir()
+    if args.from_json:
+        records = [r for path in args.from_json for r in json.loads(open(path).read())["records"]]
+        plot([r for r in records if r["n"]], out / f"{args.name}.png")
+        print(table(records))
+        return
+    torch._dynamo.config.cache_size_limit = 64
+    info = environment()
+    print(json.dumps(info), flush=True)
+    records = []
+    for name in args.models:
+        started = time.time()
+        try:
+            stack = build(name, args.layers)
+        except Exception as error:  # noqa: BLE001
+            print(f"{name}: cannot build: {error_text(error)}", flush=True)
+            records.append({"model": name, "n": 0, "fwd_error": error_text(error)})
+            continue
+        for n in args.sizes:
+            if name == "t5" and n > T5_MAX_LENGTH:
+                continue
+            context = stack.context() if stack.context else None
+            if context:
+                context.__enter__()
+            try:
+                result = measure(stack, n, args.budget)
+            finally:
+                if context:
+                    context.__exit__(None, None, None)
+            record = {"model": name, "n": n, "layers": stack.layers, "device": info["device"], **result}
+            records.append(record)
+            print(json.dumps(record), flush=True)
+            (out / f"{args.name}.json").write_text(json.dumps({"environment": info, "records": records}, indent=1))
+        del stack
+        free_memory()
+        print(f"{name}: {time.time() - started:.0f} s", flush=True)
+    plot([r for r in records if r["n"]], out / f"{args.name}.png")
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# What one call on a GPU machine runs: GPU tests, then the benchmarks, every log and result under $OUT.
+# Usage: bash benchmarks/gpu_run.sh [tests] [routing] [profile] [encoder] [generate]   (default: all)
+# Wheels for packages the machine lacks (colt5-attention 0.2.2 and its dependencies) are taken from .whl/ if present.
+set -u
+export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+stages=${*:-tests routing profile encoder generate}
+log=$OUT/run.log
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee -a "$log"
+for stage in $stages; do
+  echo "=== $stage $(date -u +%FT%TZ)" | tee -a "$log"
+  case $stage in
+    tests) timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rf > "$OUT/tests.log" 2>&1; grep -E "passed|failed|^FAILED|Error" "$OUT/tests.log" | tail -30 | tee -a "$log" ;;
+    routing) timeout 60 python3 benchmarks/routing.py 2>&1 | tee -a "$log" ;;
+    profile) timeout 60 python3 benchmarks/profile_encoder.py 2>&1 | grep -v Warning | tail -5 | tee -a "$log" ;;
+    encoder) timeout ${ENCODER_TIMEOUT:-300} python3 benchmarks/encoder.py ${ENCODER_ARGS:-} 2>&1 | tee -a "$log" ;;
+    generate) timeout ${GENERATE_TIMEOUT:-240} python3 benchmarks/generate.py ${GENERATE_ARGS:-} 2>&1 | tee -a "$log" ;;
+  esac
+done

@@ -1,0 +1,66 @@
+"""Where a CoLT5-Large encoder layer spends its time: torch.profiler over a 6-layer stack (flex_attention, fused
+routing) at one length, forward and forward+backward. Prints the CUDA kernels by total time, the number of kernel
+launches per layer and the summed kernel time against the wall time (the gap is launch/CPU overhead). Writes
+profile.txt to $OUT (or benchmarks/out).
+
+    python benchmarks/profile_encoder.py [--n 16384] [--implementation flex_attention]
+"""
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from common import colt5_large_config, environment, out_dir
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16384)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--implementation", default="flex_attention")
+    args = parser.parse_args()
+    from colt5_hf import CoLT5EncoderModel
+
+    config = colt5_large_config(num_layers=args.layers)
+    with torch.device("cuda"):
+        model = CoLT5EncoderModel(config).to(torch.bfloat16)
+    model.config._attn_implementation = args.implementation
+    x = torch.randn(1, args.n, config.d_model, device="cuda").to(torch.bfloat16)
+    upstream = torch.randn_like(x)
+    report = [str(environment()), f"n={args.n} layers={args.layers} implementation={args.implementation}"]
+
+    def forward():
+        with torch.no_grad():
+            model.encoder(inputs_embeds=x)
+
+    def forward_backward():
+        model.encoder(inputs_embeds=x.requires_grad_()).last_hidden_state.backward(upstream)
+        model.zero_grad(set_to_none=True)
+
+    model.train()
+    for label, step in (("forward", forward), ("forward+backward", forward_backward)):
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+        wall = start.elapsed_time(end)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / 1000
+        report.append(
+            f"\n== {label}: {wall / args.layers:.3f} ms/layer wall (CUDA events); kernels {len(kernels) / args.layers:.0f}"
+            f" launches/layer, {busy / args.layers:.3f} ms/layer of kernel time ({100 * busy / wall:.0f}% busy)"
+        )
+        report.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    text = "\n".join(report)
+    (out_dir() / "profile.txt").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""CUDA fast paths (colt5_hf/kernels.py) against the eager reference paths. Skipped without a CUDA GPU.
+
+- the fused coordinate descent (Triton) against routing.coordinate_descent's eager loop: forward and backward, with
+  masks, empty rows and per-row k, rows held in registers (<= 16k tokens) and streamed (up to 64k);
+- the flex-attention light attention against the blocked eager light attention;
+- the heavy attention's bias lookup (one-hot backward) against F.embedding;
+- whole encoders under each attn_implementation against the eager one, and with the fused routing against the same
+  model with the eager coordinate-descent loop.
+"""
+
+import pytest
+import torch
+
+from colt5_hf import CoLT5Config, CoLT5EncoderModel, routing
+from colt5_hf.modeling_colt5 import CoLT5LocalAttention
+
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+if torch.cuda.is_available():
+    from colt5_hf.kernels import fused_coordinate_descent
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-30)).item()
+
+
+def eager_coordinate_descent(scores, mask, k, iterations, epsilon, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(routing, "fused_coordinate_descent", None)
+        return routing.coordinate_descent(scores, mask, k, iterations=iterations, epsilon=epsilon)
+
+
+def random_rows(n, seed, scale=1.0, rows=4):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    scores = torch.randn(rows, n, generator=generator, device="cuda") * scale
+    mask = torch.rand(rows, n, generator=generator, device="cuda") < 0.8
+    mask[0] = True  # every token real
+    mask[1] = False  # no token real: zeros and zero gradient
+    lengths = mask.sum(-1, keepdim=True).float().clamp(min=1)
+    k = torch.minimum(torch.tensor([[n / 16 * 9 / 8], [3.0], [1.0], [n / 8]], device="cuda")[:rows], lengths)
+    return scores, mask, k
+
+
+@pytest.mark.parametrize("n", [200, 4096, 16384, 20000, 65536])
+@pytest.mark.parametrize("scale, epsilon, iterations", [(1.0, 1.0, 50), (8.0, 0.5, 20)])
+def test_fused_coordinate_descent_matches_eager(n, scale, epsilon, iterations, monkeypatch):
+    scores, mask, k = random_rows(n, seed=n, scale=scale)
+    upstream = torch.randn_like(scores)
+    expected_scores = scores.clone().requires_grad_()
+    expected = eager_coordinate_descent(expected_scores, mask, k, iterations, epsilon, monkeypatch)
+    expected.backward(upstream)
+    for early_exit in (True, False):
+        fused_scores = scores.clone().requires_grad_()
+        soft = fused_coordinate_descent(fused_scores, mask, k, iterations=iterations, epsilon=epsilon,
+                                        early_exit=early_exit)
+        soft.backward(upstream)
+        assert torch.isfinite(soft).all() and torch.isfinite(fused_scores.grad).all()
+        assert relative_error(soft, expected) < 1e-5
+        assert relative_error(fused_scores.grad, expected_scores.grad) < 1e-4
+        assert (soft[1] == 0).all() and (fused_scores.grad[1] == 0).all()
+        assert (soft[~mask] == 0).all() and (fused_scores.grad[~mask] == 0).all()
+
+
+def test_fused_coordinate_descent_is_the_dispatch_on_cuda_and_keeps_batch_shape(monkeypatch):
+    scores, mask, k = random_rows(1000, seed=0)
+    scores, mask, k = scores.view(2, 2, -1).requires_grad_(), mask.view(2, 2, -1), k.view(2, 2, 1)
+    soft = routing.coordinate_descent(scores, mask, k, iterations=30, epsilon=1.0)
+    assert type(soft.grad_fn).__name__ == "FusedCoordinateDescentBackward"
+    expected = eager_coordinate_descent(scores, mask, k, 30, 1.0, monkeypatch)
+    assert soft.shape == expected.shape == (2, 2, 1000)
+    assert relative_error(soft, expected) < 1e-5
+    torch.testing.assert_close(soft.sum(-1), expected.sum(-1), atol=1e-3, rtol=1e-4)
+
+
+def small_config(radius, **kwargs):
+    return CoLT5Config(
+        vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, num_light_heads=2,
+        num_heavy_heads=2, local_radius=radius, min_routed_tokens=4, router_iterations=20, dropout_rate=0.0, **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    "radius, n, dtype", [(127, 1000, torch.float32), (15, 200, torch.float32), (127, 4096, torch.bfloat16)]
+)
+def test_flex_local_attention_matches_eager(radius, n, dtype):
+    torch.manual_seed(radius + n)
+    config = small_config(radius)
+    layer = CoLT5LocalAttention(config).cuda().to(dtype)
+    for linear in (layer.q, layer.k, layer.v, layer.o):
+        torch.nn.init.normal_(linear.weight, std=0.1)
+    hidden = torch.randn(2, n, config.d_model, device="cuda", dtype=dtype)
+    mask = torch.ones(2, n, dtype=torch.bool, device="cuda")
+    mask[1, n - n // 3 :] = False  # padded sample
+    mask[1, 5] = False  # a hole
+    table = torch.randn(config.num_light_heads, 2 * radius + 1, device="cuda", requires_grad=True)
+    upstream = torch.randn(2, n, config.d_model, device="cuda", dtype=dtype) * mask[..., None]
+
+    results = {}
+    for implementation in ("eager", "flex_attention"):
+        layer.zero_grad()
+        table.grad = None
+        out, _ = layer(hidden, mask, table, implementation)
+        (out.float() * upstream.float()).sum().backward()
+        grads = [p.grad.clone() for p in layer.parameters()] + [table.grad.clone()]
+        results[implementation] = (out[mask], grads)
+    tolerance = 2e-4 if dtype == torch.float32 else 3e-2
+    (eager_out, eager_grads), (flex_out, flex_grads) = results["eager"], results["flex_attention"]
+    assert relative_error(flex_out, eager_out) < tolerance
+    for flex_grad, eager_grad in zip(flex_grads, eager_grads):
+        assert relative_error(flex_grad, eager_grad) < tolerance
+
+
+def encoder_outputs(model, inputs, mask, upstream):
+    model.zero_grad()
+    out = model(input_ids=inputs, attention_mask=mask).last_hidden_state
+    (out.float() * upstream).sum().backward()
+    grads = {name: p.grad.detach().float().cpu() for name, p in model.named_parameters() if p.grad is not None}
+    return out.detach().float().cpu(), grads
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "flex_attention"])
+def test_encoder_fast_paths_match_eager(implementation):
+    torch.manual_seed(0)
+    config = small_config(31)
+    model = CoLT5EncoderModel(config).cuda()
+    n = 700
+    inputs = torch.randint(2, config.vocab_size, (2, n), device="cuda")
+    mask = torch.ones(2, n, dtype=torch.long, device="cuda")
+    mask[1, 500:] = 0
+    upstream = torch.randn(2, n, config.d_model, device="cuda") * mask[..., None]
+    model.config._attn_implementation = "eager"
+    eager_out, eager_grads = encoder_outputs(model, inputs, mask, upstream)
+    model.config._attn_implementation = implementation
+    fast_out, fast_grads = encoder_outputs(model, inputs, mask, upstream)
+    real = mask.bool().cpu()
+    assert relative_error(fast_out[real], eager_out[real]) < 1e-4
+    assert eager_grads.keys() == fast_grads.keys()
+    for name in eager_grads:
+        assert relative_error(fast_grads[name], eager_grads[name]) < 1e-3, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bucket_bias_matches_embedding(dtype):
+    from colt5_hf.kernels import bucket_bias
+
+    bucket = torch.randint(0, 32, (2, 300, 700), device="cuda")
+    weight = torch.randn(32, 12, device="cuda", dtype=dtype, requires_grad=True)
+    upstream = torch.randn(2, 300, 700, 12, device="cuda", dtype=dtype)
+    reference_weight = weight.detach().double().requires_grad_()
+    expected = torch.nn.functional.embedding(bucket, reference_weight)
+    (expected * upstream.double()).sum().backward()
+    out = bucket_bias(bucket, weight)
+    (out * upstream).sum().backward()
+    assert torch.equal(out.double(), expected.detach())
+    assert relative_error(weight.grad, reference_weight.grad) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_encoder_fused_routing_matches_eager_loop(monkeypatch):
+    torch.manual_seed(1)
+    config = small_config(31)
+    model = CoLT5EncoderModel(config).cuda()
+    model.config._attn_implementation = "eager"
+    n = 600
+    inputs = torch.randint(2, config.vocab_size, (2, n), device="cuda")
+    mask = torch.ones(2, n, dtype=torch.long, device="cuda")
+    mask[0, 450:] = 0
+    upstream = torch.randn(2, n, config.d_model, device="cuda") * mask[..., None]
+    fused_out, fused_grads = encoder_outputs(model, inputs, mask, upstream)
+    with monkeypatch.context() as patch:
+        patch.setattr(routing, "fused_coordinate_descent", None)
+        eager_out, eager_grads = encoder_outputs(model, inputs, mask, upstream)
+    real = mask.bool().cpu()
+    assert relative_error(fused_out[real], eager_out[real]) < 1e-5
+    for name in eager_grads:
+        assert relative_error(fused_grads[name], eager_grads[name]) < 1e-4, name
+    routers = [name for name in eager_grads if name.endswith("router.weight")]
+    assert len(routers) == 6 and all(fused_grads[name].norm() > 0 for name in routers)
