@@ -175,6 +175,15 @@ class CoLT5Config(PreTrainedConfig):
             )
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As `PreTrainedConfig.get_config_dict`, but a folder without config.json is an error: Transformers would
+        build the default config, which silently loads weights of the same shapes with other settings."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if not config_dict:
+            raise OSError(f"CoLT5Config: found no config.json in {pretrained_model_name_or_path}")
+        return config_dict, kwargs
+
+    @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """As `PreTrainedConfig.from_dict` (which `from_pretrained` calls), with two checks: the config of another model
         type is an error (Transformers only warns, then builds a CoLT5 model that none of the weights fit), and values

@@ -5,6 +5,7 @@ Decoder layers: T5.1.1 causal self-attention, multi-route (multi-query by defaul
 """
 
 import contextlib
+import json
 import math
 import os
 
@@ -639,7 +640,7 @@ class CoLT5PreTrainedModel(PreTrainedModel):
 
         - weights are read from safetensors files only, never through pickle: `pytorch_model.bin`, GGUF and
           `use_safetensors=False` are refused;
-        - a truncated or corrupt safetensors file is an OSError naming the checkpoint;
+        - a truncated or corrupt safetensors file or shard index is an OSError naming the checkpoint;
         - a checkpoint that holds some weights of a part (encoder, decoder, LM head) but lacks others is an OSError,
           where Transformers would warn and initialise the missing ones at random. A part absent altogether (the LM
           head of a CoLT5Model checkpoint) is initialised as usual.
@@ -654,7 +655,7 @@ class CoLT5PreTrainedModel(PreTrainedModel):
             model, loading_info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, use_safetensors=True, output_loading_info=True, **kwargs
             )
-        except SafetensorError as error:
+        except (SafetensorError, json.JSONDecodeError) as error:
             raise OSError(f"The safetensors weights of {source} are truncated or corrupt: {error}") from error
         missing = loading_info["missing_keys"]
         loaded_parts = {key.split(".")[0] for key in model.state_dict() if key not in missing}
