@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
+pip() {  # quiet: drop the warnings about local index folders that lack a package
+    .venv/bin/python -m pip --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+}
 
 stamp=.venv/.colt5-hf-setup
 wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"

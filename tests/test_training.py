@@ -119,6 +119,7 @@ def loss_and_gradients(model, batch):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")  # 5.24 renamed it
 @pytest.mark.parametrize("checkpointing_kwargs", [None, {"use_reentrant": False}, {"use_reentrant": True}])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(checkpointing_kwargs):
     model = tiny_model().train()
