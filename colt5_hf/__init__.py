@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from .configuration_colt5 import CoLT5Config
+from .hub import LORA_TARGET_MODULES, push_to_hub, save_for_hub
 from .modeling_colt5 import (
     CoLT5EncoderModel,
     CoLT5ForConditionalGeneration,
@@ -21,6 +22,9 @@ __all__ = [
     "CoLT5Model",
     "CoLT5ForConditionalGeneration",
     "CoLT5EncoderModel",
+    "LORA_TARGET_MODULES",
+    "save_for_hub",
+    "push_to_hub",
     "CoLT5Router",
     "RouterOutput",
     "coordinate_descent",

@@ -17,6 +17,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -618,21 +619,29 @@ class CoLT5PreTrainedModel(PreTrainedModel):
         elif isinstance(module, CoLT5Router):
             init.normal_(module.weight, mean=0.0, std=factor * d_model**-0.5)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
         """Also writes a Hub custom-code folder. The classes are registered for auto classes (end of this file), so
         Transformers copies configuration_colt5.py, modeling_colt5.py and the modules they import next to the weights
         and writes `auto_map`, but maps only AutoConfig and the saved class: map every auto class the weights load
-        into. `colt5_hf.save_for_hub` adds a model card."""
-        if self.is_remote_code():
-            module = type(self).__module__.rsplit(".", 1)[-1]
+        into. FSDP2 swaps in a subclass defined in torch, whose module Transformers would copy as the model's code and
+        name in `auto_map`: code and names come from the CoLT5 class. `colt5_hf.save_for_hub` adds a model card."""
+        model_class = next(cls for cls in type(self).__mro__ if cls.__module__ == __name__)
+        if model_class.is_remote_code():
+            module = __name__.rsplit(".", 1)[-1]
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            if isinstance(self, CoLT5EncoderModel):  # no decoder weights: AutoModel (set on save) only
+            if issubclass(model_class, CoLT5EncoderModel):  # no decoder weights
                 auto_map.pop("AutoModelForSeq2SeqLM", None)
             else:
                 auto_map["AutoModel"] = f"{module}.CoLT5Model"
                 auto_map["AutoModelForSeq2SeqLM"] = f"{module}.CoLT5ForConditionalGeneration"
+            auto_map[model_class._auto_class] = f"{module}.{model_class.__name__}"
             self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+            if type(self) is not model_class:
+                type(self)._auto_class = None  # the wrapper class: Transformers copies no code for it
+                if is_main_process:
+                    os.makedirs(save_directory, exist_ok=True)
+                    custom_object_save(model_class, save_directory)
+        return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
