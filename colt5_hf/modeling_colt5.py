@@ -30,6 +30,12 @@ from .configuration_colt5 import CoLT5Config
 from .routing import CoLT5Router, RouterOutput, gather_tokens, scatter_tokens
 
 
+try:  # CUDA fast paths: flex attention for the light attention, a quick gradient for the heavy attention's bias
+    from .kernels import bucket_bias, flex_local_attention
+except ImportError:
+    bucket_bias, flex_local_attention = F.embedding, None
+
+
 # Transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; support both.
 CACHE_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
 
@@ -68,9 +74,10 @@ def attend(query, key, value, bias, dropout: float, implementation: str):
 
     query (b, ..., q, d); key, value (b, ..., k, d) with the same middle dims; bias broadcastable to (b, ..., q, k),
     holding the relative position bias and `mask_value` at masked keys. Returns the output (b, ..., q, d) and, for the
-    eager implementation, the attention probabilities (b, ..., q, k).
+    eager implementation, the attention probabilities (b, ..., q, k). "flex_attention" runs dense attention through SDPA
+    too (flex attention serves the banded light attention).
     """
-    if implementation == "sdpa":
+    if implementation in ("sdpa", "flex_attention"):
         shape, k_len = query.shape, key.shape[-2]
         q, k, v = (t.reshape(shape[0], -1, *t.shape[-2:]) for t in (query, key, value))
         bias = bias.expand(*shape[:-1], k_len).reshape(shape[0], -1, shape[-2], k_len).to(query.dtype)
@@ -83,8 +90,10 @@ def attend(query, key, value, bias, dropout: float, implementation: str):
 
 def check_implementation(config, output_attentions):
     implementation = config._attn_implementation or "eager"
-    if implementation not in ("eager", "sdpa"):
-        raise ValueError(f"CoLT5 supports attn_implementation 'eager' and 'sdpa', got {implementation!r}")
+    if implementation not in ("eager", "sdpa", "flex_attention"):
+        raise ValueError(
+            f"CoLT5 supports attn_implementation 'eager', 'sdpa' and 'flex_attention', got {implementation!r}"
+        )
     if output_attentions and implementation != "eager":
         raise ValueError(
             "output_attentions=True needs the eager attention: load the model with attn_implementation='eager'"
@@ -163,6 +172,18 @@ class CoLT5LocalAttention(nn.Module):
     def forward(self, hidden_states, mask, bias_table, implementation, output_attentions=False):
         # hidden_states: (b, n, d) normalised; mask: (b, n) bool; bias_table: (h, 2 * radius + 1) for offsets -r..r
         b, n, _ = hidden_states.shape
+        dropout = self.config.dropout_rate if self.training else 0.0
+        use_flex = implementation == "flex_attention" and flex_local_attention is not None and hidden_states.is_cuda
+        if use_flex and not dropout:  # flex attention has no dropout and no CPU backward
+            def heads(t):  # (b, n, h * d) -> (b, h, n, d)
+                return t.view(b, n, self.num_heads, -1).transpose(1, 2)
+
+            out = flex_local_attention(
+                heads(self.q(hidden_states)), heads(self.k(hidden_states)), heads(self.v(hidden_states)), mask,
+                bias_table, self.config.local_radius,
+            )
+            return self.o(out.transpose(1, 2).reshape(b, n, -1)), None
+
         block = self.config.local_radius + 1
         num_blocks = -(-n // block)
         pad = num_blocks * block - n
@@ -186,7 +207,6 @@ class CoLT5LocalAttention(nn.Module):
         keep = in_band & key_mask[:, None, :, None, :]  # (b, 1, nb, block, 3 * block)
         bias = bias[None, :, None].to(query.dtype).masked_fill(~keep, mask_value(query.dtype))
 
-        dropout = self.config.dropout_rate if self.training else 0.0
         out, probs = attend(query, key, value, bias, dropout, implementation)  # (b, h, nb, block, d)
         out = out.permute(0, 2, 3, 1, 4).reshape(b, num_blocks * block, -1)[:, :n]
         weights = self.dense_weights(probs, n) if output_attentions else None
@@ -236,7 +256,8 @@ class CoLT5HeavyAttention(nn.Module):
             num_buckets=self.config.relative_attention_num_buckets,
             max_distance=self.config.relative_attention_max_distance,
         )  # (b, m, m_kv)
-        bias = F.embedding(bucket, bias_weight).permute(0, 3, 1, 2).to(dtype)  # (b, h, m, m_kv)
+        lookup = bucket_bias if bias_weight.is_cuda else F.embedding
+        bias = lookup(bucket, bias_weight).permute(0, 3, 1, 2).to(dtype)  # (b, h, m, m_kv)
         bias = bias.masked_fill(~kv_routing.valid[:, :, None, :], mask_value(dtype))
 
         dropout = self.config.dropout_rate if self.training else 0.0
@@ -586,7 +607,7 @@ class CoLT5PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CoLT5EncoderBlock", "CoLT5DecoderBlock"]
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flex_attn = True
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # For custom code, Transformers skips every module without parameters of its own (attention, feed-forward,
