@@ -1,0 +1,274 @@
+"""The colt5-hf command end to end on tiny data: train -> evaluate -> generate -> inspect, demo, convert, --resume,
+and the errors it gives for bad inputs."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSeq2SeqLM, ByT5Tokenizer, T5Config, T5ForConditionalGeneration, TrainerCallback
+
+import colt5_hf  # noqa: F401  (registers the Auto classes)
+from colt5_hf import cli
+from colt5_hf.data import demo_examples, load_pairs
+
+
+PAIRS = [{"source": f"reverse {word}", "target": word[::-1]} for word in
+         ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
+          "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango")]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def run(argv, capsys):
+    """main(argv) -> (stdout, stderr)."""
+    cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def fails(argv, capsys, *patterns):
+    """main(argv) must exit with status 2 and an error message matching every pattern."""
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2, err
+    for pattern in patterns:
+        assert re.search(pattern, err), (pattern, err)
+    return err
+
+
+TRAIN = ["--model", "colt5-tiny", "--batch-size", 4, "--learning-rate", 3e-3, "--quiet", "--seed", 0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained 4 steps on a JSONL file, with evaluation every 2 steps."""
+    folder = tmp_path_factory.mktemp("cli")
+    train_file = write_jsonl(folder / "train.jsonl", PAIRS[:16])
+    eval_file = write_jsonl(folder / "eval.jsonl", PAIRS[16:])
+    output = folder / "model"
+    cli.main([str(a) for a in ["train", *TRAIN, "--train-file", train_file, "--eval-file", eval_file,
+                               "--steps", 4, "--eval-steps", 2, "--output-dir", output]])
+    return output, eval_file
+
+
+def test_train_saves_a_loadable_model_with_evaluation_during_training(trained, capsys):
+    output, _ = trained
+    assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
+    assert (output / "checkpoint-2").is_dir() and (output / "checkpoint-4").is_dir()
+    state = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())
+    evaluations = [entry for entry in state["log_history"] if "eval_exact_match" in entry]
+    assert [entry["step"] for entry in evaluations] == [2, 4]
+    model = AutoModelForSeq2SeqLM.from_pretrained(output)
+    assert type(model).__name__ == "CoLT5ForConditionalGeneration"
+    checkpoint = load_file(output / "checkpoint-4" / "model.safetensors")
+    assert torch.equal(model.state_dict()["lm_head.weight"], checkpoint["lm_head.weight"])
+
+
+def test_evaluate_matches_an_independent_computation(trained, capsys):
+    output, eval_file = trained
+    out, _ = run(["evaluate", output, "--file", eval_file, "--batch-size", 3], capsys)
+    metrics = json.loads(out.strip().splitlines()[-1])
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(output).eval()
+    tokenizer = ByT5Tokenizer()
+    losses, tokens, correct = 0.0, 0, 0
+    with torch.no_grad():
+        for pair in PAIRS[16:]:  # one example at a time: no padding involved
+            input_ids = torch.tensor([tokenizer(pair["source"]).input_ids])
+            labels = torch.tensor([tokenizer(pair["target"]).input_ids])
+            losses += model(input_ids=input_ids, labels=labels).loss.item() * labels.shape[1]
+            tokens += labels.shape[1]
+            generated = model.generate(input_ids=input_ids, max_new_tokens=labels.shape[1] + 8)
+            correct += tokenizer.decode(generated[0], skip_special_tokens=True) == pair["target"]
+    assert metrics["examples"] == 4
+    assert metrics["loss"] == pytest.approx(losses / tokens, rel=1e-4)
+    assert metrics["exact_match"] == correct / 4
+
+
+def test_generate_prints_one_line_per_input(trained, capsys):
+    output, _ = trained
+    out, _ = run(["generate", output, "--text", "reverse alpha", "--text", "reverse zulu", "--max-new-tokens", 5],
+                 capsys)
+    model = AutoModelForSeq2SeqLM.from_pretrained(output).eval()
+    tokenizer = ByT5Tokenizer()
+    expected = []
+    for text in ("reverse alpha", "reverse zulu"):
+        generated = model.generate(input_ids=torch.tensor([tokenizer(text).input_ids]), max_new_tokens=5)
+        expected.append(tokenizer.decode(generated[0], skip_special_tokens=True))
+    assert out.splitlines() == expected
+
+
+def test_inspect_writes_a_png_with_the_routed_counts(trained, capsys, tmp_path):
+    output, _ = trained
+    text = "x" * 40 + "A" + "y" * 80 + "B" + "z" * 37
+    plot = tmp_path / "routing.png"
+    out, _ = run(["inspect", output, "--text", text, "--output", plot], capsys)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(plot).ndim == 3
+    config = AutoModelForSeq2SeqLM.from_pretrained(output).config
+    n = len(text) + 1  # bytes + end-of-sequence token
+    for layer in range(config.num_layers):
+        for part, fraction in (("attention q", config.attention_q_fraction),
+                               ("attention kv", config.attention_kv_fraction),
+                               ("feed-forward", config.feed_forward_fraction)):
+            match = re.search(rf"^encoder {layer} {part}\s+(\d+) / (\d+) ", out, re.MULTILINE)
+            assert match and match.groups() == (str(config.routed_count(fraction, n)), str(n)), out
+
+
+def test_train_from_csv_and_parquet_with_field_options(tmp_path, capsys):
+    import pandas
+
+    frame = pandas.DataFrame({"document": [p["source"] for p in PAIRS[:8]], "summary": [p["target"] for p in PAIRS[:8]]})
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    frame.to_parquet(tmp_path / "train.parquet")
+    for name in ("train.csv", "train.parquet"):
+        pairs = load_pairs(tmp_path / name, "document", "summary")
+        assert pairs.column_names == ["source", "target"] and pairs[3] == PAIRS[3]
+    out, _ = run(["train", *TRAIN, "--train-file", tmp_path / "train.parquet", "--source-field", "document",
+                  "--target-field", "summary", "--steps", 2, "--output-dir", tmp_path / "out"], capsys)
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 2
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after `step` (as a crash after the checkpoint of that step would)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
+    train_file = write_jsonl(tmp_path / "train.jsonl", PAIRS)  # 20 examples: 5 steps an epoch
+    common = ["train", *TRAIN, "--train-file", train_file, "--steps", 8, "--save-steps", 2]
+    parser = cli.build_parser()
+    cli.main([str(a) for a in [*common, "--output-dir", tmp_path / "whole"]])
+
+    interrupted = parser.parse_args([str(a) for a in [*common, "--output-dir", tmp_path / "resumed"]])
+    cli.command_train(interrupted, callbacks=[StopAt(4)])
+    assert (tmp_path / "resumed" / "checkpoint-4").is_dir() and not (tmp_path / "resumed" / "checkpoint-6").exists()
+    at_step_4 = load_file(tmp_path / "resumed" / "model.safetensors")
+    cli.main([str(a) for a in [*common, "--output-dir", tmp_path / "resumed", "--resume"]])
+
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
+    assert not torch.equal(at_step_4["lm_head.weight"], whole["lm_head.weight"])
+
+
+def test_demo_runs_both_models_and_the_local_one_keeps_its_heavy_branch_off(tmp_path, capsys):
+    out, _ = run(["demo", "--steps", 4, "--eval-steps", 2, "--eval-examples", 8, "--demo-length", 160, "--quiet",
+                  "--output-dir", tmp_path], capsys)
+    rows = [line for line in out.splitlines() if re.match(r"(CoLT5 \(routed\)|local attention only)\s+\d+", line)]
+    assert len(rows) == 2 * 2 + 2  # two evaluations per model, then the final table
+    local = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "local-only")
+    fresh = cli.load_model("colt5-tiny")[0]
+    for name, weight in local.state_dict().items():
+        if ".heavy_attention.o." in name or ".heavy_feed_forward.wo." in name:
+            assert torch.count_nonzero(weight) == 0, name
+    colt5 = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "colt5")
+    heavy = colt5.encoder.block[0].attention.heavy_attention.o.weight
+    assert torch.count_nonzero(heavy) == heavy.numel()
+    assert fresh.config.to_dict()["local_radius"] == local.config.local_radius == 15
+
+
+def test_demo_task_examples():
+    for example in demo_examples(50, seed=3, length=256):
+        source = example["source"]
+        letters = [(i, c) for i, c in enumerate(source) if c != "."]
+        assert len(source) == 255 and len(letters) == 2
+        (first_position, first), (second_position, second) = letters
+        assert example["target"] == first and first != second
+        assert second_position - first_position >= 64 and first_position >= 40 and second_position < 255 - 40
+
+
+def test_local_attention_alone_cannot_tell_which_letter_comes_first():
+    """The demo's premise: with the heavy branch off, swapping the two letters' places gives the same logits (the
+    encoder's outputs are the same set, and cross-attention has no positions), so one of the two orders is wrong."""
+    torch.manual_seed(0)
+    local = cli.switch_off_heavy_branch(cli.load_model("colt5-tiny")[0]).eval()
+    torch.manual_seed(0)
+    routed = cli.load_model("colt5-tiny")[0].eval()
+    tokenizer = ByT5Tokenizer()
+
+    def source(first, second):
+        chars = ["."] * 255
+        chars[60], chars[170] = first, second
+        return torch.tensor([tokenizer("".join(chars)).input_ids])
+
+    def logits(model, input_ids):
+        with torch.no_grad():
+            return model(input_ids=input_ids, decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)).logits
+
+    a_first, b_first = source("A", "B"), source("B", "A")
+    torch.testing.assert_close(logits(local, a_first), logits(local, b_first), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(routed, a_first), logits(routed, b_first), atol=1e-3)
+
+
+def test_convert_command_reproduces_the_source_logits(tmp_path, capsys):
+    config = T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, dropout_rate=0.0,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    source = T5ForConditionalGeneration(config).eval()
+    source.save_pretrained(tmp_path / "t5")
+    ByT5Tokenizer().save_pretrained(tmp_path / "t5")
+    out, _ = run(["convert", tmp_path / "t5", tmp_path / "colt5", "--set", "num_cross_attention_kv_heads=4",
+                  "--set", "attention_q_fraction=1", "--set", "attention_kv_fraction=1",
+                  "--set", "feed_forward_fraction=1", "--set", "local_radius=64"], capsys)
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["encoder_heads"] == {"light": 1, "heavy": 3} and report["tokenizer"] == "tokenizer copied"
+    converted = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "colt5").eval()
+    input_ids = torch.randint(3, 259, (2, 50))
+    decoder_input_ids = torch.randint(3, 259, (2, 6))
+    with torch.no_grad():
+        expected = source(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits
+        actual = converted(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
+    fails(["convert", tmp_path / "t5", tmp_path / "colt5"], capsys, "not empty")
+    fails(["convert", tmp_path / "missing", tmp_path / "x"], capsys, "not found")
+
+
+def test_errors_name_the_problem(tmp_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", PAIRS[:4])
+    out = tmp_path / "out"
+    fails(["train", *TRAIN, "--train-file", tmp_path / "nope.jsonl", "--steps", 1, "--output-dir", out], capsys,
+          "data file not found", "nope.jsonl")
+    fails(["train", *TRAIN, "--train-file", good, "--source-field", "text", "--steps", 1, "--output-dir", out],
+          capsys, "no field 'text'", "--source-field", "source, target")
+    fails(["train", *TRAIN, "--train-file", write_jsonl(tmp_path / "empty.jsonl", []), "--steps", 1,
+           "--output-dir", out], capsys, "no examples")
+    (tmp_path / "data.txt").write_text("hello")
+    fails(["train", *TRAIN, "--train-file", tmp_path / "data.txt", "--steps", 1, "--output-dir", out], capsys,
+          "unknown data format")
+    fails(["train", *TRAIN, "--train-file", good, "--max-source-length", 10, "--steps", 1, "--output-dir", out],
+          capsys, r"longer than --max-source-length 10", "--truncate")
+    fails(["train", "--model", "colt5-nano", "--train-file", good, "--steps", 1, "--output-dir", out], capsys,
+          "not a model folder, a config file or a preset", "colt5-tiny")
+    fails(["train", *TRAIN, "--train-file", good, "--steps", 1, "--output-dir", out, "--resume"], capsys,
+          "no checkpoint")
+    fails(["train", *TRAIN, "--train-file", good, "--steps", 1, "--output-dir", out, "--set", "colour=1"], capsys,
+          "colour: not a CoLT5Config field")
+    fails(["evaluate", tmp_path / "no-model", "--file", good], capsys, "model folder not found")
+    T5ForConditionalGeneration(T5Config(vocab_size=384, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+                                        feed_forward_proj="gated-gelu")).save_pretrained(tmp_path / "t5")
+    fails(["train", "--model", tmp_path / "t5", "--train-file", good, "--steps", 1, "--output-dir", out], capsys,
+          "'t5' model", "colt5-hf convert")
+
+    # --truncate cuts and says so; the model trains on what is left
+    _, err = run(["train", *TRAIN, "--train-file", good, "--max-source-length", 10, "--truncate", "--steps", 1,
+                  "--output-dir", out], capsys)
+    assert re.search(r"truncated 4 of 4 sources to 10 tokens \(\d+ tokens cut, longest was \d+\)", err)
+    fails(["train", *TRAIN, "--train-file", good, "--steps", 1, "--output-dir", out], capsys, "not empty",
+          "--resume")
