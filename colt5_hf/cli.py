@@ -10,6 +10,7 @@
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,9 +26,9 @@ from transformers import (
     Seq2SeqTrainingArguments,
     TrainerCallback,
 )
-from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from .checkpoints import last_complete_checkpoint
 from .configuration_colt5 import CoLT5Config
 from .data import DataError, demo_examples, load_pairs, tokenize_pairs
 from .modeling_colt5 import CoLT5ForConditionalGeneration
@@ -241,6 +242,7 @@ class RowPrinter(TrainerCallback):
                "seconds": time.perf_counter() - self.start - self.eval_time}
         self.rows.append(row)
         tqdm.write(format_row(row))  # above the progress bar, when there is one
+        sys.stdout.flush()
 
 
 def format_row(row):
@@ -251,15 +253,18 @@ def format_row(row):
 TABLE_HEADER = f"{'model':<24} {'step':>6} {'train loss':>11} {'eval exact match':>18} {'time':>10}"
 
 
-def run_training(args, model, tokenizer, train_dataset, eval_dataset, callbacks=(), quiet_logs=False):
+def run_training(args, model, tokenizer, train_dataset, eval_dataset, callbacks=(), show_logs=True):
     """Seq2SeqTrainer on the tokenised datasets; returns the trainer after training and saving to output_dir."""
     output_dir = Path(args.output_dir)
-    last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    last_checkpoint = last_complete_checkpoint(output_dir)  # skips folders a killed run left half-written
     if args.resume and last_checkpoint is None:
-        raise CommandError(f"--resume: no checkpoint-* folder in {output_dir} to resume from")
+        raise CommandError(f"--resume: no complete checkpoint-* folder in {output_dir} to resume from")
     if not args.resume and not args.overwrite_output_dir and output_dir.is_dir() and any(output_dir.iterdir()):
         raise CommandError(f"{output_dir} is not empty: pass --resume to continue its last checkpoint, "
                            "--overwrite-output-dir to start over in it, or another --output-dir")
+    if args.overwrite_output_dir and not args.resume:  # a stale checkpoint must not be resumed later
+        for stale in output_dir.glob("checkpoint-*"):
+            shutil.rmtree(stale)
     trainer = Seq2SeqTrainer(
         model=model,
         args=training_arguments(args, eval_dataset is not None),
@@ -271,16 +276,9 @@ def run_training(args, model, tokenizer, train_dataset, eval_dataset, callbacks=
         preprocess_logits_for_metrics=argmax_logits if eval_dataset is not None else None,
         callbacks=list(callbacks),
     )
-    if quiet_logs and not args.quiet:  # keep the progress bar, drop the printed log dictionaries
-        class BarOnly(ProgressCallback):
-            def on_log(self, *args, **kwargs):
-                pass
-
-            def on_prediction_step(self, *args, **kwargs):
-                pass
-
+    if not show_logs:  # the callbacks print what matters
+        trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(BarOnly)
     trainer.train(resume_from_checkpoint=last_checkpoint if args.resume else None)
     trainer.save_model(str(output_dir))  # safetensors + config: ready for from_pretrained
     tokenizer.save_pretrained(str(output_dir))
@@ -318,44 +316,71 @@ def command_train(args, callbacks=()):
 # ------------------------------------------------------------------------------------------------------------ demo
 
 
-def command_demo(args):
-    """Train the tiny preset twice on the demo task, with and without the heavy branch, and print the table."""
+DEMO_RUNS = (("CoLT5 (routed)", True, "colt5"), ("local attention only", False, "local-only"))
+
+
+def demo_run(args, heavy: bool, threads: int):
+    """One of the demo's two trainings (run in its own process): the tiny model with or without its heavy branch.
+    Returns the table rows."""
     import transformers
 
+    torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # keep the training bars, not the checkpoint-writing ones
+    transformers.logging.disable_progress_bar()
+    label, _, folder = next(run for run in DEMO_RUNS if run[1] == heavy)
     tokenizer = load_tokenizer(None)
     train_pairs = demo_examples(args.steps * args.batch_size, args.seed, length=args.demo_length)
     eval_pairs = demo_examples(args.eval_examples, DEMO_EVAL_SEED, length=args.demo_length)
-    print(f"Task: {args.demo_length - 1} characters of '.', two capital letters at least 64 apart; answer: the "
-          f"letter that comes first. Example:\n  {train_pairs[0]['source'][:90]}... -> {train_pairs[0]['target']}\n"
-          f"Model: {args.model} (local radius 15), trained {args.steps} steps of {args.batch_size} on the CPU, "
-          f"evaluated every {args.eval_steps} steps on {args.eval_examples} held-out examples.\n", flush=True)
     train_dataset, _ = tokenize_pairs(datasets.Dataset.from_list(train_pairs), tokenizer, None, None)
     eval_dataset, _ = tokenize_pairs(datasets.Dataset.from_list(eval_pairs), tokenizer, None, None)
+    torch.manual_seed(args.seed)
+    model, _ = load_model(args.model)
+    if not heavy:
+        switch_off_heavy_branch(model)
+    run_args = argparse.Namespace(**vars(args))
+    run_args.output_dir, run_args.overwrite_output_dir, run_args.quiet = Path(args.output_dir) / folder, True, True
+    rows = []
+    run_training(run_args, model, tokenizer, train_dataset, eval_dataset, callbacks=[RowPrinter(label, rows)],
+                 show_logs=False)
+    return rows
 
-    rows, finals = [], []
+
+def command_demo(args):
+    """Train the tiny preset twice on the demo task, with and without the heavy branch (in parallel, one process
+    each when there are two cores), and print the table."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+
+    config = load_model(args.model)[0].config
+    example = demo_examples(1, args.seed, length=args.demo_length)[0]
+    jobs = 2 if (os.cpu_count() or 1) >= 2 else 1
+    threads = max(1, min(4, (os.cpu_count() or 1) // jobs))
+    print(f"Task: {args.demo_length - 1} characters of '.' holding two capital letters at least 64 apart; the answer "
+          f"is the letter that comes first:\n  {example['source'][:100]}... -> {example['target']}\n"
+          f"Model: {args.model} (local radius {config.local_radius}), {args.steps} steps of {args.batch_size} examples "
+          f"on the CPU ({jobs} process{'es' if jobs > 1 else ''}, {threads} thread{'s' if threads > 1 else ''} each), "
+          f"exact match on {args.eval_examples} held-out examples every {args.eval_steps} steps.\n", flush=True)
+    print(TABLE_HEADER, flush=True)
+    start = time.perf_counter()
+    if jobs == 1:
+        results = [demo_run(args, heavy, threads) for _, heavy, _ in DEMO_RUNS]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = [pool.submit(demo_run, args, heavy, threads) for _, heavy, _ in DEMO_RUNS]
+            results = [future.result() for future in futures]
+    print(f"\nAfter {args.steps} steps ({time.perf_counter() - start:.0f}s in all):")
     print(TABLE_HEADER)
-    for label, heavy in (("CoLT5 (routed)", True), ("local attention only", False)):
-        torch.manual_seed(args.seed)
-        model, _ = load_model(args.model)
-        if not heavy:
-            switch_off_heavy_branch(model)
-        run_args = argparse.Namespace(**vars(args))
-        run_args.output_dir = Path(args.output_dir) / ("colt5" if heavy else "local-only")
-        run_args.overwrite_output_dir = True
-        run_training(run_args, model, tokenizer, train_dataset, eval_dataset,
-                     callbacks=[RowPrinter(label, rows)], quiet_logs=True)
-        finals.append(rows[-1])
-    print("\nAfter", args.steps, "steps:")
-    print(TABLE_HEADER)
-    for row in finals:
-        print(format_row(row))
-    print(f"\nLocal attention sees {2 * 15 + 1} positions per layer: it finds both letters (through the decoder's "
-          "cross-attention) but cannot tell which comes first, so it stays near 50%. The routed heavy branch "
-          f"attends across the input. Models saved in {args.output_dir}/colt5 and {args.output_dir}/local-only; "
-          f"see what the routers picked with:\n  colt5-hf inspect {args.output_dir}/colt5 --demo-task --output "
-          f"{args.output_dir}/routing.png")
+    for rows in results:
+        print(format_row(rows[-1]))
+    window = 2 * config.local_radius + 1
+    print(f"\nLocal attention sees {window} positions around each token per layer. Through the decoder's "
+          "cross-attention it finds both letters, but nothing tells it which one comes first: swapping them gives it "
+          "the same encoder outputs, so it cannot beat 50%. CoLT5's routers send the letters to the heavy branch, "
+          "whose attention spans the input with relative positions.\n"
+          f"Models: {args.output_dir}/colt5 and {args.output_dir}/local-only. What did the routers pick?\n"
+          f"  colt5-hf inspect {args.output_dir}/colt5 --demo-task --output {args.output_dir}/routing.png")
 
 
 # ------------------------------------------------------------------------------------------- evaluate / generate
@@ -539,7 +564,7 @@ def build_parser():
 
     demo = commands.add_parser("demo", help="CoLT5 vs local attention on a long-input task (the default command)")
     demo.add_argument("--model", default="colt5-tiny", help="preset or config file (default: colt5-tiny)")
-    training_options(demo, steps=1000, eval_steps=200, learning_rate=1e-3)
+    training_options(demo, steps=1500, eval_steps=250, learning_rate=1e-3)
     demo.add_argument("--demo-length", type=int, default=256, help="length of the inputs in tokens (default: 256)")
     demo.set_defaults(output_dir="runs/demo", function=command_demo, epochs=1.0, gradient_accumulation_steps=1,
                       weight_decay=0.0, logging_steps=None, save_steps=None, save_total_limit=1, bf16=False,

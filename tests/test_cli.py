@@ -168,9 +168,10 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     assert not torch.equal(at_step_4["lm_head.weight"], whole["lm_head.weight"])
 
 
-def test_demo_runs_both_models_and_the_local_one_keeps_its_heavy_branch_off(tmp_path, capsys):
-    out, _ = run(["demo", "--steps", 4, "--eval-steps", 2, "--eval-examples", 8, "--demo-length", 160, "--quiet",
-                  "--output-dir", tmp_path], capsys)
+def test_demo_runs_both_models_and_the_local_one_keeps_its_heavy_branch_off(tmp_path, capfd):
+    # capfd: the two trainings run in child processes that print to the inherited stdout
+    out, _ = run(["demo", "--steps", 4, "--eval-steps", 2, "--eval-examples", 8, "--demo-length", 160,
+                  "--output-dir", tmp_path], capfd)
     rows = [line for line in out.splitlines() if re.match(r"(CoLT5 \(routed\)|local attention only)\s+\d+", line)]
     assert len(rows) == 2 * 2 + 2  # two evaluations per model, then the final table
     local = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "local-only")
