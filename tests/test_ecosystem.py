@@ -573,7 +573,7 @@ def test_compile_training_step_matches_eager():
 # Several processes on the CPU (gloo): the DDP and FSDP code paths of the multi-GPU recipes
 
 
-def run_processes(arguments, tmp_path, count=2):
+def run_processes(arguments, count=2):
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={count}",
                f"--master_port={free_port()}", *arguments]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
@@ -589,6 +589,22 @@ def load_example():
     return example
 
 
+def test_accelerate_configs():
+    """The configs parse with accelerate's own loader; FSDP wraps exactly the blocks `_no_split_modules` names."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    ddp = load_config_from_file(str(REPO / "accelerate_configs" / "ddp.yaml"))
+    fsdp = load_config_from_file(str(REPO / "accelerate_configs" / "fsdp.yaml"))
+    assert (ddp.distributed_type, ddp.num_processes) == (DistributedType.MULTI_GPU, 2)
+    assert (fsdp.distributed_type, fsdp.num_processes) == (DistributedType.FSDP, 2)
+    wrapped = fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    assert wrapped == CoLT5ForConditionalGeneration._no_split_modules
+    assert all(isinstance(getattr(modeling_colt5, name), type) for name in wrapped)
+    assert fsdp.fsdp_config["fsdp_version"] == 2 and fsdp.fsdp_config["fsdp_reshard_after_forward"] is True
+    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # a checkpoint that loads anywhere
+
+
 @needs_processes
 def test_example_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     """examples/train_multi_gpu.py: 2 DDP processes x 2 samples train like 1 process x 2 samples x 2 accumulation
@@ -597,7 +613,7 @@ def test_example_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     example = load_example()
     example.main(["train", "--output-dir", str(tmp_path / "one"), "--grad-accum", "2", *common])
     run_processes([str(REPO / "examples" / "train_multi_gpu.py"), "train", "--output-dir", str(tmp_path / "ddp"),
-                   *common], tmp_path)
+                   *common])
     one, ddp = (json.loads((tmp_path / name / "run.json").read_text()) for name in ("one", "ddp"))
     assert (one["distributed_type"], one["num_processes"]) == ("NO", 1)
     assert (ddp["distributed_type"], ddp["num_processes"]) == ("MULTI_CPU", 2)
@@ -665,7 +681,7 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(hub_folder, tmp_path):
     torch.save(steps, tmp_path / "steps.pt")
     (tmp_path / "worker.py").write_text(FSDP_WORKER)
     run_processes([str(tmp_path / "worker.py"), str(tmp_path / "config.json"), str(tmp_path / "steps.pt"),
-                   str(tmp_path / "fsdp")], tmp_path)
+                   str(tmp_path / "fsdp")])
     run = json.loads((tmp_path / "fsdp" / "run.json").read_text())
     assert run["sharded"] == sum(1 for _ in CoLT5ForConditionalGeneration(config).parameters())
     # FSDP2 swapped in a subclass defined in torch; the folder still holds CoLT5's code and names
