@@ -10,7 +10,13 @@ from .modeling_colt5 import (
     CoLT5Model,
     CoLT5PreTrainedModel,
 )
-from .routing import CoLT5Router, RouterOutput, coordinate_descent
+from .layers import (
+    ConditionalRoutedAttention,
+    ConditionalRoutedCrossAttention,
+    ConditionalRoutedFeedForward,
+    ConditionalRoutedTransformerBlock,
+)
+from .routing import CoLT5Router, RouterOutput, coordinate_descent, cumulative_softmax, sinkhorn_top_k
 
 AutoConfig.register("colt5", CoLT5Config, exist_ok=True)
 AutoModel.register(CoLT5Config, CoLT5Model, exist_ok=True)
@@ -28,4 +34,10 @@ __all__ = [
     "CoLT5Router",
     "RouterOutput",
     "coordinate_descent",
+    "cumulative_softmax",
+    "sinkhorn_top_k",
+    "ConditionalRoutedFeedForward",
+    "ConditionalRoutedAttention",
+    "ConditionalRoutedCrossAttention",
+    "ConditionalRoutedTransformerBlock",
 ]

@@ -6,7 +6,7 @@ from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
 
-ROUTER_TYPES = ("coor_descent",)
+ROUTER_TYPES = ("coor_descent", "cum_softmax", "sinkhorn")
 
 
 class CoLT5Config(PreTrainedConfig):
@@ -30,8 +30,15 @@ class CoLT5Config(PreTrainedConfig):
         attention_q_fraction / attention_kv_fraction / feed_forward_fraction: share of each sample's real (unpadded)
             tokens routed to heavy attention as queries, as keys/values, and to the heavy feed-forward.
         min_routed_tokens: every router takes at least this many tokens (all of them when a sample is shorter).
-        router_type, router_iterations, router_epsilon, router_fetch_ratio, router_straight_through: the soft top-k
-            (coordinate descent) of the routers; it runs for `router_fetch_ratio * k` tokens, then the hard top-k.
+        router_type: the routers' soft top-k, which gives the routed tokens' weights (`CoLT5Router`); every type
+            routes each sample's top-k tokens by score. "coor_descent" (the paper's coordinate descent: epsilon
+            `router_epsilon`), "sinkhorn" (entropic optimal transport; Gumbel noise in training only) and
+            "cum_softmax" (cumulative softmax); the last two divide the scores by `router_temperature`.
+        router_iterations: iterations of coordinate descent and of Sinkhorn.
+        router_fetch_ratio: coordinate descent and Sinkhorn solve for `router_fetch_ratio * k` tokens, then the routers
+            keep the top k.
+        router_straight_through: routed tokens are multiplied by exactly 1 in the forward pass, with the gradient of
+            the soft scores; False: by the soft scores.
 
     Decoder cross-attention:
         num_cross_attention_routes: R routes; the query heads are split evenly among them and each route attends to its
@@ -72,6 +79,7 @@ class CoLT5Config(PreTrainedConfig):
     router_iterations: int = 50
     router_epsilon: float = 1.0
     router_fetch_ratio: float = 9 / 8
+    router_temperature: float = 1.0
     router_straight_through: bool = True
     num_cross_attention_routes: int = 1
     cross_attention_fraction: float = 1.0
@@ -117,11 +125,14 @@ class CoLT5Config(PreTrainedConfig):
         for name in ("attention_q_fraction", "attention_kv_fraction", "feed_forward_fraction",
                      "cross_attention_fraction"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value <= 1:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
                 raise ValueError(f"CoLT5Config: `{name}` must be a fraction in (0, 1], got {value!r}")
-        if not (isinstance(self.router_epsilon, (int, float)) and math.isfinite(self.router_epsilon)
-                and self.router_epsilon > 0):
-            raise ValueError(f"CoLT5Config: `router_epsilon` must be a positive number, got {self.router_epsilon!r}")
+            setattr(self, name, float(value))  # the routers read an int as a count of tokens
+        for name in ("router_epsilon", "router_temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value > 0):
+                raise ValueError(f"CoLT5Config: `{name}` must be a positive number, got {value!r}")
         if not (isinstance(self.router_fetch_ratio, (int, float)) and self.router_fetch_ratio >= 1):
             raise ValueError(f"CoLT5Config: `router_fetch_ratio` must be >= 1, got {self.router_fetch_ratio!r}")
         if self.router_type not in ROUTER_TYPES:

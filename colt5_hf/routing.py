@@ -32,13 +32,74 @@ def coordinate_descent(scores, mask, k, *, iterations: int, epsilon: float):
         return soft.masked_fill(empty_row, 0.0)
 
 
+def sinkhorn_top_k(scores, mask, k, *, iterations: int):
+    """Soft top-k of each row of `scores` by entropy-regularised optimal transport (the Sinkhorn operator of
+    Gumbel-Sinkhorn, Mena et al. 2018, on the top-k transport problem of Xie et al. 2020).
+
+    Every unmasked token holds one unit of mass and ships it to two bins, "selected" (capacity k) and "not selected"
+    (capacity length - k), with log-potential s_i towards the first and 0 towards the second. Sinkhorn alternately
+    normalises the 2 x n matrix over the bins (each token ships exactly its unit) and over the tokens (each bin
+    receives its capacity), in log space, from potentials that put the threshold at the k-th best score (a warm start:
+    the fixed point is the same, and large score ranges, i.e. low temperatures, converge in far fewer iterations).
+    After a last normalisation over the bins, token i's share of the selected bin is
+    sigmoid(s_i + u_selected - u_not_selected): in [0, 1], a non-decreasing function of s_i, summing to k over the row
+    once converged.
+
+    (colt5-attention's k x n matrix, one row per routed slot, has k identical rows up to noise: the slots are
+    interchangeable, so they are one bin of capacity k here, and no slot can pick a token that another slot picked.)
+
+    Same arguments and float32 policy as `coordinate_descent`: masked tokens hold no mass and get 0, and so do rows
+    with no unmasked token.
+    """
+    with torch.autocast(device_type=scores.device.type, enabled=False):
+        s = scores.float()
+        empty_row = ~mask.any(-1, keepdim=True)
+        mask = mask | empty_row  # computed on, then zeroed
+        k = k.float().expand(*s.shape[:-1], 1)
+        length = mask.sum(-1, keepdim=True).float()
+        log_capacity = torch.stack([k.log(), (length - k).clamp(min=0).log()], dim=-2)  # (..., 2, 1); log 0 = -inf
+        log_mass = torch.zeros_like(s).masked_fill(~mask, float("-inf"))[..., None, :]  # (..., 1, n)
+        potential = torch.stack([s, torch.zeros_like(s)], dim=-2)  # (..., 2, n)
+        ranked = s.masked_fill(~mask, float("-inf")).sort(dim=-1, descending=True).values
+        threshold = ranked.gather(-1, (k.ceil().long() - 1).clamp(min=0)).detach()  # (..., 1): the k-th best score
+        bins = torch.stack([-threshold, torch.zeros_like(threshold)], dim=-2)  # (..., 2, 1)
+        for _ in range(iterations):
+            tokens = log_mass - (potential + bins).logsumexp(-2, keepdim=True)
+            bins = log_capacity - (potential + tokens).logsumexp(-1, keepdim=True)
+        soft = (s + bins[..., 0, :] - bins[..., 1, :]).sigmoid()
+        return soft.masked_fill(~mask | empty_row, 0.0)
+
+
+def cumulative_softmax(scores, mask):
+    """Differentiable top-k by cumulative softmax: with a row's unmasked tokens ranked by score (exact ties by position,
+    the earlier token ranking higher), token i weighs exp(s_i) / (sum of exp(s_j) over itself and every unmasked token
+    ranked below it). Computed in log space (log-cumulative-sum-exp), float32; masked tokens get 0.
+    """
+    with torch.autocast(device_type=scores.device.type, enabled=False):
+        s = scores.float()
+        order = s.masked_fill(~mask, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+        ranked_mask = mask.gather(-1, order)
+        # masked tokens rank last; a finite floor (not -inf) keeps the backward pass of logcumsumexp finite
+        ranked = s.gather(-1, order).masked_fill(~ranked_mask, torch.finfo(torch.float32).min)
+        below = ranked.flip(-1).logcumsumexp(-1).flip(-1)  # log of the sum over each token and the ones below it
+        weights = (ranked - below).exp().masked_fill(~ranked_mask, 0.0)
+        return torch.zeros_like(s).scatter(-1, order, weights)
+
+
+def logistic_noise(like):
+    """Standard logistic noise shaped like `like`: the difference of two independent standard Gumbel variables."""
+    uniform = torch.rand_like(like).clamp(min=torch.finfo(like.dtype).tiny)
+    return uniform.log() - (-uniform).log1p()
+
+
 class RouterOutput(NamedTuple):
     """What a router picked. Slot j of a route is a routed token only where `valid`; slots are ordered by router
     score, so each sample's valid slots come first.
 
-    indices: (batch, routes, k) positions of the routed tokens in the sequence;
+    indices: (batch, routes, k) positions of the routed tokens in the sequence, distinct within a route;
     weights: (batch, routes, k) float32 multipliers for the routed tokens (1.0 in the forward pass under
-        straight-through, the soft top-k score otherwise; 0 in invalid slots);
+        straight-through, the soft top-k score otherwise; exactly 1.0 where a route takes every real token of its
+        sample; 0 in invalid slots);
     valid: (batch, routes, k) bool.
     """
 
@@ -48,33 +109,62 @@ class RouterOutput(NamedTuple):
 
 
 class CoLT5Router(nn.Module):
-    """Scores each token with a learned vector per route (`weight`, routes x d_model) and keeps, for every sample, the
-    top `config.routed_count(fraction, real length)` tokens; a sample no longer than that count keeps all its tokens.
+    """Scores each token with a learned vector per route (`weight`, routes x d_model) and keeps, for every sample, its
+    best `num_tokens` real tokens. `num_tokens` is a fraction (float in (0, 1]) of each sample's real length, counted by
+    `config.routed_count`, or a count (int >= 1); a sample with fewer real tokens keeps them all. A forward call may
+    override it.
 
-    Coordinate descent runs with k_fetch = fetch_ratio * k. Its scores are a non-decreasing function of the raw router
-    score (lambda = exp(min(s + a, 0) / epsilon)), so the hard top-k of lambda with ties broken by the raw score, which
-    the saturation of many lambdas at 1.0 makes necessary, is exactly the top-k of the raw score: the routers select
-    on the raw score and take lambda for the straight-through weights.
+    The routed tokens' weights come from the soft top-k of `config.router_type`, on float32 scores:
+        coor_descent: `coordinate_descent` for k_fetch = router_fetch_ratio * k tokens (epsilon `router_epsilon`);
+        sinkhorn: `sinkhorn_top_k` of the scores / `router_temperature`, for k_fetch tokens; in training, logistic noise
+            (the difference of the Gumbel noises of a token's two transport entries) perturbs the scores first, so a
+            route samples its tokens; in eval it is deterministic;
+        cum_softmax: `cumulative_softmax` of the scores / `router_temperature`.
+    Every type selects the top k by score (perturbed score for sinkhorn in training), ties broken by position. For
+    coordinate descent and Sinkhorn the soft score is a non-decreasing function of the score, so this is their hard
+    top-k with ties (the saturation of many soft scores at 1.0 makes them common) broken by the score; cumulative
+    softmax is defined on the ranking by score. A route that takes every real token of a sample routes nothing:
+    those weights are exactly 1.
     """
 
-    def __init__(self, config, fraction: float, num_routes: int = 1):
+    def __init__(self, config, num_tokens: float | int, num_routes: int = 1):
         super().__init__()
         self.config = config
-        self.fraction = fraction
+        self.num_tokens = self.check_num_tokens(num_tokens)
         self.weight = nn.Parameter(torch.empty(num_routes, config.d_model))
 
-    def forward(self, hidden_states, mask) -> RouterOutput:
+    @staticmethod
+    def check_num_tokens(num_tokens):
+        if isinstance(num_tokens, float) and 0 < num_tokens <= 1:
+            return num_tokens
+        if isinstance(num_tokens, int) and not isinstance(num_tokens, bool) and num_tokens >= 1:
+            return num_tokens
+        raise ValueError(
+            f"number of routed tokens: pass a fraction of each sample's real length (a float in (0, 1]) or a count (an "
+            f"int >= 1), got {num_tokens!r}"
+        )
+
+    def routed_count(self, num_tokens, length):
+        """Tokens routed from a sample of `length` real tokens (an int or an integer tensor)."""
+        if isinstance(num_tokens, float):
+            return self.config.routed_count(num_tokens, length)
+        return min(num_tokens, length) if isinstance(length, int) else length.clamp(max=num_tokens)
+
+    def forward(self, hidden_states, mask, num_tokens=None) -> RouterOutput:
         # hidden_states: (b, n, d) normalised hidden states; mask: (b, n) bool
         config, n = self.config, hidden_states.shape[1]
+        num_tokens = self.num_tokens if num_tokens is None else self.check_num_tokens(num_tokens)
         lengths = mask.sum(-1)  # (b,)
-        k_max = config.routed_count(self.fraction, n)
-        k = config.routed_count(self.fraction, lengths)  # (b,), per-sample count, <= k_max
+        k_max = self.routed_count(num_tokens, n)
+        k = self.routed_count(num_tokens, lengths)  # (b,), per-sample count, <= k_max
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             # a product and a sum, not a matmul: matmul kernels round a row's dot product differently depending on its
             # place in the batch, so equal hidden states (a repeated token in the first layer) could score unequally,
             # and a padded sample would break their tie differently than the sample alone
             hidden_states = hidden_states.float()
             scores = torch.stack([(hidden_states * route).sum(-1) for route in self.weight.float()], dim=1)  # (b, r, n)
+        if config.router_type == "sinkhorn" and self.training:
+            scores = scores + logistic_noise(scores)
         route_mask = mask[:, None, :].expand_as(scores)
         ranked = scores.masked_fill(~route_mask, float("-inf"))
         # best first; the stable sort breaks exact ties (a repeated token scores alike in the first layer) by position,
@@ -84,13 +174,21 @@ class CoLT5Router(nn.Module):
         valid = valid.expand_as(indices)
 
         k_fetch = torch.minimum(k * config.router_fetch_ratio, lengths)[:, None, None].float()
-        soft = coordinate_descent(
-            scores, route_mask, k_fetch, iterations=config.router_iterations, epsilon=config.router_epsilon
-        )
+        if config.router_type == "cum_softmax":
+            soft = cumulative_softmax(scores / config.router_temperature, route_mask)
+        elif config.router_type == "sinkhorn":
+            soft = sinkhorn_top_k(
+                scores / config.router_temperature, route_mask, k_fetch, iterations=config.router_iterations
+            )
+        else:
+            soft = coordinate_descent(
+                scores, route_mask, k_fetch, iterations=config.router_iterations, epsilon=config.router_epsilon
+            )
         weights = soft.gather(-1, indices)
         if config.router_straight_through:
             weights = 1.0 + (weights - weights.detach())  # forward value exactly 1, gradient of the soft score
-        weights = weights.masked_fill(~valid, 0.0)
+        every_token = (k == lengths)[:, None, None]  # (b, 1, 1)
+        weights = weights.masked_fill(every_token, 1.0).masked_fill(~valid, 0.0)
         return RouterOutput(indices, weights, valid)
 
 

@@ -515,7 +515,8 @@ def test_record_routing_returns_every_routers_choice():
         (dict(attention_kv_fraction=1.5), "`attention_kv_fraction` must be a fraction in \\(0, 1\\]"),
         (dict(feed_forward_fraction=-0.1), "`feed_forward_fraction` must be a fraction"),
         (dict(cross_attention_fraction=2.0), "`cross_attention_fraction` must be a fraction"),
-        (dict(router_type="sinkhorn"), "`router_type` must be one of.*'sinkhorn'"),
+        (dict(router_type="top_k"), "`router_type` must be one of.*'sinkhorn'"),
+        (dict(router_temperature=0.0), "`router_temperature` must be a positive number"),
     ],
 )
 def test_invalid_config_raises(overrides, message):

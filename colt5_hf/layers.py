@@ -1,0 +1,265 @@
+"""colt5-attention's layer API (version 0.2.2) on the CoLT5 model's building blocks.
+
+`ConditionalRoutedFeedForward`, `ConditionalRoutedAttention`, `ConditionalRoutedCrossAttention` and
+`ConditionalRoutedTransformerBlock` take colt5-attention 0.2.2's constructor arguments and forward signatures, and
+compute with the modules and functions of `modeling_colt5.py` and `routing.py` (routers, local and heavy attention,
+gated feed-forward, gather/scatter, attention): one implementation of routing for the layers and the model.
+
+Numbers of routed tokens (`num_heavy_tokens`, `num_tokens_q`, ...): an int is a count per sample (0.2.2's meaning;
+a sample with fewer real tokens routes all of them), a float in (0, 1] a fraction of each sample's real (unmasked)
+length, rounded up. A route that takes every real token of a sample routes nothing: its weights are exactly 1.
+
+Every layer normalises its input (T5 RMS norm) once, routes on the normalised states and returns the update
+without the residual, which `ConditionalRoutedTransformerBlock` adds. Attention is T5's: unscaled scores, learned
+relative position bias from the tokens' original positions. `router_kwargs` take 0.2.2's names: `n_iters`,
+`fetch_k_ratio`, `eps` (coor_descent), `n_iters`, `fetch_k_ratio`, `temperature` (sinkhorn), `temperature`
+(cum_softmax).
+"""
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from transformers import initialization as init
+
+from .configuration_colt5 import ROUTER_TYPES, CoLT5Config
+from .modeling_colt5 import (
+    CoLT5GatedFeedForward,
+    CoLT5HeavyAttention,
+    CoLT5LayerNorm,
+    CoLT5LocalAttention,
+    CoLT5PreTrainedModel,
+    attend,
+    check_implementation,
+    check_mask,
+    mask_value,
+    relative_position_bucket,
+)
+from .routing import CoLT5Router, gather_tokens, scatter_tokens
+
+
+ROUTER_KWARGS = {  # colt5-attention's router keyword -> CoLT5Config field, per router type
+    "coor_descent": {"n_iters": "router_iterations", "fetch_k_ratio": "router_fetch_ratio", "eps": "router_epsilon"},
+    "sinkhorn": {"n_iters": "router_iterations", "fetch_k_ratio": "router_fetch_ratio",
+                 "temperature": "router_temperature"},
+    "cum_softmax": {"temperature": "router_temperature"},
+}
+
+
+def layer_config(dim, router_type, router_kwargs, router_straight_through, attn_implementation="sdpa", **fields):
+    """The CoLT5Config that the building blocks of one layer read (no dropout: 0.2.2's layers have none)."""
+    if router_type not in ROUTER_TYPES:
+        raise ValueError(f"`router_type` must be one of {ROUTER_TYPES}, got {router_type!r}")
+    names = ROUTER_KWARGS[router_type]
+    unknown = sorted(set(router_kwargs or {}) - set(names))
+    if unknown:
+        raise ValueError(f"`router_kwargs` {unknown} are not options of the {router_type!r} router: it takes {sorted(names)}")
+    router_fields = {names[key]: value for key, value in (router_kwargs or {}).items()}
+    config = CoLT5Config(d_model=dim, router_type=router_type, router_straight_through=router_straight_through,
+                         dropout_rate=0.0, **router_fields, **fields)
+    config._attn_implementation = attn_implementation
+    check_implementation(config, output_attentions=False)
+    return config
+
+
+def init_weights(layer):
+    """T5.1.1's initialisation of every building block, by the model's own rule (CoLT5PreTrainedModel._init_weights),
+    each block reading its own config."""
+    for module in layer.modules():
+        CoLT5PreTrainedModel._init_weights(SimpleNamespace(config=getattr(module, "config", layer.config)), module)
+
+
+def input_mask(x, mask, name="mask"):
+    """(b, n) bool on x's device; None: every position is real."""
+    return check_mask(mask, x.shape[:2], name).to(x.device)
+
+
+class ConditionalRoutedFeedForward(nn.Module):
+    """FF_light(X) on every token + s * FF_heavy(X) on the routed tokens (zero elsewhere), X the normalised input.
+
+    dim: model width. num_heavy_tokens: tokens routed to the heavy branch per sample (int count or float fraction).
+    light_ff_mult / heavy_ff_mult: hidden widths of the two gated-GELU branches, in multiples of `dim`.
+    router_type ("coor_descent", "cum_softmax", "sinkhorn"), router_kwargs, router_straight_through: the router.
+    """
+
+    def __init__(self, dim, *, num_heavy_tokens, light_ff_mult=0.5, heavy_ff_mult=4, router_straight_through=True,
+                 router_type="coor_descent", router_kwargs=None):
+        super().__init__()
+        self.config = config = layer_config(dim, router_type, router_kwargs, router_straight_through,
+                                            light_d_ff=int(dim * light_ff_mult), heavy_d_ff=int(dim * heavy_ff_mult))
+        self.norm = CoLT5LayerNorm(dim, config.layer_norm_epsilon)
+        self.light_feed_forward = CoLT5GatedFeedForward(config, config.light_d_ff)
+        self.heavy_feed_forward = CoLT5GatedFeedForward(config, config.heavy_d_ff)
+        self.router = CoLT5Router(config, num_heavy_tokens)
+        init_weights(self)
+
+    def forward(self, x, mask=None, num_heavy_tokens=None):
+        # x: (b, n, dim); mask: (b, n), True/1 at real tokens
+        hidden_states = self.norm(x)
+        routing = self.router(hidden_states, input_mask(x, mask), num_heavy_tokens)
+        indices, weights = routing.indices[:, 0], routing.weights[:, 0]  # (b, m)
+        heavy = self.heavy_feed_forward(gather_tokens(hidden_states, indices)) * weights[..., None].to(x.dtype)
+        return self.light_feed_forward(hidden_states) + scatter_tokens(heavy, indices, x.shape[1])
+
+
+class ConditionalRoutedAttention(nn.Module):
+    """A_light(X) + s_q * A_heavy(X_q, s_kv * X_kv), X the normalised input: local attention for every token plus full
+    attention of the routed queries over the routed keys/values (zero for unrouted queries).
+
+    dim: model width. num_heavy_tokens_q / num_heavy_tokens_kv: routed queries and keys/values per sample (int count
+    or float fraction). light_dim_head, light_heads, light_window_size: the local attention; each token sees the
+    `light_window_size // 2` tokens on either side of it (0.2.2's meaning). heavy_dim_head, heavy_heads: the routed
+    attention. router_type, router_kwargs, router_straight_through: both routers. attn_implementation: "sdpa",
+    "eager" or "flex_attention". The layer owns a relative position bias table (T5 buckets, columns for the light
+    heads, then the heavy ones).
+    """
+
+    def __init__(self, dim, *, num_heavy_tokens_q, num_heavy_tokens_kv, light_dim_head=64, light_heads=8,
+                 light_window_size=128, heavy_dim_head=64, heavy_heads=8, router_straight_through=True,
+                 router_type="coor_descent", router_kwargs=None, attn_implementation="sdpa"):
+        super().__init__()
+        if not isinstance(light_window_size, int) or light_window_size < 2:
+            raise ValueError(
+                "`light_window_size` must be an int >= 2: each token sees light_window_size // 2 tokens on either side, "
+                f"got {light_window_size!r}"
+            )
+
+        def config_with(d_kv):
+            return layer_config(dim, router_type, router_kwargs, router_straight_through, attn_implementation,
+                                d_kv=d_kv, num_heads=light_heads + heavy_heads, num_light_heads=light_heads,
+                                num_heavy_heads=heavy_heads, local_radius=light_window_size // 2)
+
+        self.config = config_with(heavy_dim_head)
+        self.norm = CoLT5LayerNorm(dim, self.config.layer_norm_epsilon)
+        self.light_attention = CoLT5LocalAttention(config_with(light_dim_head))
+        self.heavy_attention = CoLT5HeavyAttention(self.config)
+        self.q_router = CoLT5Router(self.config, num_heavy_tokens_q)
+        self.kv_router = CoLT5Router(self.config, num_heavy_tokens_kv)
+        self.relative_attention_bias = nn.Embedding(self.config.relative_attention_num_buckets,
+                                                    light_heads + heavy_heads)
+        init_weights(self)
+        init.normal_(self.relative_attention_bias.weight, mean=0.0, std=dim**-0.5)  # T5's, as the encoder's table
+
+    def forward(self, x, *, num_heavy_tokens_q=None, num_heavy_tokens_kv=None, mask=None):
+        # x: (b, n, dim); mask: (b, n), True/1 at real tokens
+        config, mask = self.config, input_mask(x, mask)
+        hidden_states = self.norm(x)
+        radius = config.local_radius
+        buckets = relative_position_bucket(torch.arange(-radius, radius + 1, device=x.device), True,
+                                           config.relative_attention_num_buckets,
+                                           config.relative_attention_max_distance)
+        bias_weight = self.relative_attention_bias.weight  # (buckets, light + heavy heads)
+        light_bias_table = bias_weight[buckets, : config.num_light_heads].t()  # (light heads, 2 * radius + 1)
+        implementation = config._attn_implementation
+        light, _ = self.light_attention(hidden_states, mask, light_bias_table, implementation)
+        heavy, _ = self.heavy_attention(
+            hidden_states,
+            self.q_router(hidden_states, mask, num_heavy_tokens_q),
+            self.kv_router(hidden_states, mask, num_heavy_tokens_kv),
+            bias_weight[:, config.num_light_heads :],
+            implementation,
+        )
+        return light + heavy
+
+
+class ConditionalRoutedCrossAttention(nn.Module):
+    """Routed queries of `x` attend to routed tokens of `context`, through `kv_routing_tokens` routes: the query heads
+    are split evenly among the routes and route r's heads attend only to the context tokens route r picked. Queries
+    are routed within each sample and do not see each other, so use it non-causally (a decoder's queries must not be
+    routed: pass `num_tokens_q=1.0`). Outputs s_q * attention at routed queries, zero elsewhere; keys and values are
+    projections of s_kv * context. No position bias (T5 cross-attention).
+
+    dim: width of x and context. num_tokens_q / num_tokens_kv: routed queries and context tokens per sample and route
+    (int count or float fraction). dim_head, heads: the attention; heads % kv_routing_tokens == 0. router_type,
+    router_kwargs, router_straight_through: both routers. attn_implementation: "sdpa", "eager" or "flex_attention".
+    """
+
+    def __init__(self, dim, *, num_tokens_q, num_tokens_kv, dim_head=64, heads=8, router_straight_through=True,
+                 router_type="coor_descent", router_kwargs=None, kv_routing_tokens=1, attn_implementation="sdpa"):
+        super().__init__()
+        if not isinstance(kv_routing_tokens, int) or kv_routing_tokens < 1 or heads % kv_routing_tokens:
+            raise ValueError(
+                f"`heads` ({heads}) must be divisible by `kv_routing_tokens` ({kv_routing_tokens}): the query heads are "
+                "split evenly among the key/value routes"
+            )
+        self.config = config = layer_config(
+            dim, router_type, router_kwargs, router_straight_through, attn_implementation, d_kv=dim_head,
+            num_heads=heads, num_light_heads=heads, num_heavy_heads=heads,  # (the encoder's head counts: unused)
+        )
+        self.num_routes = kv_routing_tokens
+        self.norm = CoLT5LayerNorm(dim, config.layer_norm_epsilon)
+        self.context_norm = CoLT5LayerNorm(dim, config.layer_norm_epsilon)
+        self.q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.k = nn.Linear(dim, heads * dim_head, bias=False)  # route r's heads: rows r * h/R * d .. (r + 1) * h/R * d
+        self.v = nn.Linear(dim, heads * dim_head, bias=False)
+        self.o = nn.Linear(heads * dim_head, dim, bias=False)
+        self.q_router = CoLT5Router(config, num_tokens_q)
+        self.kv_router = CoLT5Router(config, num_tokens_kv, kv_routing_tokens)
+        init_weights(self)
+        init.normal_(self.q.weight, mean=0.0, std=(dim * dim_head) ** -0.5)  # T5's rule, as the model's attention
+        init.normal_(self.k.weight, mean=0.0, std=dim**-0.5)
+        init.normal_(self.v.weight, mean=0.0, std=dim**-0.5)
+        init.normal_(self.o.weight, mean=0.0, std=(heads * dim_head) ** -0.5)
+
+    def forward(self, x, context, *, num_tokens_q=None, num_tokens_kv=None, mask=None, context_mask=None):
+        # x: (b, t, dim), mask: (b, t); context: (b, n, dim), context_mask: (b, n); masks True/1 at real tokens
+        b, t, _ = x.shape
+        n, routes = context.shape[1], self.num_routes
+        mask, context_mask = input_mask(x, mask), input_mask(context, context_mask, "context_mask")
+        hidden_states, context = self.norm(x), self.context_norm(context)
+        q_routing = self.q_router(hidden_states, mask, num_tokens_q)
+        q_index = q_routing.indices[:, 0]  # (b, m)
+        query = self.q(gather_tokens(hidden_states, q_index))  # (b, m, h * d_kv)
+        query = query.unflatten(-1, (routes, -1, self.config.d_kv)).permute(0, 2, 3, 1, 4)  # (b, r, h / r, m, d_kv)
+
+        kv_routing = self.kv_router(context, context_mask, num_tokens_kv)  # (b, r, k) each
+
+        def route(t):  # every position projected once, then gathered per route: (b, n, h * d_kv) -> (b, r, h / r, k, d)
+            t = t.view(b, n, routes, -1).transpose(1, 2)  # (b, r, n, h / r * d_kv)
+            t = t.gather(2, kv_routing.indices[..., None].expand(-1, -1, -1, t.shape[-1]))  # (b, r, k, h / r * d_kv)
+            t = t * kv_routing.weights[..., None].to(t.dtype)
+            return t.unflatten(-1, (-1, self.config.d_kv)).transpose(2, 3)
+
+        key, value = route(self.k(context)), route(self.v(context))
+        keep = kv_routing.valid[:, :, None, None, :]  # (b, r, 1, 1, k)
+        bias = torch.zeros(keep.shape, dtype=query.dtype, device=x.device).masked_fill(~keep, mask_value(query.dtype))
+        out, _ = attend(query, key, value, bias, 0.0, self.config._attn_implementation)  # (b, r, h / r, m, d_kv)
+        out = self.o(out.permute(0, 3, 1, 2, 4).flatten(2)) * q_routing.weights[:, 0, :, None].to(x.dtype)
+        return scatter_tokens(out, q_index, t)
+
+
+class ConditionalRoutedTransformerBlock(nn.Module):
+    """x + ConditionalRoutedAttention(x), then + ConditionalRoutedFeedForward: one CoLT5 encoder layer. The arguments
+    are those of the two layers (num_heavy_attn_tokens_q / _kv and num_heavy_ff_tokens: int counts or float
+    fractions)."""
+
+    def __init__(self, dim, *, num_heavy_attn_tokens_q, num_heavy_attn_tokens_kv, num_heavy_ff_tokens,
+                 light_dim_head=64, light_heads=8, light_window_size=128, heavy_dim_head=64, heavy_heads=8,
+                 light_ff_mult=0.5, heavy_ff_mult=4, router_straight_through=True, router_type="coor_descent",
+                 router_kwargs=None, attn_implementation="sdpa"):
+        super().__init__()
+        router = dict(router_straight_through=router_straight_through, router_type=router_type,
+                      router_kwargs=router_kwargs)
+        self.conditional_attn = ConditionalRoutedAttention(
+            dim, num_heavy_tokens_q=num_heavy_attn_tokens_q, num_heavy_tokens_kv=num_heavy_attn_tokens_kv,
+            light_dim_head=light_dim_head, light_heads=light_heads, light_window_size=light_window_size,
+            heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads, attn_implementation=attn_implementation, **router,
+        )
+        self.conditional_ff = ConditionalRoutedFeedForward(
+            dim, num_heavy_tokens=num_heavy_ff_tokens, light_ff_mult=light_ff_mult, heavy_ff_mult=heavy_ff_mult,
+            **router,
+        )
+
+    def forward(self, x, mask=None, num_heavy_attn_tokens_q=None, num_heavy_attn_tokens_kv=None,
+                num_heavy_ff_tokens=None):
+        x = x + self.conditional_attn(x, mask=mask, num_heavy_tokens_q=num_heavy_attn_tokens_q,
+                                      num_heavy_tokens_kv=num_heavy_attn_tokens_kv)
+        return x + self.conditional_ff(x, mask=mask, num_heavy_tokens=num_heavy_ff_tokens)
+
+
+__all__ = [
+    "ConditionalRoutedFeedForward",
+    "ConditionalRoutedAttention",
+    "ConditionalRoutedCrossAttention",
+    "ConditionalRoutedTransformerBlock",
+]
