@@ -6,6 +6,12 @@ import torch
 from torch import nn
 
 
+try:  # CUDA fast path: all iterations in one Triton launch
+    from .kernels import fused_coordinate_descent
+except ImportError:
+    fused_coordinate_descent = None
+
+
 def coordinate_descent(scores, mask, k, *, iterations: int, epsilon: float):
     """Soft top-k of each row of `scores` (Wright 2015; CoLT5 section 3.3).
 
@@ -16,8 +22,11 @@ def coordinate_descent(scores, mask, k, *, iterations: int, epsilon: float):
 
     scores: (..., n) float; mask: (..., n) bool, False for tokens that take no part; k: (..., 1) target sums (at most
     the number of unmasked tokens). Runs in float32 whatever the input dtype or autocast state. Masked tokens and rows
-    with no unmasked token get 0. Gradients flow through the unrolled iterations.
+    with no unmasked token get 0. Gradients flow through the unrolled iterations. On CUDA with Triton the fused
+    kernels of `kernels.py` compute the same function.
     """
+    if scores.is_cuda and fused_coordinate_descent is not None:
+        return fused_coordinate_descent(scores, mask, k, iterations=iterations, epsilon=epsilon)
     with torch.autocast(device_type=scores.device.type, enabled=False):
         s = scores.float()
         empty_row = ~mask.any(-1, keepdim=True)
