@@ -1,5 +1,6 @@
 """CoLT5 configuration."""
 
+import copy
 import math
 
 from transformers import PreTrainedConfig
@@ -205,6 +206,15 @@ class CoLT5Config(PreTrainedConfig):
         result = super().from_dict(config_dict, **kwargs)
         (result[0] if isinstance(result, tuple) else result)._check()
         return result
+
+    def get_text_config(self, decoder=None, encoder=None):
+        """Transformers sizes the decoder's cache by `num_hidden_layers`, which (as in T5) names the encoder's
+        `num_layers`: the decoder's view counts `num_decoder_layers` instead."""
+        config = super().get_text_config(decoder=decoder, encoder=encoder)
+        if decoder and not encoder and self.num_decoder_layers != self.num_layers:
+            config = copy.copy(self) if config is self else config  # Transformers returns a copy here, but may not
+            config.num_layers = self.num_decoder_layers
+        return config
 
     def routed_count(self, fraction: float, length):
         """Tokens a router takes from a sample of `length` real tokens: ceil(fraction * length), at least

@@ -419,13 +419,17 @@ class CoLT5CrossAttention(nn.Module):
             if cache is not None:
                 key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
                 cache.is_updated[self.layer_idx] = True
+        # the query heads sharing a key/value head are consecutive: fold them into the query length instead of
+        # copying keys and values to every head (the bias does not depend on the query)
         group = heads // self.num_kv_heads
-        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)  # (b, h, k, d_kv)
+        query = query.reshape(b, self.num_kv_heads, group * t, -1)  # (b, kv_heads, group * t, d_kv)
         keep = self.key_mask(encoder_mask, key.shape[2])[:, None, None, :]  # (b, 1, 1, k)
         bias = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill(~keep, mask_value(query.dtype))
         dropout = self.config.dropout_rate if self.training else 0.0
         out, probs = attend(query, key, value, bias, dropout, implementation)
-        return self.o(out.transpose(1, 2).reshape(b, t, -1)), probs
+        if probs is not None:
+            probs = probs.view(b, heads, t, -1)
+        return self.o(out.view(b, heads, t, -1).transpose(1, 2).reshape(b, t, -1)), probs
 
 
 class CoLT5DecoderBlock(GradientCheckpointingLayer):

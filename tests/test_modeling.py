@@ -241,6 +241,21 @@ def test_generation_with_cache_equals_generation_without(cross_attention, mode):
         torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_layers, num_decoder_layers", [(2, 5), (3, 1)])
+@torch.no_grad()
+def test_generation_with_more_or_fewer_decoder_than_encoder_layers(num_layers, num_decoder_layers):
+    """Transformers sizes the decoder cache from the config: it must count the decoder's layers, not the encoder's."""
+    model = build(num_layers=num_layers, num_decoder_layers=num_decoder_layers)
+    input_ids, attention_mask = padded_batch()
+    for mode in (dict(), dict(num_beams=2)):
+        cached, uncached = (
+            model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=5, use_cache=use_cache,
+                           **mode)
+            for use_cache in (True, False)
+        )
+        assert torch.equal(cached, uncached)
+
+
 @pytest.mark.parametrize("cross_attention", list(CROSS_ATTENTION_SETTINGS))
 @torch.no_grad()
 def test_decoder_full_forward_equals_cached_step_by_step_decoding(cross_attention):
