@@ -709,6 +709,12 @@ class CoLT5PreTrainedModel(PreTrainedModel):
         shifted[..., 1:] = input_ids[..., :-1]
         return shifted.masked_fill(shifted == -100, pad)
 
+    def get_input_embeddings(self):
+        return self.encoder.embed_tokens  # the encoder owns the token embedding; the decoder shares it
+
+    def set_input_embeddings(self, embeddings):
+        self.encoder.embed_tokens = embeddings
+
     @contextlib.contextmanager
     def record_routing(self):
         """Record which tokens every router picks during the forward passes inside the block:
@@ -743,12 +749,6 @@ class CoLT5EncoderModel(CoLT5PreTrainedModel):
         self.encoder = CoLT5Encoder(config)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.encoder.embed_tokens
-
-    def set_input_embeddings(self, embeddings):
-        self.encoder.embed_tokens = embeddings
-
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, **kwargs):
         return self.encoder(
@@ -764,12 +764,6 @@ class CoLT5Model(CoLT5PreTrainedModel):
         self.encoder = CoLT5Encoder(config)
         self.decoder = CoLT5Decoder(config)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.encoder.embed_tokens
-
-    def set_input_embeddings(self, embeddings):
-        self.encoder.embed_tokens = embeddings
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, cache=None, inputs_embeds=None, decoder_inputs_embeds=None, use_cache=None,
@@ -835,12 +829,6 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
         self.decoder = CoLT5Decoder(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.encoder.embed_tokens
-
-    def set_input_embeddings(self, embeddings):
-        self.encoder.embed_tokens = embeddings
 
     def get_output_embeddings(self):
         return self.lm_head
