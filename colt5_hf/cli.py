@@ -10,6 +10,7 @@
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -149,12 +150,18 @@ def read_dataset(args, tokenizer, config, file, name, with_targets=True, demo_co
         pairs = load_pairs(file, args.source_field, args.target_field if with_targets else None)
         name = str(file)
     else:
-        pairs = datasets.Dataset.from_list(demo_examples(demo_count, demo_seed, length=args.demo_length))
+        pairs = datasets.Dataset.from_list(demo_examples(demo_count, demo_seed, args.demo_length, demo_reach(config)))
     tokenized, report = tokenize_pairs(pairs, tokenizer, source_limit(args, config),
                                        getattr(args, "max_target_length", None), args.truncate, name)
     for line in report:
         print(line, file=sys.stderr)
     return pairs, tokenized
+
+
+def demo_reach(config):
+    """How far the model's local attention sees through all encoder layers: the demo task keeps its letters twice
+    as far apart."""
+    return config.num_layers * config.local_radius
 
 
 def collator(tokenizer):
@@ -329,12 +336,13 @@ def demo_run(args, heavy: bool, threads: int):
     transformers.logging.disable_progress_bar()
     label, _, folder = next(run for run in DEMO_RUNS if run[1] == heavy)
     tokenizer = load_tokenizer(None)
-    train_pairs = demo_examples(args.steps * args.batch_size, args.seed, length=args.demo_length)
-    eval_pairs = demo_examples(args.eval_examples, DEMO_EVAL_SEED, length=args.demo_length)
-    train_dataset, _ = tokenize_pairs(datasets.Dataset.from_list(train_pairs), tokenizer, None, None)
-    eval_dataset, _ = tokenize_pairs(datasets.Dataset.from_list(eval_pairs), tokenizer, None, None)
     torch.manual_seed(args.seed)
     model, _ = load_model(args.model)
+    reach = demo_reach(model.config)
+    train_pairs = demo_examples(args.steps * args.batch_size, args.seed, args.demo_length, reach)
+    eval_pairs = demo_examples(args.eval_examples, DEMO_EVAL_SEED, args.demo_length, reach)
+    train_dataset, _ = tokenize_pairs(datasets.Dataset.from_list(train_pairs), tokenizer, None, None)
+    eval_dataset, _ = tokenize_pairs(datasets.Dataset.from_list(eval_pairs), tokenizer, None, None)
     if not heavy:
         switch_off_heavy_branch(model)
     run_args = argparse.Namespace(**vars(args))
@@ -353,11 +361,13 @@ def command_demo(args):
     import os
 
     config = load_model(args.model)[0].config
-    example = demo_examples(1, args.seed, length=args.demo_length)[0]
+    example = demo_examples(1, args.seed, args.demo_length, demo_reach(config))[0]
     jobs = 2 if (os.cpu_count() or 1) >= 2 else 1
     threads = max(1, min(4, (os.cpu_count() or 1) // jobs))
-    print(f"Task: {args.demo_length - 1} characters of '.' holding two capital letters at least 64 apart; the answer "
-          f"is the letter that comes first:\n  {example['source'][:100]}... -> {example['target']}\n"
+    shown = re.sub(r"\.{4,}", lambda run: f"[{len(run.group())} dots]", example["source"])
+    print(f"Task: {args.demo_length - 1} characters of '.' holding two capital letters at least "
+          f"{2 * demo_reach(config) + 4} apart; the answer "
+          f"is the letter that comes first, e.g.\n  {shown} -> {example['target']}\n"
           f"Model: {args.model} (local radius {config.local_radius}), {args.steps} steps of {args.batch_size} examples "
           f"on the CPU ({jobs} process{'es' if jobs > 1 else ''}, {threads} thread{'s' if threads > 1 else ''} each), "
           f"exact match on {args.eval_examples} held-out examples every {args.eval_steps} steps.\n", flush=True)
@@ -510,7 +520,7 @@ def command_inspect(args):
         if args.file is not None:
             pairs = load_pairs(args.file, args.source_field, None)
         else:
-            pairs = demo_examples(args.index + 1, DEMO_EVAL_SEED, length=args.demo_length)
+            pairs = demo_examples(args.index + 1, DEMO_EVAL_SEED, args.demo_length, demo_reach(model.config))
         if not 0 <= args.index < len(pairs):
             raise CommandError(f"--index {args.index}: the input holds {len(pairs)} examples")
         text = pairs[args.index]["source"]
@@ -524,9 +534,13 @@ def command_inspect(args):
     tokens = tokenizer.convert_ids_to_tokens(input_ids[0].tolist())
     output_text = tokenizer.decode(generated[0], skip_special_tokens=True)
     plot_routing(routing, tokens, args.output, title=f"{args.model}: output {output_text!r}")
-    print(f"{'router':<28} {'picked':>12}  first picks by position (token@position)")
+    occurrences = {}
+    for token in tokens:
+        occurrences[token] = occurrences.get(token, 0) + 1
+    print(f"{'router':<28} {'picked':>12}  picks, tokens that occur once in the input first (token@position)")
     for label, positions in routing_rows(routing).items():
-        shown = " ".join(f"{tokens[i]!r}@{i}" for i in positions[:10]) + (" ..." if len(positions) > 10 else "")
+        ordered = sorted(positions, key=lambda i: (occurrences[tokens[i]] > 1, i))
+        shown = " ".join(f"{tokens[i]!r}@{i}" for i in ordered[:8]) + (" ..." if len(ordered) > 8 else "")
         print(f"{label:<28} {len(positions):>5} / {len(tokens):<5} {shown}")
     print(json.dumps({"output": output_text, "plot": str(args.output)}))
 

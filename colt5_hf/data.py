@@ -97,25 +97,29 @@ def tokenize_pairs(dataset, tokenizer, max_source_length: int | None, max_target
     return tokenized, report
 
 
-def demo_examples(count: int, seed: int, length: int = 256, letters: str = DEMO_LETTERS, filler: str = ".",
-                  margin: int = 40, min_gap: int = 64):
+def demo_examples(count: int, seed: int, length: int = 256, reach: int = 30, letters: str = DEMO_LETTERS,
+                  filler: str = "."):
     """The demo's long-input task: which letter comes first?
 
-    Each source is `length - 1` characters of filler holding two different capital letters at random places, at
-    least `min_gap` characters apart and `margin` from either end; the target is the letter that comes first. Local
-    attention of radius r sees 2r + 1 positions per layer, so with `min_gap` and `margin` beyond what the encoder's
-    layers can see, a local-attention encoder cannot tell which letter is first (its outputs around each letter look
-    the same wherever the letter is, and cross-attention carries no positions): it is right half the time at best.
-    The heavy branch attends across the whole input with relative positions and can answer.
+    Each source is `length - 1` characters of filler holding two different capital letters; the target is the one
+    that comes first. `reach` is how far a local-attention encoder sees (layers x radius: 30 for the tiny preset):
+    each of its outputs depends on the `reach` tokens on either side. The letters sit at least `2 * reach + 4` apart
+    and as far from either end, so no output depends on both letters, or on a letter and an end of the input.
+    Swapping the two letters then only permutes the encoder's outputs, and cross-attention has no positions: a
+    local-attention model predicts the same letter for both orders and is right half the time. The heavy branch
+    attends across the input with relative positions and can answer.
     """
-    if length - 1 < 2 * margin + min_gap + 1:
-        raise ValueError(f"demo length {length} is too short for margins of {margin} and a gap of {min_gap}")
+    margin = 2 * reach + 4
+    if length - 1 < 3 * margin + 2:
+        raise DataError(f"demo inputs of {length} tokens are too short for letters {margin} apart and from the ends "
+                         f"(at least {3 * margin + 3} tokens)")
     rng = random.Random(seed)
+    last = length - 2 - margin  # the last position a letter may take
     examples = []
     for _ in range(count):
         first, second = rng.sample(letters, 2)
-        first_position = rng.randint(margin, length - 1 - margin - min_gap - 1)
-        second_position = rng.randint(first_position + min_gap, length - 1 - margin - 1)
+        first_position = rng.randint(margin, last - margin)
+        second_position = rng.randint(first_position + margin, last)
         chars = [filler] * (length - 1)
         chars[first_position], chars[second_position] = first, second
         examples.append({"source": "".join(chars), "target": first})

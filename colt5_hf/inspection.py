@@ -38,8 +38,8 @@ def routing_counts(routing, sample: int = 0):
 
 def plot_routing(routing, tokens, path, title: str = "", sample: int = 0):
     """Write a PNG: a (routers x tokens) grid, dark where the router picked the token, with the count per router.
-    Token strings label the x axis when they fit; otherwise positions do, and the tokens most routers picked are
-    named above the grid."""
+    Token strings label the x axis when they fit; otherwise positions do, and the top axis names the tokens that
+    occur once in the input (where the rare, telling tokens of a long input usually are)."""
     from matplotlib.figure import Figure
 
     rows = routing_rows(routing, sample)
@@ -48,7 +48,7 @@ def plot_routing(routing, tokens, path, title: str = "", sample: int = 0):
     for row, positions in enumerate(rows.values()):
         grid[row, positions] = 1.0
     width = min(40.0, max(8.0, n / 12 if n <= 200 else n / 40))
-    figure = Figure(figsize=(width, 1.6 + 0.32 * len(rows)), layout="constrained")
+    figure = Figure(figsize=(width, 1.8 + 0.32 * len(rows)), layout="constrained")
     axes = figure.subplots()
     axes.imshow(grid.numpy(), aspect="auto", cmap="Greys", vmin=0, vmax=1.3, interpolation="nearest")
     axes.set_yticks(range(len(rows)), [f"{label}  ({len(p)}/{n})" for label, p in rows.items()], fontsize=8)
@@ -57,10 +57,15 @@ def plot_routing(routing, tokens, path, title: str = "", sample: int = 0):
                         rotation=90)
     else:
         axes.set_xlabel("input position")
-    popular = grid.sum(0)
-    top = [int(i) for i in popular.argsort(descending=True)[:12] if popular[i] > 0]
-    named = ", ".join(f"{tokens[i]!r}@{i}" for i in sorted(top))
-    axes.set_title((title + "\n" if title else "") + f"tokens picked by the most routers: {named}", fontsize=9)
+        counts = {}
+        for token in tokens:
+            counts[token] = counts.get(token, 0) + 1
+        rare = [i for i, token in enumerate(tokens) if counts[token] == 1][:24]
+        top = axes.secondary_xaxis("top")
+        top.set_xticks(rare, [f"{tokens[i]}@{i}" for i in rare], fontsize=7, rotation=90)
+        for i in rare:
+            axes.axvline(i, color="tab:red", linewidth=0.6, alpha=0.5)
+    axes.set_title(title, fontsize=9)
     figure.savefig(path, dpi=100)
     return path
 

@@ -170,7 +170,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
 
 def test_demo_runs_both_models_and_the_local_one_keeps_its_heavy_branch_off(tmp_path, capfd):
     # capfd: the two trainings run in child processes that print to the inherited stdout
-    out, _ = run(["demo", "--steps", 4, "--eval-steps", 2, "--eval-examples", 8, "--demo-length", 160,
+    out, _ = run(["demo", "--steps", 4, "--eval-steps", 2, "--eval-examples", 8, "--demo-length", 200,
                   "--output-dir", tmp_path], capfd)
     rows = [line for line in out.splitlines() if re.match(r"(CoLT5 \(routed\)|local attention only)\s+\d+", line)]
     assert len(rows) == 2 * 2 + 2  # two evaluations per model, then the final table
@@ -186,36 +186,47 @@ def test_demo_runs_both_models_and_the_local_one_keeps_its_heavy_branch_off(tmp_
 
 
 def test_demo_task_examples():
-    for example in demo_examples(50, seed=3, length=256):
+    for example in demo_examples(200, seed=3, length=256, reach=30):
         source = example["source"]
         letters = [(i, c) for i, c in enumerate(source) if c != "."]
         assert len(source) == 255 and len(letters) == 2
         (first_position, first), (second_position, second) = letters
         assert example["target"] == first and first != second
-        assert second_position - first_position >= 64 and first_position >= 40 and second_position < 255 - 40
+        # 2 * reach + 4 = 64: apart, and from both ends (the end-of-sequence token comes at 255)
+        assert second_position - first_position >= 64 and first_position >= 64 and second_position <= 254 - 64
+    with pytest.raises(ValueError, match="too short"):
+        demo_examples(1, seed=0, length=190, reach=30)
 
 
 def test_local_attention_alone_cannot_tell_which_letter_comes_first():
-    """The demo's premise: with the heavy branch off, swapping the two letters' places gives the same logits (the
-    encoder's outputs are the same set, and cross-attention has no positions), so one of the two orders is wrong."""
+    """The demo's premise: with the heavy branch off, swapping the two letters of a demo example gives the same
+    logits (the encoder's outputs are permuted, and cross-attention has no positions), so one of the two orders is
+    answered wrongly; with the heavy branch on the logits differ."""
     torch.manual_seed(0)
     local = cli.switch_off_heavy_branch(cli.load_model("colt5-tiny")[0]).eval()
+    with torch.no_grad():  # make every local weight count: the band's edge, the layer norms, the bias table
+        for name, parameter in local.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.2 * torch.randn_like(parameter))
     torch.manual_seed(0)
     routed = cli.load_model("colt5-tiny")[0].eval()
     tokenizer = ByT5Tokenizer()
 
-    def source(first, second):
-        chars = ["."] * 255
-        chars[60], chars[170] = first, second
-        return torch.tensor([tokenizer("".join(chars)).input_ids])
-
-    def logits(model, input_ids):
+    def logits(model, text):
         with torch.no_grad():
-            return model(input_ids=input_ids, decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)).logits
+            return model(input_ids=torch.tensor([tokenizer(text).input_ids]),
+                         decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)).logits
 
-    a_first, b_first = source("A", "B"), source("B", "A")
-    torch.testing.assert_close(logits(local, a_first), logits(local, b_first), atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(logits(routed, a_first), logits(routed, b_first), atol=1e-3)
+    for example in demo_examples(8, seed=5, length=256, reach=cli.demo_reach(local.config)):
+        source = example["source"]
+        (p, a), (q, b) = [(i, c) for i, c in enumerate(source) if c != "."]
+        swapped = source[:p] + b + source[p + 1:q] + a + source[q + 1:]
+        torch.testing.assert_close(logits(local, source), logits(local, swapped), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(logits(routed, source), logits(routed, swapped), atol=1e-3)
+    # closer to an end than the task allows, the ends give the order away: the margin is needed
+    near_end = "." * 100 + "A" + "." * 120 + "B" + "." * 33
+    assert not torch.allclose(logits(local, near_end), logits(local, near_end.replace("A", "b").replace("B", "A")
+                                                                  .replace("b", "B")), atol=1e-3)
 
 
 def test_convert_command_reproduces_the_source_logits(tmp_path, capsys):
@@ -258,10 +269,11 @@ def test_errors_name_the_problem(tmp_path, capsys):
     fails(["train", "--model", "colt5-nano", "--train-file", good, "--steps", 1, "--output-dir", out], capsys,
           "not a model folder, a config file or a preset", "colt5-tiny")
     fails(["train", *TRAIN, "--train-file", good, "--steps", 1, "--output-dir", out, "--resume"], capsys,
-          "no checkpoint")
+          "no complete checkpoint")
     fails(["train", *TRAIN, "--train-file", good, "--steps", 1, "--output-dir", out, "--set", "colour=1"], capsys,
           "colour: not a CoLT5Config field")
     fails(["evaluate", tmp_path / "no-model", "--file", good], capsys, "model folder not found")
+    fails(["demo", "--demo-length", 100, "--output-dir", out], capsys, "too short")
     T5ForConditionalGeneration(T5Config(vocab_size=384, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
                                         feed_forward_proj="gated-gelu")).save_pretrained(tmp_path / "t5")
     fails(["train", "--model", tmp_path / "t5", "--train-file", good, "--steps", 1, "--output-dir", out], capsys,
