@@ -112,7 +112,7 @@ def demo_examples(count: int, seed: int, length: int = 256, reach: int = 30, let
     margin = 2 * reach + 4
     if length - 1 < 3 * margin + 2:
         raise DataError(f"demo inputs of {length} tokens are too short for letters {margin} apart and from the ends "
-                         f"(at least {3 * margin + 3} tokens)")
+                        f"(at least {3 * margin + 3} tokens)")
     rng = random.Random(seed)
     last = length - 2 - margin  # the last position a letter may take
     examples = []
