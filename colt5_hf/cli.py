@@ -111,7 +111,7 @@ def load_model(spec: str, overrides=None):
 
 def load_tokenizer(spec, model_folder=None):
     """A transformers tokenizer from `spec` (a folder or Hub id), else the model folder's, else ByT5's byte
-    tokenizer (needs no files; matches the presets' vocabulary of 384)."""
+    tokenizer (needs no files; its 384 tokens fit every preset)."""
     if spec is not None:
         try:
             return AutoTokenizer.from_pretrained(spec)
@@ -387,8 +387,11 @@ def command_demo(args):
     window = 2 * config.local_radius + 1
     print(f"\nLocal attention sees {window} positions around each token per layer. Through the decoder's "
           "cross-attention it finds both letters, but nothing tells it which one comes first: swapping them only "
-          "moves its encoder outputs, so it is right half the time (50%, give or take 3% on 256 examples). CoLT5's "
-          "routers can send tokens to the heavy branch, whose attention spans the input with relative positions.\n"
+          "moves its encoder outputs, so it is right half the time (50%, give or take "
+          f"{50 / args.eval_examples ** 0.5:.0f}% on {args.eval_examples} examples). CoLT5's routers send tokens to the "
+          "heavy branch, whose attention spans the input with relative positions: it can tell where a letter sits "
+          "between the two ends of the input, each at least "
+          f"{2 * demo_reach(config) + 4} positions away.\n"
           f"Models: {args.output_dir}/colt5 and {args.output_dir}/local-only. What did the routers pick?\n"
           f"  colt5-hf inspect {args.output_dir}/colt5 --demo-task --output {args.output_dir}/routing.png")
 
