@@ -32,34 +32,22 @@ from transformers import Trainer, TrainingArguments
 import colt5_hf
 from colt5_hf import (
     LORA_TARGET_MODULES,
-    CoLT5Config,
     CoLT5EncoderModel,
     CoLT5ForConditionalGeneration,
     CoLT5Model,
     save_for_hub,
 )
 from colt5_hf import modeling_colt5
+from tiny import build, tiny_config
 
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "colt5_hf"
-TINY_CONFIG = REPO / "configs" / "colt5-tiny.json"
 ROUTED_CROSS_ATTENTION = dict(num_cross_attention_routes=2, cross_attention_fraction=0.5)
 LENGTHS = (61, 44, 30)  # every router of the tiny preset takes fewer tokens than a sample has
 COMPILE = os.environ.get("COLT5_COMPILE", "1")
 needs_compile = pytest.mark.skipif(COMPILE == "0", reason="COLT5_COMPILE=0")
 needs_processes = pytest.mark.skipif(os.environ.get("COLT5_MULTIPROCESS", "1") == "0", reason="COLT5_MULTIPROCESS=0")
-
-
-def tiny_config(**overrides):
-    values = json.loads(TINY_CONFIG.read_text())
-    values.pop("model_type")
-    return CoLT5Config(**{**values, **overrides})
-
-
-def build(model_class=CoLT5ForConditionalGeneration, seed=0, **overrides):
-    torch.manual_seed(seed)
-    return model_class(tiny_config(**overrides)).eval()
 
 
 def batch(lengths=LENGTHS, target_length=7, seed=1):

@@ -5,7 +5,6 @@ read from safetensors only, never through pickle."""
 import hashlib
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from huggingface_hub.errors import StrictDataclassError
@@ -14,15 +13,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSeq2SeqLM, T5Config
 
 from colt5_hf import CoLT5Config, CoLT5ForConditionalGeneration, CoLT5Model
+from tiny import tiny_values
 
 
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "colt5-tiny.json"
-
-
-def tiny_values():
-    values = json.loads(TINY_CONFIG.read_text())
-    values.pop("model_type")
-    return values
 
 
 # ------------------------------------------------------------------------------------------------ invalid configs

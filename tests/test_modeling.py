@@ -5,21 +5,18 @@ keys/values, at least 4 each; the sequences below (97, 70, 41 tokens) are long e
 tokens than a sample has, and not multiples of the local-attention block (radius 15 + 1).
 """
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from colt5_hf import CoLT5Config, CoLT5EncoderModel, CoLT5ForConditionalGeneration, CoLT5Model, RouterOutput
+from tiny import build, tiny_config
 
 
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "colt5-tiny.json"
 LENGTHS = (97, 70, 41)
 ROUTED_CROSS_ATTENTION = dict(num_cross_attention_routes=2, cross_attention_fraction=0.5)
 CROSS_ATTENTION_SETTINGS = {
@@ -27,17 +24,6 @@ CROSS_ATTENTION_SETTINGS = {
     "two-routes-half-tokens": ROUTED_CROSS_ATTENTION,
     "gqa-two-routes": dict(num_heads=8, num_cross_attention_kv_heads=2, **ROUTED_CROSS_ATTENTION),
 }
-
-
-def tiny_config(**overrides):
-    values = json.loads(TINY_CONFIG.read_text())
-    values.pop("model_type")
-    return CoLT5Config(**{**values, **overrides})
-
-
-def build(model_class=CoLT5ForConditionalGeneration, seed=0, **overrides):
-    torch.manual_seed(seed)
-    return model_class(tiny_config(**overrides)).eval()
 
 
 def padded_batch(lengths=LENGTHS, vocab_size=384, seed=1):
