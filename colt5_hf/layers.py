@@ -30,10 +30,10 @@ from .modeling_colt5 import (
     CoLT5LocalAttention,
     CoLT5PreTrainedModel,
     attend,
+    branch_bias_tables,
     check_implementation,
     check_mask,
     mask_value,
-    relative_position_bucket,
 )
 from .routing import CoLT5Router, gather_tokens, scatter_tokens
 
@@ -144,19 +144,14 @@ class ConditionalRoutedAttention(nn.Module):
         # x: (b, n, dim); mask: (b, n), True/1 at real tokens
         config, mask = self.config, input_mask(x, mask)
         hidden_states = self.norm(x)
-        radius = config.local_radius
-        buckets = relative_position_bucket(torch.arange(-radius, radius + 1, device=x.device), True,
-                                           config.relative_attention_num_buckets,
-                                           config.relative_attention_max_distance)
-        bias_weight = self.relative_attention_bias.weight  # (buckets, light + heavy heads)
-        light_bias_table = bias_weight[buckets, : config.num_light_heads].t()  # (light heads, 2 * radius + 1)
+        light_bias_table, heavy_bias_weight = branch_bias_tables(config, self.relative_attention_bias, x.device)
         implementation = config._attn_implementation
         light, _ = self.light_attention(hidden_states, mask, light_bias_table, implementation)
         heavy, _ = self.heavy_attention(
             hidden_states,
             self.q_router(hidden_states, mask, num_heavy_tokens_q),
             self.kv_router(hidden_states, mask, num_heavy_tokens_kv),
-            bias_weight[:, config.num_light_heads :],
+            heavy_bias_weight,
             implementation,
         )
         return light + heavy

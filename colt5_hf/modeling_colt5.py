@@ -476,6 +476,19 @@ def check_mask(attention_mask, shape, name):
     return attention_mask.bool()
 
 
+def branch_bias_tables(config, relative_attention_bias, device):
+    """The encoder's relative position bias split between the branches: (light heads, 2 * radius + 1), the light
+    attention's bias at offsets -radius..radius, and (buckets, heavy heads), the heavy attention's bucket table."""
+    radius = config.local_radius
+    offsets = torch.arange(-radius, radius + 1, device=device)
+    buckets = relative_position_bucket(
+        offsets, True, config.relative_attention_num_buckets, config.relative_attention_max_distance
+    )
+    # a module call rather than `.weight`, so that accelerate's offload hooks load the table
+    bias_weight = relative_attention_bias(torch.arange(config.relative_attention_num_buckets, device=device))
+    return bias_weight[buckets, : config.num_light_heads].t(), bias_weight[:, config.num_light_heads :]
+
+
 class CoLT5Encoder(nn.Module):
     """The token embedding (shared with the decoder) and the stack of encoder blocks. One relative position bias
     table serves every layer (as in T5): its first `num_light_heads` columns bias the light attention, the others
@@ -510,16 +523,9 @@ class CoLT5Encoder(nn.Module):
             )
         implementation = check_implementation(config, output_attentions)
         mask = check_mask(attention_mask, (b, n), "attention_mask").to(inputs_embeds.device)
-        radius = config.local_radius
-        offsets = torch.arange(-radius, radius + 1, device=inputs_embeds.device)
-        buckets = relative_position_bucket(
-            offsets, True, config.relative_attention_num_buckets, config.relative_attention_max_distance
+        light_bias_table, heavy_bias_weight = branch_bias_tables(
+            config, self.relative_attention_bias, inputs_embeds.device
         )
-        # a module call rather than `.weight`, so that accelerate's offload hooks load the table
-        all_buckets = torch.arange(config.relative_attention_num_buckets, device=offsets.device)
-        bias_weight = self.relative_attention_bias(all_buckets)  # (buckets, light + heavy heads)
-        light_bias_table = bias_weight[buckets, : config.num_light_heads].t()  # (light heads, 2 * radius + 1)
-        heavy_bias_weight = bias_weight[:, config.num_light_heads :]
 
         hidden_states = self.dropout(inputs_embeds)
         all_hidden_states, all_attentions = (), ()
