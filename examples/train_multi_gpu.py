@@ -98,6 +98,10 @@ def train(args):
         (Path(args.output_dir) / "run.json").write_text(json.dumps(run, indent=1))
         print(json.dumps({key: value for key, value in run.items() if key != "losses"}))
         print("losses:", " ".join(f"{loss:.4f}" for loss in run["losses"]))
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        # tear the process group down before exit: a rank leaving while gloo's threads still run can abort (SIGABRT)
+        torch.distributed.destroy_process_group()
 
 
 @torch.no_grad()
