@@ -352,6 +352,22 @@ def test_manual_device_map_with_disk_offload_matches_unsplit_model(hub_folder, t
     torch.testing.assert_close(logits_of(offloaded.eval(), inputs), logits_of(model, inputs), rtol=0, atol=1e-6)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_device_map_auto_across_two_gpus_matches_one_gpu(hub_folder):
+    folder, model = hub_folder
+    budget = int(2.5 * compute_module_sizes(model)["encoder.block.0"])  # GPU 0 holds about two blocks
+    split = CoLT5ForConditionalGeneration.from_pretrained(
+        folder, device_map="auto", max_memory={0: budget, 1: 100 * budget}
+    ).eval()
+    device_map = split.hf_device_map
+    assert set(device_map.values()) == {0, 1}
+    assert not [key for key in device_map if any(key.startswith(block + ".") for block in block_names(model))]
+    whole = CoLT5ForConditionalGeneration.from_pretrained(folder, device_map={"": 0}).eval()
+    inputs = {key: value.to("cuda:0") for key, value in batch().items()}
+    torch.testing.assert_close(logits_of(split, inputs), logits_of(whole, inputs), rtol=0, atol=1e-5)
+    assert torch.equal(greedy(split, inputs), greedy(whole, inputs))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # PEFT
 

@@ -1,0 +1,118 @@
+"""The longest input each preset handles on this GPU: batch 1, bf16 weights, for inference (encoder + one decoding
+step, no gradients) and for a training step (forward and backward of the seq2seq loss on 128 target tokens; gradients in
+bf16, optimizer state not included: it does not grow with the input, see `params GiB`). Lengths are searched by doubling
+from --start until a step runs out of memory (or fails otherwise), then by bisection down to --resolution of the
+longest good length. Prints a table and writes limits.json to $OUT (or benchmarks/out).
+
+    python benchmarks/limits.py [--presets base large xl] [--modes inference training] [--budget-s 100]
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from common import ROOT, environment, error_text, free_memory, out_dir
+
+
+TARGET_LENGTH = 128
+
+
+def build(preset, implementation):
+    from colt5_hf import CoLT5Config, CoLT5ForConditionalGeneration
+
+    values = json.loads((ROOT / "configs" / f"colt5-{preset}.json").read_text())
+    values.pop("model_type", None)
+    config = CoLT5Config(**{**values, "dropout_rate": 0.0})
+    with torch.device("cuda"):
+        model = CoLT5ForConditionalGeneration(config).to(torch.bfloat16)
+    model.config._attn_implementation = implementation
+    return model
+
+
+def step(model, mode, length):
+    """One step at `length` input tokens; returns its peak allocated GiB."""
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(2, vocab, (1, length), device="cuda")
+    labels = torch.randint(2, vocab, (1, TARGET_LENGTH), device="cuda")
+    free_memory()
+    torch.cuda.reset_peak_memory_stats()
+    if mode == "inference":
+        with torch.no_grad():
+            model.eval()(input_ids=input_ids, decoder_input_ids=labels[:, :1])
+    else:
+        model.train()(input_ids=input_ids, labels=labels).loss.backward()
+        model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def search(model, mode, start, resolution, budget_s, longest):
+    """(longest good length, its peak GiB, first failing length or None, failure text, trials)."""
+    began, trials = time.perf_counter(), []
+    good, good_peak, bad, failure = None, None, None, None
+
+    def attempt(length):
+        nonlocal good, good_peak, bad, failure
+        try:
+            peak = step(model, mode, length)
+            good, good_peak = length, peak
+            trials.append({"length": length, "peak_gib": round(peak, 2)})
+            return True
+        except Exception as error:  # noqa: BLE001 - out of memory is the expected end of the search
+            model.zero_grad(set_to_none=True)
+            bad, failure = length, error_text(error)
+            trials.append({"length": length, "error": failure})
+            return False
+        finally:
+            free_memory()
+
+    length = start
+    while length <= longest and attempt(length) and time.perf_counter() - began < budget_s:
+        length *= 2
+    if good is not None and bad is not None:
+        low, high = good, bad
+        while high - low > max(resolution, good // 16) and time.perf_counter() - began < budget_s:
+            middle = low + max(resolution, (high - low) // 2 // resolution * resolution)
+            low, high = (middle, high) if attempt(middle) else (low, middle)
+    return good, good_peak, bad, failure, trials
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["base", "large", "xl"])
+    parser.add_argument("--modes", nargs="+", default=["inference", "training"])
+    parser.add_argument("--implementation", default="flex_attention")
+    parser.add_argument("--start", type=int, default=16384)
+    parser.add_argument("--resolution", type=int, default=4096)
+    parser.add_argument("--longest", type=int, default=2**21, help="stop doubling here")
+    parser.add_argument("--budget-s", type=float, default=100.0, help="search time per preset and mode")
+    args = parser.parse_args()
+    info = environment()
+    print(json.dumps(info), flush=True)
+    records = []
+    for preset in args.presets:
+        model = build(preset, args.implementation)
+        params_gib = sum(p.numel() for p in model.parameters()) * 2 / 2**30
+        for mode in args.modes:
+            good, peak, bad, failure, trials = search(model, mode, args.start, args.resolution, args.budget_s,
+                                                      args.longest)
+            record = {"preset": preset, "mode": mode, "implementation": args.implementation,
+                      "params_gib": round(params_gib, 2), "longest": good, "peak_gib": peak and round(peak, 2),
+                      "first_failure": bad, "failure": failure, "trials": trials}
+            records.append(record)
+            print(json.dumps(record), flush=True)
+            (out_dir() / "limits.json").write_text(json.dumps({"environment": info, "records": records}, indent=1))
+        del model
+        free_memory()
+    print(f"\n{info['device']} ({info.get('gpu_memory_gib')} GiB), batch 1, bf16, {args.implementation}")
+    print(f"{'preset':7s} {'mode':10s} {'params GiB':>10s} {'longest ok':>11s} {'peak GiB':>9s} {'first failure':>14s}"
+          f"  why")
+    for r in records:
+        print(f"{r['preset']:7s} {r['mode']:10s} {r['params_gib']:10.2f} {r['longest'] or 0:11d} "
+              f"{r['peak_gib'] or 0:9.2f} {r['first_failure'] or 0:14d}  {r['failure'] or 'not reached'}")
+
+
+if __name__ == "__main__":
+    main()
