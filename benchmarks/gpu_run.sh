@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What one call on a GPU machine runs: GPU tests, then the benchmarks, every log and result under $OUT.
-# Usage: bash benchmarks/gpu_run.sh [tests] [routing] [profile] [encoder] [generate]   (default: all)
+# Usage: bash benchmarks/gpu_run.sh [tests] [routing] [profile] [encoder] [generate] [limits] [multigpu]
+# (default: all but multigpu, which needs 2 GPUs)
 # Wheels for packages the machine lacks (colt5-attention 0.2.2 and its dependencies) are taken from .whl/ if present.
 set -u
 export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmarks/out}
@@ -10,7 +11,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-stages=${*:-tests routing profile encoder generate}
+stages=${*:-tests routing profile encoder generate limits}
 log=$OUT/run.log
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -24,5 +25,7 @@ for stage in $stages; do
     profile) timeout 60 python3 benchmarks/profile_encoder.py 2>&1 | grep -v Warning | tail -5 | tee -a "$log" ;;
     encoder) timeout ${ENCODER_TIMEOUT:-300} python3 benchmarks/encoder.py ${ENCODER_ARGS:-} 2>&1 | tee -a "$log" ;;
     generate) timeout ${GENERATE_TIMEOUT:-240} python3 benchmarks/generate.py ${GENERATE_ARGS:-} 2>&1 | tee -a "$log" ;;
+    limits) timeout ${LIMITS_TIMEOUT:-420} python3 benchmarks/limits.py ${LIMITS_ARGS:-} 2>&1 | tail -12 | tee -a "$log" ;;
+    multigpu) OUT=$OUT timeout ${MULTIGPU_TIMEOUT:-540} bash scripts/check_multi_gpu.sh 2>&1 | tail -40 | tee -a "$log" ;;
   esac
 done
