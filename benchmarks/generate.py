@@ -3,7 +3,17 @@ colt5-hf Large (24 + 24 layers) against transformers' LongT5-Large (transient-gl
 input ids. Reports seconds per sample for the whole generate() call and for the encoder alone. Writes generate.json to
 $OUT (or benchmarks/out).
 
-    python benchmarks/generate.py [--length 16384] [--new-tokens 128] [--batches 1 8] [--models ...]
+Models: `colt5-hf/<attn_implementation>` decodes with the default dynamic cache (eager steps);
+`colt5-hf/<attn_implementation>/static` with `cache_implementation="static"`, which Transformers compiles on CUDA
+(torch.compile, mode "reduce-overhead": CUDA graphs). Its warm-up is a generate() of the same shapes and length (the
+static cache is sized by max_new_tokens), so compilation happens there and the timed call reuses the compiled step;
+the record counts the graphs compiled during the timed call (0 expected).
+
+--profile writes generate_profile.txt to $OUT: torch.profiler tables (by device time and by CPU time) of 5 decoding
+steps in the middle of a generate() call, per model and batch.
+
+    python benchmarks/generate.py [--length 16384] [--new-tokens 128] [--batches 1 8] [--models ...] [--profile]
+                                  [--no-cudnn-sdp]
 """
 
 import argparse
@@ -11,11 +21,13 @@ import json
 import time
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from common import LARGE, colt5_large_config, environment, error_text, free_memory, out_dir
 
 
-MODELS = ["colt5-hf/flex_attention", "longt5-tglobal"]
+MODELS = ["colt5-hf/flex_attention/static", "colt5-hf/flex_attention", "longt5-tglobal"]
+PROFILE_STEPS = (8, 13)  # decoding steps [first, last) under the profiler
 
 
 def build(name):
@@ -36,6 +48,42 @@ def build(name):
         return LongT5ForConditionalGeneration(config).to(torch.bfloat16)
 
 
+class ProfileSteps(StoppingCriteria):
+    """Never stops generation; runs the profiler over decoding steps PROFILE_STEPS (called once per step)."""
+
+    def __init__(self, profiler):
+        self.profiler, self.step, self.wall_s = profiler, 0, None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.step += 1
+        if self.step in PROFILE_STEPS:
+            torch.cuda.synchronize()
+            if self.step == PROFILE_STEPS[0]:
+                self.profiler.start()
+                self.wall_s = time.perf_counter()
+            else:
+                self.wall_s = time.perf_counter() - self.wall_s
+                self.profiler.stop()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def profile_decoding(model, generate, title):
+    """torch.profiler tables of decoding steps PROFILE_STEPS of one generate() call."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    hook = ProfileSteps(torch.profiler.profile(activities=activities))
+    with torch.no_grad():
+        generate(stopping_criteria=StoppingCriteriaList([hook]))
+    steps = PROFILE_STEPS[1] - PROFILE_STEPS[0]
+    events = hook.profiler.events()
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    averages = hook.profiler.key_averages()
+    lines = [f"== {title}: {steps} decoding steps, {1000 * hook.wall_s / steps:.2f} ms wall per step (synchronized), "
+             f"{kernels / steps:.0f} GPU kernels per step",
+             averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60),
+             averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)]
+    return "\n".join(lines)
+
+
 def timed(function):
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -50,9 +98,16 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--profile", action="store_true", help="write generate_profile.txt (see the module doc)")
+    parser.add_argument("--no-cudnn-sdp", action="store_true", help="keep SDPA off its cuDNN backend")
     args = parser.parse_args()
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     torch._dynamo.config.cache_size_limit = 64
-    info = environment()
+    # every batch size gets its own graph with static shapes (CUDA graphs), rather than a dynamic-shape recompilation
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    profiles = []
+    info = dict(environment(), cudnn_sdp=torch.backends.cuda.cudnn_sdp_enabled())
     print(json.dumps(info), flush=True)
     records = []
     for name in args.models:
@@ -64,31 +119,46 @@ def main():
             attention_mask = torch.ones_like(input_ids)
             options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                            num_beams=1)
+            static = name.endswith("/static")
+            if static:
+                options["cache_implementation"] = "static"
+
+            def generate(**extra):
+                return model.generate(input_ids=input_ids, attention_mask=attention_mask, **{**options, **extra})
+
             try:
                 with torch.no_grad():
-                    model.generate(input_ids=input_ids, attention_mask=attention_mask, **{**options,
-                                   "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up, compilation
+                    # warm-up: the encoder's compilation; for the static cache the decoding step's compilation and
+                    # CUDA graph capture, at the timed call's shapes (same batch, length and max_new_tokens)
+                    warm_s, _ = timed(lambda: generate() if static else generate(max_new_tokens=4, min_new_tokens=4))
                     encoder_s, _ = timed(lambda: model.get_encoder()(input_ids=input_ids,
                                                                      attention_mask=attention_mask))
-                    total_s, output = timed(lambda: model.generate(input_ids=input_ids,
-                                                                   attention_mask=attention_mask, **options))
+                    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                    total_s, output = timed(generate)
+                    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
                 record.update(generated=output.shape[1] - 1, total_s=total_s, s_per_sample=total_s / batch,
-                              encoder_s=encoder_s, decode_s_per_token=(total_s - encoder_s) / args.new_tokens)
+                              encoder_s=encoder_s, decode_s_per_token=(total_s - encoder_s) / args.new_tokens,
+                              warm_up_s=warm_s, graphs_compiled_in_timed_call=graphs,
+                              compiled_decoding=hasattr(model, "_compiled_call"))
+                if args.profile:
+                    profiles.append(profile_decoding(model, generate, f"{name}, batch {batch}"))
+                    (out_dir() / "generate_profile.txt").write_text("\n\n".join(profiles) + "\n")
             except Exception as error:  # noqa: BLE001 - recorded, the benchmark goes on
                 record["error"] = error_text(error)
             free_memory()
             records.append(record)
             print(json.dumps(record), flush=True)
             (out_dir() / "generate.json").write_text(json.dumps({"environment": info, "records": records}, indent=1))
-        del model
+        model = None  # frees its memory (the generate closure reads the same variable)
         free_memory()
-    print(f"{'model':26s} {'batch':>5s} {'s/sample':>9s} {'total s':>8s} {'encoder s':>9s} {'decode ms/token':>15s}")
+    print(f"{'model':32s} {'batch':>5s} {'s/sample':>9s} {'total s':>8s} {'encoder s':>9s} {'decode ms/token':>15s} "
+          f"{'warm-up s':>9s}")
     for r in records:
         if "error" in r:
-            print(f"{r['model']:26s} {r['batch']:5d} {r['error']}")
+            print(f"{r['model']:32s} {r['batch']:5d} {r['error']}")
         else:
-            print(f"{r['model']:26s} {r['batch']:5d} {r['s_per_sample']:9.3f} {r['total_s']:8.2f} "
-                  f"{r['encoder_s']:9.3f} {1000 * r['decode_s_per_token']:15.2f}")
+            print(f"{r['model']:32s} {r['batch']:5d} {r['s_per_sample']:9.3f} {r['total_s']:8.2f} "
+                  f"{r['encoder_s']:9.3f} {1000 * r['decode_s_per_token']:15.2f} {r['warm_up_s']:9.1f}")
 
 
 if __name__ == "__main__":
