@@ -69,15 +69,22 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
     return bucket + torch.where(distance < exact, distance, far)
 
 
+SDPA_MIN_QUERIES = 64
+
+
 def attend(query, key, value, bias, dropout: float, implementation: str):
     """T5 attention, unscaled: softmax(q k^T + bias) v.
 
     query (b, ..., q, d); key, value (b, ..., k, d) with the same middle dims; bias broadcastable to (b, ..., q, k),
     holding the relative position bias and `mask_value` at masked keys. Returns the output (b, ..., q, d) and, for the
     eager implementation, the attention probabilities (b, ..., q, k). "flex_attention" runs dense attention through SDPA
-    too (flex attention serves the banded light attention).
+    too (flex attention serves the banded light attention). Fewer than `SDPA_MIN_QUERIES` queries (a decoding step)
+    take the two matmuls of the eager path under every implementation: SDPA's kernels give each (batch, head) one
+    thread block per 64-128 queries, so one SM would read all of a 16k-token cross-attention cache, and on Hopper its
+    cuDNN backend builds a new plan for every new key length (measured on an H200: 236 us per cross-attention call,
+    over 100 ms per step of a growing cache).
     """
-    if implementation in ("sdpa", "flex_attention"):
+    if implementation in ("sdpa", "flex_attention") and query.shape[-2] >= SDPA_MIN_QUERIES:
         shape, k_len = query.shape, key.shape[-2]
         q, k, v = (t.reshape(shape[0], -1, *t.shape[-2:]) for t in (query, key, value))
         bias = bias.expand(*shape[:-1], k_len).reshape(shape[0], -1, shape[-2], k_len).to(query.dtype)
@@ -85,7 +92,8 @@ def attend(query, key, value, bias, dropout: float, implementation: str):
         return out.reshape(shape), None
     scores = torch.matmul(query, key.transpose(-1, -2)).float() + bias.float()
     probs = scores.softmax(-1).to(value.dtype)
-    return torch.matmul(F.dropout(probs, p=dropout), value), probs
+    out = torch.matmul(F.dropout(probs, p=dropout), value)
+    return out, (probs if implementation == "eager" else None)
 
 
 def check_implementation(config, output_attentions):
@@ -343,7 +351,7 @@ class CoLT5SelfAttention(nn.Module):
         self.o = nn.Linear(inner, config.d_model, bias=False)
 
     def forward(self, hidden_states, bias, cache, implementation):
-        # hidden_states: (b, t, d); bias: (b or 1, h, t, past + t)
+        # hidden_states: (b, t, d); bias: (b or 1, h, t, keys), keys: past + t, or a static cache's length
         b, t, _ = hidden_states.shape
 
         def heads(x):
@@ -406,8 +414,20 @@ class CoLT5CrossAttention(nn.Module):
         count = self.config.routed_count(self.config.cross_attention_fraction, encoder_mask.sum(-1))
         return torch.arange(key_length, device=encoder_mask.device) < count[:, None]
 
-    def forward(self, hidden_states, encoder_hidden_states, encoder_mask, cache, implementation):
-        # hidden_states: (b, t, d); encoder_hidden_states: (b, n, d); encoder_mask: (b, n) bool
+    def key_length(self, encoder_length: int) -> int:
+        """Key slots computed from `encoder_length` encoder positions: the routed count of the full length."""
+        if self.kv_router is None:
+            return encoder_length
+        return self.config.routed_count(self.config.cross_attention_fraction, encoder_length)
+
+    def key_bias(self, encoder_mask, dtype):
+        """(b, 1, 1, k): 0 at the key slots holding encoder tokens, `mask_value` at the others."""
+        keep = self.key_mask(encoder_mask, self.key_length(encoder_mask.shape[-1]))[:, None, None, :]
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, mask_value(dtype))
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_mask, cache, implementation, key_bias=None):
+        # hidden_states: (b, t, d); encoder_hidden_states: (b, n, d); encoder_mask: (b, n) bool; key_bias: this
+        # module's `key_bias`, built once by the decoder for every layer (built here when not given)
         b, t, _ = hidden_states.shape
         heads = self.config.num_heads
         query = self.q(hidden_states).view(b, t, heads, -1).transpose(1, 2)  # (b, h, t, d_kv)
@@ -419,14 +439,17 @@ class CoLT5CrossAttention(nn.Module):
             if cache is not None:
                 key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
                 cache.is_updated[self.layer_idx] = True
+        # a static cache holds a slot per encoder position; only the first k were written
+        k = self.key_length(encoder_mask.shape[-1])
+        key, value = key[:, :, :k], value[:, :, :k]  # (b, kv_heads, k, d_kv)
         # the query heads sharing a key/value head are consecutive: fold them into the query length instead of
         # copying keys and values to every head (the bias does not depend on the query)
         group = heads // self.num_kv_heads
         query = query.reshape(b, self.num_kv_heads, group * t, -1)  # (b, kv_heads, group * t, d_kv)
-        keep = self.key_mask(encoder_mask, key.shape[2])[:, None, None, :]  # (b, 1, 1, k)
-        bias = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill(~keep, mask_value(query.dtype))
+        if key_bias is None or key_bias.dtype != query.dtype:  # under autocast the queries' dtype is autocast's
+            key_bias = self.key_bias(encoder_mask, query.dtype)
         dropout = self.config.dropout_rate if self.training else 0.0
-        out, probs = attend(query, key, value, bias, dropout, implementation)
+        out, probs = attend(query, key, value, key_bias, dropout, implementation)
         if probs is not None:
             probs = probs.view(b, heads, t, -1)
         return self.o(out.view(b, heads, t, -1).transpose(1, 2).reshape(b, t, -1)), probs
@@ -444,13 +467,14 @@ class CoLT5DecoderBlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, hidden_states, self_attention_bias, encoder_hidden_states, encoder_mask, cache=None,
-                implementation="eager"):
+                implementation="eager", cross_attention_bias=None):
         attention, self_weights = self.self_attention(
             self.self_attention_layer_norm(hidden_states), self_attention_bias, cache, implementation
         )
         hidden_states = clamp_fp16(hidden_states + self.dropout(attention))
         attention, cross_weights = self.cross_attention(
-            self.cross_attention_layer_norm(hidden_states), encoder_hidden_states, encoder_mask, cache, implementation
+            self.cross_attention_layer_norm(hidden_states), encoder_hidden_states, encoder_mask, cache, implementation,
+            cross_attention_bias,
         )
         hidden_states = clamp_fp16(hidden_states + self.dropout(attention))
         feed_forward = self.feed_forward(self.feed_forward_layer_norm(hidden_states))
@@ -522,6 +546,8 @@ class CoLT5Encoder(nn.Module):
                 f"({config.max_input_length})"
             )
         implementation = check_implementation(config, output_attentions)
+        if attention_mask is None:  # made on the device: a host tensor in a compiled graph would rule out CUDA graphs
+            attention_mask = torch.ones(b, n, dtype=torch.bool, device=inputs_embeds.device)
         mask = check_mask(attention_mask, (b, n), "attention_mask").to(inputs_embeds.device)
         light_bias_table, heavy_bias_weight = branch_bias_tables(
             config, self.relative_attention_bias, inputs_embeds.device
@@ -557,23 +583,41 @@ class CoLT5Decoder(nn.Module):
         self.final_layer_norm = CoLT5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def self_attention_bias(self, past_length, length, attention_mask, dtype, device):
-        """(b or 1, h, length, past_length + length): relative position bias, causal mask and decoder padding mask."""
-        query_position = torch.arange(past_length, past_length + length, device=device)[:, None]
-        key_position = torch.arange(past_length + length, device=device)[None, :]
-        relative = key_position - query_position
+    def self_attention_bias(self, past_length, length, key_length, attention_mask, dtype, device):
+        """(b or 1, h, length, key_length): relative position bias, causal mask and decoder padding mask.
+
+        `past_length` is an int, or with a static cache a 0-dim tensor (read without a host sync, so that a decoding
+        step compiles into one graph). A dynamic cache returns `past_length + length` keys; a static cache all its
+        `key_length` slots, of which those not yet written lie in the future of every query and are masked as such.
+        """
+        query_position = torch.arange(length, device=device)[:, None] + past_length
+        relative = torch.arange(key_length, device=device)[None, :] - query_position  # (t, keys): key - query
         bucket = relative_position_bucket(
             relative, False, self.config.relative_attention_num_buckets, self.config.relative_attention_max_distance
         )
-        bias = self.relative_attention_bias(bucket).permute(2, 0, 1)[None].to(dtype)  # (1, h, t, past + t)
+        bias = self.relative_attention_bias(bucket).permute(2, 0, 1)[None].to(dtype)  # (1, h, t, keys)
         keep = (relative <= 0)[None, None]
         if attention_mask is not None:
-            if attention_mask.shape[-1] != past_length + length:
+            if attention_mask.ndim != 2:
                 raise ValueError(
-                    f"`decoder_attention_mask` covers {attention_mask.shape[-1]} positions but the decoder has "
-                    f"{past_length} cached + {length} new ones"
+                    f"`decoder_attention_mask` has shape {tuple(attention_mask.shape)}: pass a (batch, length) mask of "
+                    "1 for real tokens and 0 for padding (the decoder builds its causal mask itself)"
                 )
-            keep = keep & attention_mask.bool()[:, None, None, :]
+            # generate grows the mask by one position per step (past + t); a static cache's full length is accepted too
+            covered = attention_mask.shape[-1]
+            if isinstance(past_length, int):
+                fits = covered in (past_length + length, key_length)
+            else:  # a static cache's length is a tensor: reading it would sync the host
+                fits = length <= covered <= key_length
+            if not fits:
+                cached = past_length if isinstance(past_length, int) else "the cached"
+                raise ValueError(
+                    f"`decoder_attention_mask` covers {covered} positions: pass one for {cached} + {length} new "
+                    f"positions, or for all {key_length} slots of the cache"
+                )
+            # positions past the mask are the unwritten slots of a static cache, in every query's future
+            mask = F.pad(attention_mask.bool(), (0, key_length - covered), value=True)
+            keep = keep & mask.to(device)[:, None, None, :]
         return bias.masked_fill(~keep, mask_value(dtype))
 
     def forward(self, inputs_embeds, attention_mask, encoder_hidden_states, encoder_attention_mask, cache=None,
@@ -584,8 +628,16 @@ class CoLT5Decoder(nn.Module):
         implementation = check_implementation(self.config, output_attentions)
         encoder_mask = check_mask(encoder_attention_mask, encoder_hidden_states.shape[:2], "attention_mask")
         encoder_mask = encoder_mask.to(inputs_embeds.device)
-        past_length = cache.self_attention_cache.get_seq_length() if cache is not None else 0
-        bias = self.self_attention_bias(past_length, t, attention_mask, inputs_embeds.dtype, inputs_embeds.device)
+        past_length, key_length = 0, t
+        if cache is not None:
+            # a tensor for a static cache; read before any layer writes the cache, which moves it forward in place
+            past_length = cache.self_attention_cache.get_seq_length()
+            max_length = cache.self_attention_cache.get_max_length(0)
+            key_length = max_length if max_length >= 0 else past_length + t
+        bias = self.self_attention_bias(
+            past_length, t, key_length, attention_mask, inputs_embeds.dtype, inputs_embeds.device
+        )
+        cross_attention_bias = self.block[0].cross_attention.key_bias(encoder_mask, inputs_embeds.dtype)  # all layers
 
         hidden_states = self.dropout(inputs_embeds)
         all_hidden_states, all_self_attentions, all_cross_attentions = (), (), ()
@@ -593,7 +645,8 @@ class CoLT5Decoder(nn.Module):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states, self_weights, cross_weights = block(
-                hidden_states, bias, encoder_hidden_states, encoder_mask, cache=cache, implementation=implementation
+                hidden_states, bias, encoder_hidden_states, encoder_mask, cache=cache, implementation=implementation,
+                cross_attention_bias=cross_attention_bias,
             )
             all_self_attentions += (self_weights,)
             all_cross_attentions += (cross_weights,)
@@ -828,6 +881,9 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
     """CoLT5 with a language-modelling head: seq2seq training (`labels`) and `generate`."""
 
     _tied_weights_keys = {"lm_head.weight": "encoder.embed_tokens.weight"}
+    # a decoding step (encoder outputs given, static cache) compiles into one graph: generate(...,
+    # cache_implementation="static") compiles it on CUDA
+    _can_compile_fullgraph = True
 
     def __init__(self, config: CoLT5Config):
         super().__init__(config)
@@ -844,6 +900,15 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
 
     def prepare_decoder_input_ids_from_labels(self, labels):
         return self._shift_right(labels)
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """`generate`'s hook for the decoder mask with a static cache (Transformers would build a 4D causal mask). The
+        decoder builds its causal mask from the cache's length itself: keep the (batch, length) padding mask, padded
+        to the cache's slots so that its shape stays the same at every step and a compiled step does not recompile."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if attention_mask is None or cache is None or cache.get_max_length(0) < 0:
+            return attention_mask
+        return F.pad(attention_mask, (0, cache.get_max_length(0) - attention_mask.shape[-1]), value=1)
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, cache=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,

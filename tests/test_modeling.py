@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from colt5_hf import CoLT5Config, CoLT5EncoderModel, CoLT5ForConditionalGeneration, CoLT5Model, RouterOutput
+from colt5_hf import modeling_colt5
 from tiny import build, tiny_config
 
 
@@ -396,9 +397,17 @@ def test_inputs_embeds_equal_input_ids():
     )
 
 
+@pytest.mark.parametrize("sdpa_min_queries", [1, modeling_colt5.SDPA_MIN_QUERIES], ids=["sdpa-everywhere", "default"])
 @pytest.mark.parametrize("cross_attention", ["one-route-all-tokens", "gqa-two-routes"])
 @torch.no_grad()
-def test_eager_and_sdpa_give_the_same_outputs(cross_attention, tmp_path):
+def test_eager_and_sdpa_give_the_same_outputs(cross_attention, sdpa_min_queries, tmp_path, monkeypatch):
+    # by default the tiny model's attention calls have too few queries for SDPA (they take the matmul path, as a
+    # decoding step does): with the threshold at 1 every call goes through SDPA's kernels
+    monkeypatch.setattr(modeling_colt5, "SDPA_MIN_QUERIES", sdpa_min_queries)
+    sdpa_calls = []
+    sdpa_kernel = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: sdpa_calls.append(1) or sdpa_kernel(*args, **kwargs))
     build(**CROSS_ATTENTION_SETTINGS[cross_attention]).save_pretrained(tmp_path)
     eager = CoLT5ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
     sdpa = CoLT5ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
@@ -415,6 +424,7 @@ def test_eager_and_sdpa_give_the_same_outputs(cross_attention, tmp_path):
     torch.testing.assert_close(sdpa_out.logits, eager_out.logits, atol=1e-5, rtol=1e-5)
     generate = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(sdpa.generate(**generate), eager.generate(**generate))
+    assert (len(sdpa_calls) > 0) == (sdpa_min_queries == 1)
 
 
 # ------------------------------------------------------------------------------------------------------------ loss
