@@ -8,7 +8,7 @@ set -u
 OUT=${OUT:-runs/multi-gpu}
 WORK=${WORK:-/tmp/colt5-multi-gpu}
 STEPS=${STEPS:-40}
-LENGTH=${LENGTH:-4096}
+LENGTH=${LENGTH:-2048}
 CONFIG=${CONFIG:-configs/colt5-base.json}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT" "$WORK"
@@ -31,7 +31,7 @@ run "DDP, 2 GPUs" accelerate launch --config_file accelerate_configs/ddp.yaml ex
 run "FSDP, 2 GPUs" accelerate launch --config_file accelerate_configs/fsdp.yaml examples/train_multi_gpu.py train \
   --output-dir "$WORK/fsdp" --per-device-batch 8 $ARGS
 run "compare" python3 examples/train_multi_gpu.py compare "$WORK/one" "$WORK/ddp" "$WORK/fsdp" \
-  --source-length "$LENGTH" --target-length 64 --rtol 2e-2
+  --source-length "$LENGTH" --target-length 64 --rtol 2e-2 --eval-samples 4
 cp "$WORK"/one/run.json "$OUT/one.json" 2>/dev/null; cp "$WORK"/ddp/run.json "$OUT/ddp.json" 2>/dev/null
 cp "$WORK"/fsdp/run.json "$OUT/fsdp.json" 2>/dev/null
 
