@@ -3,7 +3,7 @@
 # examples/train_multi_gpu.py and through the `colt5-hf train` command; then the 2-GPU device_map test and the CUDA
 # Trainer mixed-precision tests. Logs and run records go to $OUT (default runs/multi-gpu).
 #
-#     bash scripts/check_multi_gpu.sh            # STEPS=40 LENGTH=4096 CONFIG=configs/colt5-base.json by default
+#     bash scripts/check_multi_gpu.sh            # STEPS=40 LENGTH=2048 CONFIG=configs/colt5-base.json by default
 set -u
 OUT=${OUT:-runs/multi-gpu}
 WORK=${WORK:-/tmp/colt5-multi-gpu}
