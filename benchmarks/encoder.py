@@ -7,6 +7,9 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
   colt5-hf/<impl>          this package's CoLT5EncoderModel encoder, attn_implementation eager, sdpa, flex_attention
                            (routing by the fused Triton coordinate descent on CUDA)
   colt5-hf/flex+eager-cd   flex_attention with the eager coordinate-descent loop (the fused kernels switched off)
+  colt5-hf/compiled-<impl> every block compiled, block.compile(fullgraph=True, dynamic=False): one compiled graph that
+                           all layers run (impl flex_attention or sdpa); a new n compiles again (static shapes)
+  colt5-hf/cudagraphs-<impl>  the same under mode="reduce-overhead" (CUDA graphs), forward only
   longt5-local, longt5-tglobal   transformers' LongT5 encoder (local / transient-global attention, radius 127)
   t5                       transformers' T5 encoder (full attention), 2 layers, n <= 16384
   reference                colt5-attention 0.2.2 ConditionalRoutedTransformerBlock x layers (light heads 4, heavy
@@ -15,7 +18,9 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
                            float32 probabilities with bf16 values and raises
 
 Memory: peak allocated during one forward+backward (weights and their gradients included: `peak_gib`) and the part
-above what was allocated before it (`extra_gib`). Writes encoder.json and encoder.png to $OUT (or benchmarks/out).
+above what was allocated before it (`extra_gib`). Compiled rows: compilation happens in the warm-up; the wall time of
+the first call (compilation included) is reported as `fwd_compile_s` and `fwdbwd_compile_s`. Writes encoder.json and
+encoder.png to $OUT (or benchmarks/out).
 
     python benchmarks/encoder.py [--sizes 4096 16384 32768 65536] [--models ...] [--layers 6]
 """
@@ -29,17 +34,23 @@ import torch
 from common import LARGE, colt5_large_config, cuda_time, environment, error_text, free_memory, out_dir
 
 
-MODELS = ["colt5-hf/flex_attention", "longt5-local", "reference", "longt5-tglobal", "colt5-hf/sdpa", "colt5-hf/eager",
-          "colt5-hf/flex+eager-cd", "t5"]
+# The default rows, CUDA graphs last (their memory pool outlives the stack); the whole list runs in about 5 minutes on
+# an H200, most of it compiling (each compiled row compiles a forward and a forward+backward graph per n).
+# colt5-hf/eager and colt5-hf/flex+eager-cd (the eager paths, measured in run A) run when named in --models.
+MODELS = ["colt5-hf/flex_attention", "colt5-hf/compiled-flex_attention", "longt5-local", "colt5-hf/compiled-sdpa",
+          "reference", "longt5-tglobal", "colt5-hf/sdpa", "t5", "colt5-hf/cudagraphs-flex_attention"]
+OTHER_MODELS = ["colt5-hf/eager", "colt5-hf/flex+eager-cd", "colt5-hf/cudagraphs-sdpa"]
 T5_MAX_LENGTH = 16384
 T5_LAYERS = 2
 
 
 class Stack:
-    """A callable x (1, n, d) -> (1, n, d) with its parameters; `per_call` kwargs depend on n (reference only)."""
+    """A callable x (1, n, d) -> (1, n, d) with its parameters; `context` is entered around its measurements,
+    `compiled` says that its first calls compile, `forward_only` skips the forward+backward measurement."""
 
-    def __init__(self, name, module, run, layers, context=None):
+    def __init__(self, name, module, run, layers, context=None, compiled=False, forward_only=False):
         self.name, self.module, self.run, self.layers, self.context = name, module, run, layers, context
+        self.compiled, self.forward_only = compiled, forward_only
 
 
 def build(name, layers):
@@ -48,7 +59,10 @@ def build(name, layers):
         from colt5_hf import CoLT5EncoderModel, routing
 
         implementation = name.split("/")[1]
-        context = None
+        context, mode = None, None
+        if implementation.startswith(("compiled-", "cudagraphs-")):
+            kind, implementation = implementation.split("-", 1)
+            mode = "reduce-overhead" if kind == "cudagraphs" else "default"
         if implementation == "flex+eager-cd":
             implementation = "flex_attention"
 
@@ -65,7 +79,17 @@ def build(name, layers):
             model = CoLT5EncoderModel(config).to(dtype)
         model.config._attn_implementation = implementation
         encoder = model.encoder
-        return Stack(name, encoder, lambda x, n: encoder(inputs_embeds=x).last_hidden_state, layers, context)
+        if mode is None:
+            return Stack(name, encoder, lambda x, n: encoder(inputs_embeds=x).last_hidden_state, layers, context)
+        for block in encoder.block:  # the same compiled code for every block (Dynamo's cache is per code object)
+            block.compile(fullgraph=True, dynamic=False, mode=mode)
+
+        def run(x, n):
+            if mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier outputs may be overwritten
+            return encoder(inputs_embeds=x).last_hidden_state
+
+        return Stack(name, encoder, run, layers, compiled=True, forward_only=mode == "reduce-overhead")
     if name.startswith("longt5"):
         from transformers import LongT5Config, LongT5EncoderModel
 
@@ -114,21 +138,32 @@ def measure(stack, n, budget_s):
     x = torch.randn(1, n, d, device="cuda", generator=generator).to(torch.bfloat16)
     result = {}
     params = list(stack.module.parameters())
+    warmup = 1 if stack.compiled else 2  # a compiled stack's first call, timed apart, is a warm-up too
 
     def drop_grads():
         for p in params:
             p.grad = None
         x.grad = None
 
+    def first_call(step):  # compiles (compiled rows): timed apart from the measurement, which follows it
+        started = time.time()
+        step()
+        torch.cuda.synchronize()
+        return time.time() - started
+
     try:
         stack.module.eval()
         with torch.no_grad():
-            result["fwd_ms"] = cuda_time(lambda: stack.run(x, n), budget_s=budget_s) / stack.layers
+            if stack.compiled:
+                result["fwd_compile_s"] = first_call(lambda: stack.run(x, n))
+            result["fwd_ms"] = cuda_time(lambda: stack.run(x, n), warmup=warmup, budget_s=budget_s) / stack.layers
     except Exception as error:  # noqa: BLE001 - recorded, the benchmark goes on
         result["fwd_error"] = error_text(error)
     free_memory()
     if "fwd_error" in result and result["fwd_error"] == "out of memory":
         result["fwdbwd_error"] = "out of memory (forward already)"
+        return result
+    if stack.forward_only:
         return result
     try:
         stack.module.train()
@@ -138,7 +173,10 @@ def measure(stack, n, budget_s):
         def step():
             stack.run(x, n).backward(upstream)
 
-        result["fwdbwd_ms"] = cuda_time(step, budget_s=budget_s, between=drop_grads) / stack.layers
+        if stack.compiled:
+            result["fwdbwd_compile_s"] = first_call(step)
+            drop_grads()
+        result["fwdbwd_ms"] = cuda_time(step, warmup=warmup, budget_s=budget_s, between=drop_grads) / stack.layers
         drop_grads()
         free_memory()
         torch.cuda.reset_peak_memory_stats()
@@ -183,22 +221,25 @@ def plot(records, path):
 
 
 def table(records):
-    lines = [f"{'model':26s} {'n':>6s} {'fwd ms/layer':>13s} {'fwd+bwd ms/layer':>17s} {'peak GiB':>9s} {'extra GiB':>9s}"]
+    lines = [f"{'model':34s} {'n':>6s} {'fwd ms/layer':>13s} {'fwd+bwd ms/layer':>17s} {'peak GiB':>9s} "
+             f"{'extra GiB':>9s} {'compile s':>11s}"]
     for r in records:
         fwd = f"{r['fwd_ms']:.2f}" if "fwd_ms" in r else r.get("fwd_error", "-")[:13]
         bwd = f"{r['fwdbwd_ms']:.2f}" if "fwdbwd_ms" in r else r.get("fwdbwd_error", "-")[:17]
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
         extra = f"{r['extra_gib']:.2f}" if "extra_gib" in r else "-"
-        lines.append(f"{r['model']:26s} {r['n']:6d} {fwd:>13s} {bwd:>17s} {peak:>9s} {extra:>9s}")
+        compile_s = "/".join(f"{r[key]:.0f}" for key in ("fwd_compile_s", "fwdbwd_compile_s") if key in r) or "-"
+        lines.append(f"{r['model']:34s} {r['n']:6d} {fwd:>13s} {bwd:>17s} {peak:>9s} {extra:>9s} {compile_s:>11s}")
     return "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
-    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS + OTHER_MODELS, metavar="MODEL",
+                        help=f"default: {' '.join(MODELS)}; also: {' '.join(OTHER_MODELS)}")
     parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--budget", type=float, default=1.5, help="seconds of timed repeats per measurement")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed repeats per measurement")
     parser.add_argument("--name", default="encoder")
     parser.add_argument("--from-json", nargs="+", help="only redraw the table and plot from earlier runs' JSON")
     args = parser.parse_args()
@@ -235,6 +276,8 @@ def main():
             records.append(record)
             print(json.dumps(record), flush=True)
             (out / f"{args.name}.json").write_text(json.dumps({"environment": info, "records": records}, indent=1))
+        if stack.compiled:
+            torch._dynamo.reset()  # drops the compiled code and what it holds
         del stack
         free_memory()
         print(f"{name}: {time.time() - started:.0f} s", flush=True)

@@ -2,7 +2,9 @@
 and a quick gradient for the heavy attention's bucketed bias.
 
 routing.py and modeling_colt5.py import these names inside guarded blocks; where Triton or flex attention is missing
-the name is None and the eager reference path runs.
+the name is None and the eager reference path runs. Everything here traces into one torch.compile graph: the Triton
+kernels are custom ops (colt5::coordinate_descent and its backward) with fake and autograd registrations, and inside a
+compiled region flex attention and its block mask are traced in place.
 
 Coordinate descent (routing.coordinate_descent) in log2 units: with x = s * log2(e) / epsilon and alpha = a * log2(e)
 / epsilon, one iteration is the scalar recurrence
@@ -186,50 +188,88 @@ if triton is not None:
             return block, 1, min(16, max(4, block // 1024))
         return 4096, triton.cdiv(n, 4096), 16
 
-    class FusedCoordinateDescent(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, scores, mask, k, iterations, epsilon, early_exit):
-            n = scores.shape[-1]
-            scores_rows = scores.reshape(-1, n).float().contiguous()
-            mask_rows = mask.expand(scores.shape).reshape(-1, n).contiguous()
-            k_rows = k.expand(*scores.shape[:-1], 1).reshape(-1).float().contiguous()
-            rows = scores_rows.shape[0]
-            soft = torch.empty_like(scores_rows)
-            alpha, lse, q = (scores_rows.new_empty(rows, iterations) for _ in range(3))
-            steps = torch.empty(rows, dtype=torch.int32, device=scores.device)
-            final_alpha, row_scale = scores_rows.new_empty(rows), scores_rows.new_empty(rows)
-            scale = LOG2E / epsilon
-            block, num_chunks, num_warps = _forward_layout(n)
+    # The kernels as two custom ops (forward; backward), so that torch.compile keeps each one as a single opaque call
+    # with no graph break and CUDA graphs can capture it: no host synchronisation, outputs allocated on the device.
+    @torch.library.custom_op("colt5::coordinate_descent", mutates_args=(), device_types="cuda")
+    def coordinate_descent_rows(
+        scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, iterations: int, scale: float, early_exit: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """scores (rows, n) float32, mask (rows, n) bool, k (rows,) float32 -> the soft top-k (rows, n) and what the
+        backward reads: history (3, rows, iterations) holding alpha_j, L_j and q_j (zero after an early exit), steps
+        (rows,) int32, final_alpha and row_scale (rows,)."""
+        scores, mask, k = scores.contiguous(), mask.contiguous(), k.contiguous()
+        rows, n = scores.shape
+        soft = torch.empty_like(scores)
+        history = scores.new_zeros(3, rows, iterations)  # zeros: no output holds uninitialised memory
+        alpha, lse, q = history.unbind(0)
+        steps = torch.empty(rows, dtype=torch.int32, device=scores.device)
+        final_alpha, row_scale = scores.new_empty(rows), scores.new_empty(rows)
+        block, num_chunks, num_warps = _forward_layout(n)
+        with torch.cuda.device(scores.device):  # Triton launches on the current device
             _coordinate_descent_forward[(rows,)](
-                scores_rows, mask_rows, k_rows, soft, alpha, lse, q, steps, final_alpha, row_scale, n, scale,
+                scores, mask, k, soft, alpha, lse, q, steps, final_alpha, row_scale, n, scale,
                 ITERATIONS=iterations, EARLY_EXIT=early_exit, BLOCK=block, NUM_CHUNKS=num_chunks, num_warps=num_warps,
             )
-            ctx.save_for_backward(scores_rows, mask_rows, soft, alpha, lse, q, steps, final_alpha, row_scale)
-            ctx.scale, ctx.iterations, ctx.shape = scale, iterations, scores.shape
-            return soft.view(scores.shape)
+        return soft, history, steps, final_alpha, row_scale
 
-        @staticmethod
-        def backward(ctx, grad_soft):
-            scores_rows, mask_rows, soft, alpha, lse, q, steps, final_alpha, row_scale = ctx.saved_tensors
-            rows, n = scores_rows.shape
-            grad_rows = grad_soft.reshape(rows, n).contiguous()
-            weights = torch.empty_like(alpha)
-            block, num_chunks, num_warps = _forward_layout(n)
+    @coordinate_descent_rows.register_fake
+    def _(scores, mask, k, iterations, scale, early_exit):
+        rows, n = scores.shape
+        history, steps = scores.new_empty(3, rows, iterations), scores.new_empty(rows, dtype=torch.int32)
+        return scores.new_empty(rows, n), history, steps, scores.new_empty(rows), scores.new_empty(rows)
+
+    @torch.library.custom_op("colt5::coordinate_descent_backward", mutates_args=(), device_types="cuda")
+    def coordinate_descent_rows_backward(
+        grad_soft: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor, history: torch.Tensor,
+        steps: torch.Tensor, final_alpha: torch.Tensor, row_scale: torch.Tensor, scale: float,
+    ) -> torch.Tensor:
+        """The gradient (rows, n) float32 of the scores, from the soft top-k's gradient and the forward's records."""
+        grad_soft, scores, mask, soft, history = (t.contiguous() for t in (grad_soft, scores, mask, soft, history))
+        grad_soft = grad_soft.float()
+        rows, n = scores.shape
+        alpha, lse, q = history.unbind(0)
+        iterations = alpha.shape[1]
+        weights = torch.empty_like(alpha)
+        grad_scores = torch.empty_like(scores)
+        block, num_chunks, num_warps = _forward_layout(n)
+        with torch.cuda.device(scores.device):
             _coordinate_descent_adjoints[(rows,)](
-                grad_rows, soft, scores_rows, mask_rows, q, steps, final_alpha, row_scale, weights, n, ctx.scale,
-                ITERATIONS=ctx.iterations, BLOCK=block, NUM_CHUNKS=num_chunks, num_warps=num_warps,
+                grad_soft, soft, scores, mask, q, steps, final_alpha, row_scale, weights, n, scale,
+                ITERATIONS=iterations, BLOCK=block, NUM_CHUNKS=num_chunks, num_warps=num_warps,
             )
-            grad_scores = torch.empty_like(scores_rows)
             _coordinate_descent_backward[(rows, triton.cdiv(n, GRAD_CHUNK))](
-                grad_rows, soft, scores_rows, mask_rows, alpha, lse, weights, steps, final_alpha, row_scale,
-                grad_scores, n, ctx.scale, ITERATIONS=ctx.iterations, BLOCK=GRAD_CHUNK, num_warps=4,
+                grad_soft, soft, scores, mask, alpha, lse, weights, steps, final_alpha, row_scale, grad_scores, n,
+                scale, ITERATIONS=iterations, BLOCK=GRAD_CHUNK, num_warps=4,
             )
-            return grad_scores.view(ctx.shape), None, None, None, None, None
+        return grad_scores
+
+    @coordinate_descent_rows_backward.register_fake
+    def _(grad_soft, scores, mask, soft, history, steps, final_alpha, row_scale, scale):
+        return scores.new_empty(scores.shape)
+
+    def _save_for_backward(ctx, inputs, output):
+        scores, mask, _k, _iterations, scale, _early_exit = inputs
+        soft, *records = output
+        ctx.mark_non_differentiable(*records)
+        ctx.save_for_backward(scores, mask, soft, *records)
+        ctx.scale = scale
+
+    def _coordinate_descent_backward_formula(ctx, grad_soft, *_):
+        grad_scores = coordinate_descent_rows_backward(grad_soft, *ctx.saved_tensors, ctx.scale)
+        return grad_scores, None, None, None, None, None
+
+    coordinate_descent_rows.register_autograd(_coordinate_descent_backward_formula, setup_context=_save_for_backward)
 
     def fused_coordinate_descent(scores, mask, k, *, iterations: int, epsilon: float, early_exit: bool = True):
         """`routing.coordinate_descent` in three Triton launches (one forward, two backward), same arguments and
         result. `early_exit` stops at an exact float32 fixed point, which changes nothing in the result."""
-        return FusedCoordinateDescent.apply(scores, mask, k, iterations, float(epsilon), early_exit)
+        n = scores.shape[-1]
+        scores_rows = scores.reshape(-1, n).float().contiguous()  # (rows, n)
+        mask_rows = mask.expand(scores.shape).reshape(-1, n).contiguous()
+        k_rows = k.expand(*scores.shape[:-1], 1).reshape(-1).float().contiguous()  # (rows,)
+        scale = LOG2E / float(epsilon)
+        soft, *_ = coordinate_descent_rows(scores_rows, mask_rows, k_rows, iterations, scale, early_exit)
+        return soft.view(scores.shape)
 
 else:
     fused_coordinate_descent = None
@@ -292,25 +332,34 @@ if flex_attention is not None:
         length = -(-n // block) * block
         if length != n:
             query, key, value = (torch.nn.functional.pad(t, (0, 0, 0, length - n)) for t in (query, key, value))
-            key_mask = torch.nn.functional.pad(key_mask, (0, length - n))
         reach = -(-radius // block)
         half = (reach + 1) * block - 1  # the largest |key - query| within the visited blocks
-        outside = bias_table.new_full((h, half - radius), float("-inf"))
-        table = torch.cat([outside, bias_table, outside], dim=1).float()  # (h, 2 * half + 1): offsets -half..half
+        offsets = torch.arange(-half, half + 1, device=bias_table.device)
+        table = torch.where(  # (h, 2 * half + 1): offsets -half..half, -inf outside the band
+            offsets.abs() <= radius, bias_table[:, (offsets + radius).clamp(0, 2 * radius)].float(), float("-inf")
+        )
         # one copy of the table per group of queries: the backward's atomic adds into the bias gradient then collide
         # only within a group, not across the whole sequence
         rows = table[:, None, :].expand(h, length // BIAS_GROUP, -1).contiguous()
 
+        # The tensors the score modification reads are built without padding or concatenation: inductor inlines their
+        # computation into the flex attention kernel, where it cannot lower masked loads (torch 2.11). Sizes are read
+        # off the tensors, not closed over as Python ints, which a separately compiled flex attention would bake in.
         def relative_bias(score, batch, head, q_index, kv_index):
-            edge = rows.shape[-1] // 2  # `half`, read off the tensor; pairs outside the blocks clamp to the -inf ends
+            edge = rows.shape[-1] // 2  # `half`; pairs outside the blocks clamp to the -inf ends
             bias = rows[head, q_index // BIAS_GROUP, (kv_index - q_index).clamp(-edge, edge) + edge]
-            return torch.where(key_mask[batch, kv_index], score + bias, float("-inf"))
+            last = key_mask.shape[-1] - 1  # keys past it pad the input to whole blocks
+            visible = key_mask[batch, kv_index.clamp(max=last)] & (kv_index <= last)
+            return torch.where(visible, score + bias, float("-inf"))
 
-        attention = compiled_flex_attention() if query.is_cuda else flex_attention
-        out = attention(
-            query, key, value, score_mod=relative_bias, block_mask=band_block_mask(length, reach, query.device, block),
-            scale=1.0,
-        )
+        if torch.compiler.is_compiling():
+            # inside an outer torch.compile: flex attention and the block mask are traced into its graph (a cached mask
+            # or a separately compiled flex attention would break it); the mask is a few small kernels per call
+            attention, block_mask = flex_attention, band_block_mask.__wrapped__(length, reach, query.device, block)
+        else:
+            attention = compiled_flex_attention() if query.is_cuda else flex_attention
+            block_mask = band_block_mask(length, reach, query.device, block)
+        out = attention(query, key, value, score_mod=relative_bias, block_mask=block_mask, scale=1.0)
         return out[:, :, :n]
 
 else:
