@@ -10,6 +10,7 @@
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -202,6 +203,13 @@ def switch_off_heavy_branch(model):
 
 
 def training_arguments(args, has_eval):
+    if not args.cpu and torch.cuda.device_count() > 1 and "WORLD_SIZE" not in os.environ:
+        # Trainer would wrap the model in nn.DataParallel over every visible GPU, which runs without mixed precision
+        # (no autocast: Transformers 5.17 prepares only an unwrapped model with accelerate) and multiplies the batch
+        raise CommandError(
+            f"{torch.cuda.device_count()} GPUs are visible to a single process: train on several GPUs with "
+            "`accelerate launch` (accelerate_configs/ddp.yaml or fsdp.yaml), or on one with CUDA_VISIBLE_DEVICES=0"
+        )
     eval_steps = args.eval_steps
     return Seq2SeqTrainingArguments(
         output_dir=str(args.output_dir),
@@ -304,7 +312,8 @@ def command_train(args, callbacks=()):
         raise CommandError("give either --train-file or --demo-task, not both")
     if args.steps is None and args.demo_task:
         raise CommandError("--demo-task generates examples for a number of --steps: give --steps")
-    batch = args.batch_size * args.gradient_accumulation_steps
+    # examples per optimizer step across every process (`accelerate launch` sets WORLD_SIZE)
+    batch = args.batch_size * args.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1"))
     _, train_dataset = read_dataset(args, tokenizer, model.config, args.train_file, "train",
                                     demo_count=(args.steps or 0) * batch, demo_seed=args.seed)
     eval_dataset = None

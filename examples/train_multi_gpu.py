@@ -19,6 +19,7 @@ Precision is a training flag (--bf16 / --fp16), the same for every run; the acce
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +55,11 @@ class ReverseTask(torch.utils.data.Dataset):
 
 
 def train(args):
+    if not args.cpu and torch.cuda.device_count() > 1 and "WORLD_SIZE" not in os.environ:
+        # one process seeing several GPUs: Trainer would use nn.DataParallel (a larger global batch than recorded, and
+        # no autocast for --bf16/--fp16)
+        raise SystemExit(f"{torch.cuda.device_count()} GPUs are visible: use `accelerate launch` for several GPUs, or "
+                         "CUDA_VISIBLE_DEVICES=0 for one")
     if args.model:
         overrides = {} if args.dropout is None else {"dropout_rate": args.dropout}
         model = CoLT5ForConditionalGeneration.from_pretrained(args.model, **overrides)

@@ -285,3 +285,15 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert re.search(r"truncated 4 of 4 sources to 10 tokens \(\d+ tokens cut, longest was \d+\)", err)
     fails(["train", *TRAIN, "--train-file", good, "--steps", 1, "--output-dir", out], capsys, "not empty",
           "--resume")
+
+
+def test_train_refuses_several_gpus_in_one_process(tmp_path, capsys, monkeypatch):
+    """Several visible GPUs without a launcher would make Trainer fall back to nn.DataParallel (no autocast, a larger
+    batch): the command says how to run instead. Under a launcher (WORLD_SIZE set) or with --cpu it trains."""
+    good = write_jsonl(tmp_path / "good.jsonl", PAIRS[:4])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    fails(["train", *TRAIN, "--train-file", good, "--steps", 1, "--output-dir", tmp_path / "out"], capsys,
+          "2 GPUs are visible to a single process", "accelerate launch", "CUDA_VISIBLE_DEVICES=0")
+    run(["train", *TRAIN, "--train-file", good, "--steps", 1, "--output-dir", tmp_path / "cpu", "--cpu"], capsys)
+    assert (tmp_path / "cpu" / "model.safetensors").exists()

@@ -523,6 +523,8 @@ def test_fp16_clamp_keeps_overflowing_activations_finite(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Trainer fp16 needs CUDA (on the CPU it trains in fp32)")
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="with several GPUs visible, Trainer wraps the model in "
+                    "nn.DataParallel, which runs without autocast: run with CUDA_VISIBLE_DEVICES=0")
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_trainer_mixed_precision_on_cuda(tmp_path, precision):
     model = build().train()
@@ -533,7 +535,11 @@ def test_trainer_mixed_precision_on_cuda(tmp_path, precision):
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
-    assert output_dtypes == {torch.float16 if precision == "fp16" else torch.bfloat16}
+    accelerator = trainer.accelerator
+    assert output_dtypes == {torch.float16 if precision == "fp16" else torch.bfloat16}, (
+        f"accelerator mixed_precision={accelerator.mixed_precision} native_amp={accelerator.native_amp} "
+        f"model device={next(model.parameters()).device} forward wrapped={hasattr(model, '_original_forward')}"
+    )
     assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
 
 
