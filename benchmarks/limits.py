@@ -88,17 +88,21 @@ def main():
     parser.add_argument("--resolution", type=int, default=4096)
     parser.add_argument("--longest", type=int, default=2**21, help="stop doubling here")
     parser.add_argument("--budget-s", type=float, default=100.0, help="search time per preset and mode")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward")
     args = parser.parse_args()
     info = environment()
     print(json.dumps(info), flush=True)
     records = []
     for preset in args.presets:
         model = build(preset, args.implementation)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         params_gib = sum(p.numel() for p in model.parameters()) * 2 / 2**30
         for mode in args.modes:
             good, peak, bad, failure, trials = search(model, mode, args.start, args.resolution, args.budget_s,
                                                       args.longest)
             record = {"preset": preset, "mode": mode, "implementation": args.implementation,
+                      "gradient_checkpointing": args.gradient_checkpointing,
                       "params_gib": round(params_gib, 2), "longest": good, "peak_gib": peak and round(peak, 2),
                       "first_failure": bad, "failure": failure, "trials": trials}
             records.append(record)
@@ -106,7 +110,8 @@ def main():
             (out_dir() / "limits.json").write_text(json.dumps({"environment": info, "records": records}, indent=1))
         del model
         free_memory()
-    print(f"\n{info['device']} ({info.get('gpu_memory_gib')} GiB), batch 1, bf16, {args.implementation}")
+    print(f"\n{info['device']} ({info.get('gpu_memory_gib')} GiB), batch 1, bf16, {args.implementation}"
+          + (", gradient checkpointing" if args.gradient_checkpointing else ""))
     print(f"{'preset':7s} {'mode':10s} {'params GiB':>10s} {'longest ok':>11s} {'peak GiB':>9s} {'first failure':>14s}"
           f"  why")
     for r in records:

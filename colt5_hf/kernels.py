@@ -3,7 +3,7 @@ and a quick gradient for the heavy attention's bucketed bias.
 
 routing.py and modeling_colt5.py import these names inside guarded blocks; where Triton or flex attention is missing
 the name is None and the eager reference path runs. Everything here traces into one torch.compile graph: the Triton
-kernels are custom ops (colt5::coordinate_descent and its backward) with fake and autograd registrations, and inside a
+kernels are custom ops (colt5::coordinate_descent and its backward; see OP_NAMESPACE) with fake and autograd registrations, and inside a
 compiled region flex attention and its block mask are traced in place.
 
 Coordinate descent (routing.coordinate_descent) in log2 units: with x = s * log2(e) / epsilon and alpha = a * log2(e)
@@ -24,6 +24,7 @@ computes the w_j (a scalar recurrence), then one program per chunk of every row 
 """
 
 import functools
+import re
 
 import torch
 
@@ -39,6 +40,9 @@ except ImportError:
     flex_attention = None
 
 
+# The custom ops' namespace. A Hub custom-code copy of this file is imported under another module name, possibly next to
+# colt5_hf itself: it registers its ops under its own namespace rather than failing on names already taken.
+OP_NAMESPACE = "colt5" if __name__ == "colt5_hf.kernels" else "colt5_" + re.sub(r"\W", "_", __name__)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 RESIDENT_ROW = 16384  # longest row the forward kernel keeps in registers
@@ -190,7 +194,7 @@ if triton is not None:
 
     # The kernels as two custom ops (forward; backward), so that torch.compile keeps each one as a single opaque call
     # with no graph break and CUDA graphs can capture it: no host synchronisation, outputs allocated on the device.
-    @torch.library.custom_op("colt5::coordinate_descent", mutates_args=(), device_types="cuda")
+    @torch.library.custom_op(f"{OP_NAMESPACE}::coordinate_descent", mutates_args=(), device_types="cuda")
     def coordinate_descent_rows(
         scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, iterations: int, scale: float, early_exit: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -218,7 +222,7 @@ if triton is not None:
         history, steps = scores.new_empty(3, rows, iterations), scores.new_empty(rows, dtype=torch.int32)
         return scores.new_empty(rows, n), history, steps, scores.new_empty(rows), scores.new_empty(rows)
 
-    @torch.library.custom_op("colt5::coordinate_descent_backward", mutates_args=(), device_types="cuda")
+    @torch.library.custom_op(f"{OP_NAMESPACE}::coordinate_descent_backward", mutates_args=(), device_types="cuda")
     def coordinate_descent_rows_backward(
         grad_soft: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor, history: torch.Tensor,
         steps: torch.Tensor, final_alpha: torch.Tensor, row_scale: torch.Tensor, scale: float,

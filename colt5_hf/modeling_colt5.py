@@ -90,7 +90,8 @@ def attend(query, key, value, bias, dropout: float, implementation: str):
         bias = bias.expand(*shape[:-1], k_len).reshape(shape[0], -1, shape[-2], k_len).to(query.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
         return out.reshape(shape), None
-    scores = torch.matmul(query, key.transpose(-1, -2)).float() + bias.float()
+    precision = torch.promote_types(query.dtype, torch.float32)  # float32 at least (a float64 bias must stay finite)
+    scores = torch.matmul(query, key.transpose(-1, -2)).to(precision) + bias.to(precision)
     probs = scores.softmax(-1).to(value.dtype)
     out = torch.matmul(F.dropout(probs, p=dropout), value)
     return out, (probs if implementation == "eager" else None)

@@ -1,6 +1,6 @@
 """torch.compile of the CoLT5 encoder on the CPU (tiny preset, eager coordinate-descent loop): one graph per block with
 no graph break, the same compiled graph for every layer, results equal to eager. The CUDA counterparts (fused Triton
-coordinate descent, flex attention, CUDA graphs) are in test_gpu.py.
+coordinate descent, flex attention, CUDA graphs) are in test_gpu_compile.py.
 
 Recompilation: with dynamic=False a new input length compiles once more (Dynamo guards on the static shapes); going
 back to a length seen before reuses its graph. COLT5_COMPILE=0 skips the tests that run inductor.

@@ -210,6 +210,20 @@ REMOTE_CHILD = textwrap.dedent('''
 ''')
 
 
+def test_custom_code_copy_of_the_kernels_imports_beside_colt5_hf(hub_folder):
+    """The folder's kernels.py, imported as Transformers imports custom code (another module name) in a process that
+    has colt5_hf loaded, registers its Triton ops under its own namespace instead of failing on colt5::."""
+    folder, _ = hub_folder
+    spec = importlib.util.spec_from_file_location("transformers_modules.colt5_tiny.kernels", folder / "kernels.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert colt5_hf.kernels.OP_NAMESPACE == "colt5"
+    assert copy.OP_NAMESPACE == "colt5_transformers_modules_colt5_tiny_kernels"
+    if copy.fused_coordinate_descent is not None:  # Triton present: both copies' ops are registered
+        assert hasattr(torch.ops.colt5, "coordinate_descent")
+        assert hasattr(getattr(torch.ops, copy.OP_NAMESPACE), "coordinate_descent")
+
+
 def test_remote_code_loads_where_colt5_hf_cannot_be_imported(hub_folder, tmp_path):
     folder, model = hub_folder
     inputs = batch()
