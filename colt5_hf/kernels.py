@@ -3,8 +3,8 @@ and a quick gradient for the heavy attention's bucketed bias.
 
 routing.py and modeling_colt5.py import these names inside guarded blocks; where Triton or flex attention is missing
 the name is None and the eager reference path runs. Everything here traces into one torch.compile graph: the Triton
-kernels are custom ops (colt5::coordinate_descent and its backward; see OP_NAMESPACE) with fake and autograd registrations, and inside a
-compiled region flex attention and its block mask are traced in place.
+kernels are custom ops (colt5::coordinate_descent and its backward; see OP_NAMESPACE) with fake and autograd
+registrations, and inside a compiled region flex attention and its block mask are traced in place.
 
 Coordinate descent (routing.coordinate_descent) in log2 units: with x = s * log2(e) / epsilon and alpha = a * log2(e)
 / epsilon, one iteration is the scalar recurrence

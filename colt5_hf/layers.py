@@ -71,7 +71,7 @@ def init_weights(layer):
 
 def input_mask(x, mask, name="mask"):
     """(b, n) bool on x's device; None: every position is real."""
-    return check_mask(mask, x.shape[:2], name).to(x.device)
+    return check_mask(mask, x.shape[:2], name, x.device)
 
 
 class ConditionalRoutedFeedForward(nn.Module):

@@ -489,16 +489,17 @@ def input_embeddings(embedding, input_ids, inputs_embeds, name="input_ids"):
     return embedding(input_ids) if inputs_embeds is None else inputs_embeds
 
 
-def check_mask(attention_mask, shape, name):
-    """(b, n) 0/1 mask -> bool; a missing mask means every position is real."""
+def check_mask(attention_mask, shape, name, device):
+    """(b, n) 0/1 mask -> bool on `device`; a missing mask means every position is real (made on the device: a host
+    tensor inside a compiled graph would rule out CUDA graphs)."""
     if attention_mask is None:
-        return torch.ones(shape, dtype=torch.bool)
+        return torch.ones(shape, dtype=torch.bool, device=device)
     if tuple(attention_mask.shape) != tuple(shape):
         raise ValueError(
             f"`{name}` has shape {tuple(attention_mask.shape)} but the inputs it masks have (batch, length) "
             f"{tuple(shape)}: pass a (batch, length) mask of 1 for real tokens and 0 for padding"
         )
-    return attention_mask.bool()
+    return attention_mask.bool().to(device)
 
 
 def branch_bias_tables(config, relative_attention_bias, device):
@@ -547,9 +548,7 @@ class CoLT5Encoder(nn.Module):
                 f"({config.max_input_length})"
             )
         implementation = check_implementation(config, output_attentions)
-        if attention_mask is None:  # made on the device: a host tensor in a compiled graph would rule out CUDA graphs
-            attention_mask = torch.ones(b, n, dtype=torch.bool, device=inputs_embeds.device)
-        mask = check_mask(attention_mask, (b, n), "attention_mask").to(inputs_embeds.device)
+        mask = check_mask(attention_mask, (b, n), "attention_mask", inputs_embeds.device)
         light_bias_table, heavy_bias_weight = branch_bias_tables(
             config, self.relative_attention_bias, inputs_embeds.device
         )
@@ -627,8 +626,9 @@ class CoLT5Decoder(nn.Module):
         if t == 0:
             raise ValueError("CoLT5 got empty decoder inputs: the decoder needs at least one token per sequence")
         implementation = check_implementation(self.config, output_attentions)
-        encoder_mask = check_mask(encoder_attention_mask, encoder_hidden_states.shape[:2], "attention_mask")
-        encoder_mask = encoder_mask.to(inputs_embeds.device)
+        encoder_mask = check_mask(
+            encoder_attention_mask, encoder_hidden_states.shape[:2], "attention_mask", inputs_embeds.device
+        )
         past_length, key_length = 0, t
         if cache is not None:
             # a tensor for a static cache; read before any layer writes the cache, which moves it forward in place

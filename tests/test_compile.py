@@ -15,22 +15,10 @@ import torch
 from colt5_hf import CoLT5EncoderModel
 from colt5_hf.kernels import bucket_bias, flex_local_attention
 from colt5_hf.modeling_colt5 import CoLT5LocalAttention
-from tiny import tiny_config
+from tiny import CountingBackend, tiny_config
 
 
 needs_inductor = pytest.mark.skipif(os.environ.get("COLT5_COMPILE", "1") == "0", reason="COLT5_COMPILE=0")
-
-
-class CountingBackend:
-    """A torch.compile backend that counts the graphs Dynamo hands over (one per compilation) and compiles them with
-    `backend`."""
-
-    def __init__(self, backend):
-        self.backend, self.graphs = torch._dynamo.lookup_backend(backend), 0
-
-    def __call__(self, graph_module, example_inputs):
-        self.graphs += 1
-        return self.backend(graph_module, example_inputs)
 
 
 def encoder(num_layers=3, seed=0):

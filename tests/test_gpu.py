@@ -13,16 +13,13 @@ import torch
 
 from colt5_hf import CoLT5Config, CoLT5EncoderModel, routing
 from colt5_hf.modeling_colt5 import CoLT5LocalAttention
+from tiny import relative_error
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 if torch.cuda.is_available():
     from colt5_hf.kernels import fused_coordinate_descent
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-30)).item()
 
 
 def eager_coordinate_descent(scores, mask, k, iterations, epsilon, monkeypatch):

@@ -10,24 +10,10 @@ import pytest
 import torch
 
 from colt5_hf import CoLT5Config, CoLT5EncoderModel
+from tiny import CountingBackend, relative_error
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-class CountingBackend:
-    """Counts the graphs Dynamo compiles and hands them to inductor."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, graph_module, example_inputs):
-        self.graphs += 1
-        return torch._dynamo.lookup_backend("inductor")(graph_module, example_inputs)
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-30)).item()
 
 
 def small_encoder(dtype, seed=0):

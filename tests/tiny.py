@@ -1,4 +1,5 @@
-"""The tiny preset (configs/colt5-tiny.json), shared by the test files."""
+"""What the test files share: the tiny preset (configs/colt5-tiny.json), a graph-counting torch.compile backend and a
+relative error."""
 
 import json
 from pathlib import Path
@@ -25,3 +26,20 @@ def build(model_class=CoLT5ForConditionalGeneration, seed=0, **overrides):
     """A tiny model in eval mode, seeded."""
     torch.manual_seed(seed)
     return model_class(tiny_config(**overrides)).eval()
+
+
+def relative_error(actual, expected):
+    """||actual - expected|| / ||expected||, in float64."""
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-30)).item()
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs Dynamo hands over (one per compilation) and compiles them with
+    `backend`."""
+
+    def __init__(self, backend="inductor"):
+        self.backend, self.graphs = torch._dynamo.lookup_backend(backend), 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return self.backend(graph_module, example_inputs)
