@@ -1,9 +1,10 @@
 """Where a CoLT5-Large encoder layer spends its time: torch.profiler over a 6-layer stack (flex_attention, fused
 routing) at one length, forward and forward+backward. Prints the CUDA kernels by total time, the number of kernel
-launches per layer and the summed kernel time against the wall time (the gap is launch/CPU overhead). Writes
-profile.txt to $OUT (or benchmarks/out).
+launches per layer and the summed kernel time against the wall time (the gap is launch/CPU overhead). --compile
+profiles the compiled path of benchmarks/encoder.py (every block `block.compile(fullgraph=True, dynamic=False)`).
+Writes profile.txt (profile-compiled.txt with --compile) to $OUT (or benchmarks/out).
 
-    python benchmarks/profile_encoder.py [--n 16384] [--implementation flex_attention]
+    python benchmarks/profile_encoder.py [--n 16384] [--implementation flex_attention] [--compile]
 """
 
 import argparse
@@ -19,6 +20,7 @@ def main():
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--implementation", default="flex_attention")
+    parser.add_argument("--compile", action="store_true", help="compile every block as benchmarks/encoder.py does")
     args = parser.parse_args()
     from colt5_hf import CoLT5EncoderModel
 
@@ -26,9 +28,12 @@ def main():
     with torch.device("cuda"):
         model = CoLT5EncoderModel(config).to(torch.bfloat16)
     model.config._attn_implementation = args.implementation
+    if args.compile:
+        for block in model.encoder.block:
+            block.compile(fullgraph=True, dynamic=False)
     x = torch.randn(1, args.n, config.d_model, device="cuda").to(torch.bfloat16)
     upstream = torch.randn_like(x)
-    report = [str(environment()), f"n={args.n} layers={args.layers} implementation={args.implementation}"]
+    report = [str(environment()), f"n={args.n} layers={args.layers} implementation={args.implementation} compiled={args.compile}"]
 
     def forward():
         with torch.no_grad():
@@ -58,7 +63,7 @@ def main():
         )
         report.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
     text = "\n".join(report)
-    (out_dir() / "profile.txt").write_text(text)
+    (out_dir() / ("profile-compiled.txt" if args.compile else "profile.txt")).write_text(text)
     print(text)
 
 
