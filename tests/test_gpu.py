@@ -192,22 +192,25 @@ def test_encoder_fused_routing_matches_eager_loop(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "implementation, cross_attention",
-    [("sdpa", {}), ("flex_attention", dict(num_cross_attention_routes=2, cross_attention_fraction=0.5,
-                                           num_cross_attention_kv_heads=2))],
+    "implementation, cross_attention, dtype, tolerance",
+    [("sdpa", {}, torch.bfloat16, 3e-2),
+     ("flex_attention", dict(num_cross_attention_routes=2, cross_attention_fraction=0.5, num_cross_attention_kv_heads=2),
+      torch.float32, 1e-4)],
 )
-def test_generate_with_static_cache_is_compiled_and_equals_dynamic_cache(implementation, cross_attention):
+def test_generate_with_static_cache_is_compiled_and_equals_dynamic_cache(implementation, cross_attention, dtype,
+                                                                         tolerance):
     """generate(cache_implementation="static") on CUDA compiles the decoding step (Transformers' auto-compile, CUDA
-    graphs; fullgraph=True so that a graph break fails) and decodes the tokens of the dynamic cache, bf16. Tokens may
-    part only at a near tie of the dynamic run's scores (bf16 rounding differs between the compiled and eager steps);
-    before that, the logits agree."""
+    graphs; fullgraph=True so that a graph break fails) and decodes the tokens of the dynamic cache. Every step's logits
+    agree with the dynamic cache's to `tolerance` (relative, over the step: the compiled step rounds differently, by a
+    few units in the last place of single logits in bf16); tokens may part only at a near tie of the dynamic run's
+    scores, and the comparison ends there."""
     from transformers import CompileConfig
 
     from colt5_hf import CoLT5ForConditionalGeneration
 
     torch.manual_seed(2)
     config = small_config(31, num_decoder_layers=2, **cross_attention)
-    model = CoLT5ForConditionalGeneration(config).cuda().to(torch.bfloat16).eval()
+    model = CoLT5ForConditionalGeneration(config).cuda().to(dtype).eval()
     model.config._attn_implementation = implementation
     n = 300
     inputs = torch.randint(2, config.vocab_size, (2, n), device="cuda")
@@ -223,9 +226,9 @@ def test_generate_with_static_cache_is_compiled_and_equals_dynamic_cache(impleme
     assert hasattr(model, "_compiled_call")  # the decoding steps went through torch.compile
     assert static.sequences.shape == dynamic.sequences.shape
     for step, (static_logits, dynamic_logits) in enumerate(zip(static.logits, dynamic.logits)):
-        torch.testing.assert_close(static_logits, dynamic_logits, atol=0.1, rtol=0.05)
+        assert relative_error(static_logits, dynamic_logits) < tolerance, f"step {step}"
         parted = static.sequences[:, step + 1] != dynamic.sequences[:, step + 1]
         if parted.any():
-            top2 = dynamic.scores[step].topk(2).values
-            assert ((top2[:, 0] - top2[:, 1])[parted] < 0.1).all(), f"tokens part at step {step} without a near tie"
+            top2 = dynamic.scores[step].float().topk(2).values
+            assert ((top2[:, 0] - top2[:, 1])[parted] < 50 * tolerance).all(), f"tokens part at step {step}, no tie"
             break
