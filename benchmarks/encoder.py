@@ -9,7 +9,8 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
   colt5-hf/flex+eager-cd   flex_attention with the eager coordinate-descent loop (the fused kernels switched off)
   colt5-hf/compiled-<impl> every block compiled, block.compile(fullgraph=True, dynamic=False): one compiled graph that
                            all layers run (impl flex_attention or sdpa); a new n compiles again (static shapes)
-  colt5-hf/cudagraphs-<impl>  the same under mode="reduce-overhead" (CUDA graphs), forward only
+  colt5-hf/cudagraphs-<impl>  the same under mode="reduce-overhead": CUDA graphs for the forward and for the
+                              forward+backward (the record counts the graphs that fell back to no CUDA graphs)
   longt5-local, longt5-tglobal   transformers' LongT5 encoder (local / transient-global attention, radius 127)
   t5                       transformers' T5 encoder (full attention), 2 layers, n <= 16384
   reference                colt5-attention 0.2.2 ConditionalRoutedTransformerBlock x layers (light heads 4, heavy
@@ -30,6 +31,7 @@ import json
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 from common import LARGE, colt5_large_config, cuda_time, environment, error_text, free_memory, out_dir
 
@@ -46,11 +48,11 @@ T5_LAYERS = 2
 
 class Stack:
     """A callable x (1, n, d) -> (1, n, d) with its parameters; `context` is entered around its measurements,
-    `compiled` says that its first calls compile, `forward_only` skips the forward+backward measurement."""
+    `compiled` says that its first calls compile, `cuda_graphs` that they record CUDA graphs."""
 
-    def __init__(self, name, module, run, layers, context=None, compiled=False, forward_only=False):
+    def __init__(self, name, module, run, layers, context=None, compiled=False, cuda_graphs=False):
         self.name, self.module, self.run, self.layers, self.context = name, module, run, layers, context
-        self.compiled, self.forward_only = compiled, forward_only
+        self.compiled, self.cuda_graphs = compiled, cuda_graphs
 
 
 def build(name, layers):
@@ -89,7 +91,7 @@ def build(name, layers):
                 torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier outputs may be overwritten
             return encoder(inputs_embeds=x).last_hidden_state
 
-        return Stack(name, encoder, run, layers, compiled=True, forward_only=mode == "reduce-overhead")
+        return Stack(name, encoder, run, layers, compiled=True, cuda_graphs=mode == "reduce-overhead")
     if name.startswith("longt5"):
         from transformers import LongT5Config, LongT5EncoderModel
 
@@ -157,13 +159,13 @@ def measure(stack, n, budget_s):
             if stack.compiled:
                 result["fwd_compile_s"] = first_call(lambda: stack.run(x, n))
             result["fwd_ms"] = cuda_time(lambda: stack.run(x, n), warmup=warmup, budget_s=budget_s) / stack.layers
+        if stack.cuda_graphs:  # graphs that ran without CUDA graphs (0 expected), counted since the stack was built
+            result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     except Exception as error:  # noqa: BLE001 - recorded, the benchmark goes on
         result["fwd_error"] = error_text(error)
     free_memory()
     if "fwd_error" in result and result["fwd_error"] == "out of memory":
         result["fwdbwd_error"] = "out of memory (forward already)"
-        return result
-    if stack.forward_only:
         return result
     try:
         stack.module.train()
@@ -177,6 +179,8 @@ def measure(stack, n, budget_s):
             result["fwdbwd_compile_s"] = first_call(step)
             drop_grads()
         result["fwdbwd_ms"] = cuda_time(step, warmup=warmup, budget_s=budget_s, between=drop_grads) / stack.layers
+        if stack.cuda_graphs:
+            result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
         drop_grads()
         free_memory()
         torch.cuda.reset_peak_memory_stats()
@@ -255,6 +259,7 @@ def main():
     records = []
     for name in args.models:
         started = time.time()
+        counters.clear()
         try:
             stack = build(name, args.layers)
         except Exception as error:  # noqa: BLE001

@@ -1,10 +1,11 @@
 """Where a CoLT5-Large encoder layer spends its time: torch.profiler over a 6-layer stack (flex_attention, fused
 routing) at one length, forward and forward+backward. Prints the CUDA kernels by total time, the number of kernel
 launches per layer and the summed kernel time against the wall time (the gap is launch/CPU overhead). --compile
-profiles the compiled path of benchmarks/encoder.py (every block `block.compile(fullgraph=True, dynamic=False)`).
-Writes profile.txt (profile-compiled.txt with --compile) to $OUT (or benchmarks/out).
+profiles the compiled path of benchmarks/encoder.py (every block `block.compile(fullgraph=True, dynamic=False)`),
+--compile reduce-overhead the same under CUDA graphs. Writes profile.txt (profile-compiled.txt,
+profile-reduce-overhead.txt) to $OUT (or benchmarks/out).
 
-    python benchmarks/profile_encoder.py [--n 16384] [--implementation flex_attention] [--compile]
+    python benchmarks/profile_encoder.py [--n 16384] [--implementation flex_attention] [--compile [reduce-overhead]]
 """
 
 import argparse
@@ -20,7 +21,8 @@ def main():
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--implementation", default="flex_attention")
-    parser.add_argument("--compile", action="store_true", help="compile every block as benchmarks/encoder.py does")
+    parser.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead"],
+                        help="compile every block as benchmarks/encoder.py does, in this mode")
     args = parser.parse_args()
     from colt5_hf import CoLT5EncoderModel
 
@@ -30,16 +32,19 @@ def main():
     model.config._attn_implementation = args.implementation
     if args.compile:
         for block in model.encoder.block:
-            block.compile(fullgraph=True, dynamic=False)
+            block.compile(fullgraph=True, dynamic=False, mode=args.compile)
     x = torch.randn(1, args.n, config.d_model, device="cuda").to(torch.bfloat16)
     upstream = torch.randn_like(x)
-    report = [str(environment()), f"n={args.n} layers={args.layers} implementation={args.implementation} compiled={args.compile}"]
+    report = [str(environment()), f"n={args.n} layers={args.layers} implementation={args.implementation} "
+              f"compiled={args.compile or 'no'}"]
 
     def forward():
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new step may overwrite the last one's outputs
         with torch.no_grad():
             model.encoder(inputs_embeds=x)
 
     def forward_backward():
+        torch.compiler.cudagraph_mark_step_begin()
         model.encoder(inputs_embeds=x.requires_grad_()).last_hidden_state.backward(upstream)
         model.zero_grad(set_to_none=True)
 
@@ -63,7 +68,8 @@ def main():
         )
         report.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
     text = "\n".join(report)
-    (out_dir() / ("profile-compiled.txt" if args.compile else "profile.txt")).write_text(text)
+    name = {None: "profile", "default": "profile-compiled"}.get(args.compile, f"profile-{args.compile}")
+    (out_dir() / f"{name}.txt").write_text(text)
     print(text)
 
 

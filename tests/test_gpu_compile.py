@@ -1,7 +1,7 @@
 """torch.compile of the CoLT5 encoder on CUDA: the fused Triton coordinate descent (custom ops colt5::coordinate_descent
 and colt5::coordinate_descent_backward), flex attention with its block mask and the heavy attention's bias lookup in
-one graph (fullgraph=True), equal to eager; the forward under CUDA graphs (mode="reduce-overhead"). Skipped without a
-CUDA GPU. The CPU counterparts are in test_compile.py.
+one graph (fullgraph=True), equal to eager; forward and training steps under CUDA graphs (mode="reduce-overhead").
+Skipped without a CUDA GPU. The CPU counterparts are in test_compile.py.
 """
 
 import copy
@@ -106,6 +106,30 @@ def test_encoder_forward_under_cuda_graphs_matches_eager(implementation):
             real = attention_mask.bool()
             assert relative_error(out[real], expected[real]) < 1e-4, seed
     assert counters["inductor"]["cudagraph_skips"] == 0  # the graph ran under CUDA graphs
+
+
+@pytest.mark.parametrize("implementation", ["flex_attention", "sdpa"])
+def test_encoder_training_steps_under_cuda_graphs_match_eager(implementation):
+    """Blocks compiled with mode="reduce-overhead" (benchmarks/encoder.py's cudagraphs rows): forward and backward
+    replay CUDA graphs and give eager's outputs and gradients, step after step with new inputs of the same shape."""
+    from torch._dynamo.utils import counters
+
+    encoder = small_encoder(torch.float32).train()
+    encoder.config._attn_implementation = implementation
+    reference = copy.deepcopy(encoder)
+    torch._dynamo.reset()
+    counters.clear()
+    for block in encoder.block:
+        block.compile(fullgraph=True, dynamic=False, mode="reduce-overhead")
+    for seed in (0, 1, 2, 3):  # warm-up, recording, then replays
+        inputs = batch(seed=seed)
+        torch.compiler.cudagraph_mark_step_begin()
+        out, grads = outputs(encoder, *inputs)
+        eager_out, eager_grads = outputs(reference, *inputs)
+        assert relative_error(out, eager_out) < 1e-4, seed
+        for name in grads:
+            assert relative_error(grads[name], eager_grads[name]) < 1e-3, (seed, name)
+    assert counters["inductor"]["cudagraph_skips"] == 0  # forward and backward ran under CUDA graphs
 
 
 def test_coordinate_descent_custom_op_passes_opcheck():
