@@ -179,9 +179,10 @@ def measure(stack, n, budget_s):
             result["fwdbwd_compile_s"] = first_call(step)
             drop_grads()
         result["fwdbwd_ms"] = cuda_time(step, warmup=warmup, budget_s=budget_s, between=drop_grads) / stack.layers
-        if stack.cuda_graphs:
-            result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
         drop_grads()
+        if stack.cuda_graphs:  # no peak: the graphs' memory pool was allocated before any reset of the peak
+            result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+            return result
         free_memory()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
