@@ -35,7 +35,7 @@ from .modeling_colt5 import (
     check_mask,
     mask_value,
 )
-from .routing import CoLT5Router, gather_tokens, scatter_tokens
+from .routing import CoLT5Router, gather_route_heads, gather_tokens, scatter_tokens
 
 
 ROUTER_KWARGS = {  # colt5-attention's router keyword -> CoLT5Config field, per router type
@@ -199,7 +199,7 @@ class ConditionalRoutedCrossAttention(nn.Module):
     def forward(self, x, context, *, num_tokens_q=None, num_tokens_kv=None, mask=None, context_mask=None):
         # x: (b, t, dim), mask: (b, t); context: (b, n, dim), context_mask: (b, n); masks True/1 at real tokens
         b, t, _ = x.shape
-        n, routes = context.shape[1], self.num_routes
+        routes = self.num_routes
         mask, context_mask = input_mask(x, mask), input_mask(context, context_mask, "context_mask")
         hidden_states, context = self.norm(x), self.context_norm(context)
         q_routing = self.q_router(hidden_states, mask, num_tokens_q)
@@ -209,13 +209,8 @@ class ConditionalRoutedCrossAttention(nn.Module):
 
         kv_routing = self.kv_router(context, context_mask, num_tokens_kv)  # (b, r, k) each
 
-        def route(t):  # every position projected once, then gathered per route: (b, n, h * d_kv) -> (b, r, h / r, k, d)
-            t = t.view(b, n, routes, -1).transpose(1, 2)  # (b, r, n, h / r * d_kv)
-            t = t.gather(2, kv_routing.indices[..., None].expand(-1, -1, -1, t.shape[-1]))  # (b, r, k, h / r * d_kv)
-            t = t * kv_routing.weights[..., None].to(t.dtype)
-            return t.unflatten(-1, (-1, self.config.d_kv)).transpose(2, 3)
-
-        key, value = route(self.k(context)), route(self.v(context))
+        # every position projected once, then gathered per route: (b, n, h * d_kv) -> (b, r, h / r, k, d_kv)
+        key, value = (gather_route_heads(t, kv_routing, self.config.d_kv) for t in (self.k(context), self.v(context)))
         keep = kv_routing.valid[:, :, None, None, :]  # (b, r, 1, 1, k)
         bias = torch.zeros(keep.shape, dtype=query.dtype, device=x.device).masked_fill(~keep, mask_value(query.dtype))
         out, _ = attend(query, key, value, bias, 0.0, self.config._attn_implementation)  # (b, r, h / r, m, d_kv)

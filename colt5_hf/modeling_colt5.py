@@ -27,7 +27,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_colt5 import CoLT5Config
-from .routing import CoLT5Router, RouterOutput, gather_tokens, scatter_tokens
+from .routing import CoLT5Router, RouterOutput, gather_route_heads, gather_tokens, scatter_tokens
 
 
 try:  # CUDA fast paths: flex attention for the light attention, a quick gradient for the heavy attention's bias
@@ -398,14 +398,8 @@ class CoLT5CrossAttention(nn.Module):
         if self.kv_router is None:
             return (t.view(b, n, self.num_kv_heads, -1).transpose(1, 2) for t in (key, value))
         routing = self.kv_router(encoder_hidden_states, encoder_mask)
-
-        def route(t):  # (b, n, r * kv_heads * d_kv) -> (b, r * kv_heads, k, d_kv)
-            t = t.view(b, n, self.num_routes, -1).transpose(1, 2)  # (b, r, n, kv_heads * d_kv)
-            t = t.gather(2, routing.indices[..., None].expand(-1, -1, -1, t.shape[-1]))  # (b, r, k, kv_heads * d_kv)
-            t = t * routing.weights[..., None].to(t.dtype)
-            return t.unflatten(-1, (-1, self.config.d_kv)).transpose(2, 3).flatten(1, 2)
-
-        return route(key), route(value)
+        # (b, n, r * kv_heads * d_kv) -> (b, r * kv_heads, k, d_kv)
+        return (gather_route_heads(t, routing, self.config.d_kv).flatten(1, 2) for t in (key, value))
 
     def key_mask(self, encoder_mask, key_length):
         """(b, key_length) bool: which key slots hold (routed) encoder tokens, the same for every route. Derived from

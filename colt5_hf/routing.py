@@ -208,6 +208,17 @@ def gather_tokens(hidden_states, indices):
     return hidden_states.gather(1, flat).reshape(*indices.shape, d)
 
 
+def gather_route_heads(projected, routing: RouterOutput, d_kv: int):
+    """Keys or values of several routes from one projection of every position: (b, n, r * heads * d_kv) -> (b, r,
+    heads, k, d_kv), each route's own heads at its routed tokens (valid slots first), scaled by the router weights."""
+    b, n, _ = projected.shape
+    routes = routing.indices.shape[1]
+    t = projected.view(b, n, routes, -1).transpose(1, 2)  # (b, r, n, heads * d_kv)
+    t = t.gather(2, routing.indices[..., None].expand(-1, -1, -1, t.shape[-1]))  # (b, r, k, heads * d_kv)
+    t = t * routing.weights[..., None].to(t.dtype)
+    return t.unflatten(-1, (-1, d_kv)).transpose(2, 3)
+
+
 def scatter_tokens(routed, indices, length: int):
     """Inverse of `gather_tokens` for one route: (b, k, d) at (b, k) into zeros of (b, length, d). Indices within a
     row are distinct, so this is a plain scatter; invalid slots must carry zeros."""
