@@ -17,6 +17,7 @@ Precision is a training flag (--bf16 / --fp16), the same for every run; the acce
 """
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -105,9 +106,6 @@ def train(args):
         print(json.dumps({key: value for key, value in run.items() if key != "losses"}))
         print("losses:", " ".join(f"{loss:.4f}" for loss in run["losses"]))
     trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        # tear the process group down before exit: a rank leaving while gloo's threads still run can abort (SIGABRT)
-        torch.distributed.destroy_process_group()
 
 
 @torch.no_grad()
@@ -171,7 +169,14 @@ def main(argv=None):
         command.add_argument("--source-length", type=int, default=512)
         command.add_argument("--target-length", type=int, default=32)
     args = parser.parse_args(argv)
-    train(args) if args.command == "train" else compare(args)
+    if args.command == "compare":
+        return compare(args)
+    train(args)
+    if torch.distributed.is_initialized():
+        # tear down in order, before exit: first the DDP wrapper (freeing it while its process group is gone can hang),
+        # then the group (a rank leaving while gloo's threads still run can abort)
+        gc.collect()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
