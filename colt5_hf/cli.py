@@ -154,9 +154,15 @@ def read_dataset(args, tokenizer, config, file, name, with_targets=True, demo_co
         pairs = datasets.Dataset.from_list(demo_examples(demo_count, demo_seed, args.demo_length, demo_reach(config)))
     tokenized, report = tokenize_pairs(pairs, tokenizer, source_limit(args, config),
                                        getattr(args, "max_target_length", None), args.truncate, name)
-    for line in report:
+    for line in report if is_main_process() else ():
         print(line, file=sys.stderr)
     return pairs, tokenized
+
+
+def is_main_process():
+    """False in every process but the first of a distributed run (`accelerate launch` and torchrun set RANK), so that
+    a run reports once."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def demo_reach(config):
@@ -320,13 +326,15 @@ def command_train(args, callbacks=()):
     if args.eval_file is not None or args.demo_task:
         _, eval_dataset = read_dataset(args, tokenizer, model.config, args.eval_file, "eval",
                                        demo_count=args.eval_examples, demo_seed=DEMO_EVAL_SEED)
-    print(f"{description}: {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"{len(train_dataset):,} training examples" +
-          (f", {len(eval_dataset):,} evaluation examples" if eval_dataset is not None else ""), file=sys.stderr)
+    if is_main_process():
+        print(f"{description}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+              f"{len(train_dataset):,} training examples" +
+              (f", {len(eval_dataset):,} evaluation examples" if eval_dataset is not None else ""), file=sys.stderr)
     trainer = run_training(args, model, tokenizer, train_dataset, eval_dataset, callbacks)
     metrics = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
     summary = {k: metrics[k] for k in ("train_loss", "eval_loss", "eval_exact_match") if k in metrics}
-    print(json.dumps({"output_dir": str(args.output_dir), "steps": trainer.state.global_step, **summary}))
+    if trainer.is_world_process_zero():
+        print(json.dumps({"output_dir": str(args.output_dir), "steps": trainer.state.global_step, **summary}))
 
 
 # ------------------------------------------------------------------------------------------------------------ demo

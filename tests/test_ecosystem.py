@@ -651,6 +651,29 @@ def test_example_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
                   "--target-length", "6"])
 
 
+@needs_processes
+def test_colt5_hf_train_on_two_cpu_processes_matches_one_process(tmp_path, capsys):
+    """`colt5-hf train` with one process per rank (as `accelerate launch` starts it; gloo on the CPU here): 2 processes
+    x 8 examples train like 1 process x 8 examples x 2 accumulation steps, the run reports once, and its model loads."""
+    from colt5_hf import cli
+
+    common = ["train", "--model", "colt5-tiny", "--demo-task", "--steps", "3", "--eval-steps", "3", "--eval-examples",
+              "16", "--batch-size", "8", "--cpu"]
+    cli.main([*common, "--output-dir", str(tmp_path / "one"), "--gradient-accumulation-steps", "2"])
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = run_processes(["-m", "colt5_hf.cli", *common, "--output-dir", str(tmp_path / "ddp")])
+    reports = [line for line in result.stdout.splitlines() if line.startswith('{"output_dir"')]
+    assert len(reports) == 1 and result.stderr.count("training examples") == 1  # the first process reports
+    ddp = json.loads(reports[0])
+    assert one["steps"] == ddp["steps"] == 3
+    assert ddp["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    assert ddp["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
+    inputs = labelled(lengths=(48, 30), target_length=6)
+    one_model, ddp_model = (CoLT5ForConditionalGeneration.from_pretrained(tmp_path / name).eval()
+                            for name in ("one", "ddp"))
+    torch.testing.assert_close(logits_of(ddp_model, inputs), logits_of(one_model, inputs), rtol=1e-4, atol=1e-4)
+
+
 FSDP_WORKER = textwrap.dedent('''
     """FSDP2 (fully_shard, one unit per CoLT5 block, resharded after forward) on CPU processes: the sharding the
     accelerate FSDP config asks for, without accelerate (its FSDP path needs GPUs)."""
