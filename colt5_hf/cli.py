@@ -154,8 +154,9 @@ def read_dataset(args, tokenizer, config, file, name, with_targets=True, demo_co
         pairs = datasets.Dataset.from_list(demo_examples(demo_count, demo_seed, args.demo_length, demo_reach(config)))
     tokenized, report = tokenize_pairs(pairs, tokenizer, source_limit(args, config),
                                        getattr(args, "max_target_length", None), args.truncate, name)
-    for line in report if is_main_process() else ():
-        print(line, file=sys.stderr)
+    if is_main_process():
+        for line in report:
+            print(line, file=sys.stderr)
     return pairs, tokenized
 
 
