@@ -2,6 +2,7 @@
 # What one call on a GPU machine runs: GPU tests, then the benchmarks, every log and result under $OUT.
 # Usage: bash benchmarks/gpu_run.sh [tests] [routing] [profile] [encoder] [generate] [limits] [multigpu]
 # (default: all but multigpu, which needs 2 GPUs)
+# TEST_FILES picks the test files of the tests stage (default: both GPU test files).
 # Wheels for packages the machine lacks (colt5-attention 0.2.2 and its dependencies) are taken from .whl/ if present.
 set -u
 export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmarks/out}
@@ -20,7 +21,7 @@ log=$OUT/run.log
 for stage in $stages; do
   echo "=== $stage $(date -u +%FT%TZ)" | tee -a "$log"
   case $stage in
-    tests) timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_compile.py -rf > "$OUT/tests.log" 2>&1; grep -E "passed|failed|^FAILED|Error" "$OUT/tests.log" | tail -30 | tee -a "$log" ;;
+    tests) timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_gpu.py tests/test_gpu_compile.py} -rf > "$OUT/tests.log" 2>&1; grep -E "passed|failed|^FAILED|Error" "$OUT/tests.log" | tail -30 | tee -a "$log" ;;
     routing) timeout 60 python3 benchmarks/routing.py 2>&1 | tee -a "$log" ;;
     profile) timeout ${PROFILE_TIMEOUT:-120} python3 benchmarks/profile_encoder.py ${PROFILE_ARGS:-} 2>&1 | grep "^== " | tee -a "$log" ;;
     encoder) timeout ${ENCODER_TIMEOUT:-300} python3 benchmarks/encoder.py ${ENCODER_ARGS:-} 2>&1 | tee -a "$log" ;;
