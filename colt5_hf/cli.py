@@ -263,7 +263,9 @@ class RowPrinter(TrainerCallback):
                "eval_exact_match": metrics.get("eval_exact_match", float("nan")),
                "seconds": time.perf_counter() - self.start - self.eval_time}
         self.rows.append(row)
-        tqdm.write(format_row(row))  # above the progress bar, when there is one
+        # above the progress bar, when there is one; the line and its newline in one write: the demo's two trainings
+        # print to one stdout, and unbuffered (PYTHONUNBUFFERED) separate writes of the two could interleave
+        tqdm.write(format_row(row) + "\n", end="")
         sys.stdout.flush()
 
 
