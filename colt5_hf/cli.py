@@ -336,7 +336,7 @@ def command_train(args, callbacks=()):
     trainer = run_training(args, model, tokenizer, train_dataset, eval_dataset, callbacks)
     metrics = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
     summary = {k: metrics[k] for k in ("train_loss", "eval_loss", "eval_exact_match") if k in metrics}
-    if trainer.is_world_process_zero():
+    if is_main_process():
         print(json.dumps({"output_dir": str(args.output_dir), "steps": trainer.state.global_step, **summary}))
 
 
