@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 
-try:  # CUDA fast path: all iterations in one Triton launch
-    from .kernels import fused_coordinate_descent
+try:  # CUDA fast paths: all iterations in one Triton launch; the top-k selection in one launch
+    from .kernels import fused_coordinate_descent, fused_top_k_positions
 except ImportError:
-    fused_coordinate_descent = None
+    fused_coordinate_descent = fused_top_k_positions = None
 
 
 def coordinate_descent(scores, mask, k, *, iterations: int, epsilon: float):
@@ -95,6 +95,25 @@ def cumulative_softmax(scores, mask):
         return torch.zeros_like(s).scatter(-1, order, weights)
 
 
+def top_k_positions(scores, mask, k, k_max: int):
+    """The positions of each row's `k` best unmasked scores (exact ties: the earlier position first) in increasing
+    order, followed by the row's other positions in increasing order, cut to the first `k_max` slots.
+
+    scores: (..., n) float, finite; mask: (..., n) bool; k: (...) integer counts, at most the row's unmasked tokens;
+    k_max <= n. Returns (..., k_max) int64, distinct within a row. On CUDA with Triton the kernel of `kernels.py`
+    computes the same function in one launch, without sorting.
+    """
+    if scores.is_cuda and fused_top_k_positions is not None:
+        return fused_top_k_positions(scores, mask, k, k_max)
+    n = scores.shape[-1]
+    order = scores.float().masked_fill(~mask, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(n, device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)  # 0 for the best score
+    taken = rank < k[..., None]
+    slot = torch.where(taken, taken.cumsum(-1), k[..., None] + (~taken).cumsum(-1)) - 1
+    return torch.empty_like(order).scatter_(-1, slot, positions)[..., :k_max]
+
+
 def logistic_noise(like):
     """Standard logistic noise shaped like `like`: the difference of two independent standard Gumbel variables."""
     uniform = torch.rand_like(like).clamp(min=torch.finfo(like.dtype).tiny)
@@ -102,8 +121,8 @@ def logistic_noise(like):
 
 
 class RouterOutput(NamedTuple):
-    """What a router picked. Slot j of a route is a routed token only where `valid`; slots are ordered by router
-    score, so each sample's valid slots come first.
+    """What a router picked. Slot j of a route is a routed token only where `valid`: each sample's valid slots come
+    first, in increasing position (see `top_k_positions`).
 
     indices: (batch, routes, k) positions of the routed tokens in the sequence, distinct within a route;
     weights: (batch, routes, k) float32 multipliers for the routed tokens (1.0 in the forward pass under
@@ -175,10 +194,9 @@ class CoLT5Router(nn.Module):
         if config.router_type == "sinkhorn" and self.training:
             scores = scores + logistic_noise(scores)
         route_mask = mask[:, None, :].expand_as(scores)
-        ranked = scores.masked_fill(~route_mask, float("-inf"))
-        # best first; the stable sort breaks exact ties (a repeated token scores alike in the first layer) by position,
-        # where topk's choice among ties depends on the batch's shape
-        indices = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :k_max]  # (b, r, k_max)
+        # exact ties (a repeated token scores alike in the first layer) go to the earlier position, where topk's choice
+        # among ties would depend on the batch's shape
+        indices = top_k_positions(scores, route_mask, k[:, None].expand(scores.shape[:2]), k_max)  # (b, r, k_max)
         valid = torch.arange(k_max, device=scores.device) < k[:, None, None]  # (b, 1, k_max)
         valid = valid.expand_as(indices)
 

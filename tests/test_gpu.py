@@ -2,6 +2,8 @@
 
 - the fused coordinate descent (Triton) against routing.coordinate_descent's eager loop: forward and backward, with
   masks, empty rows and per-row k, rows held in registers (<= 16k tokens) and streamed (up to 64k);
+- the top-k selection kernel against routing.top_k_positions's sort, with ties (-0 and +0 among them), masks, k = 0
+  and k = every real token, rows held in registers and streamed;
 - the flex-attention light attention against the blocked eager light attention;
 - the heavy attention's bias lookup (one-hot backward) against F.embedding;
 - whole encoders under each attn_implementation against the eager one, and with the fused routing against the same
@@ -19,7 +21,7 @@ from tiny import relative_error
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 if torch.cuda.is_available():
-    from colt5_hf.kernels import fused_coordinate_descent
+    from colt5_hf.kernels import fused_coordinate_descent, fused_top_k_positions
 
 
 def eager_coordinate_descent(scores, mask, k, iterations, epsilon, monkeypatch):
@@ -81,6 +83,32 @@ def test_fused_coordinate_descent_is_the_dispatch_on_cuda_and_keeps_batch_shape(
     assert soft.shape == expected.shape == (2, 2, 1000)
     assert relative_error(soft, expected) < 1e-5
     torch.testing.assert_close(soft.sum(-1), expected.sum(-1), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [200, 16384, 20000, 65536])
+@pytest.mark.parametrize("ties", [False, True])
+def test_fused_top_k_positions_matches_the_sort(n, ties, monkeypatch):
+    scores, mask, k = random_rows(n, seed=n + ties)
+    if ties:  # few distinct values, negative zeros among them
+        scores = (scores * 2).round() / 2
+        scores[2, : n // 2] = 0.0
+        scores[2, n // 2 :] = -0.0
+    mask[1, :3] = True  # a row with 3 real tokens: every one of them routed
+    k = torch.tensor([n // 16, 3, n // 8, 0], device="cuda")
+    k_max = n // 8
+    got = fused_top_k_positions(scores, mask, k, k_max)
+    with monkeypatch.context() as patch:
+        patch.setattr(routing, "fused_top_k_positions", None)
+        expected = routing.top_k_positions(scores, mask, k, k_max)
+    assert got.dtype == torch.long and torch.equal(got, expected)
+    for row in range(4):
+        picked = got[row, : k[row]]
+        assert (picked.diff() > 0).all() and mask[row, picked].all()
+        assert len(set(got[row].tolist())) == k_max
+        if k[row]:  # nothing left out scores above the lowest picked score
+            left_out = torch.ones(n, dtype=torch.bool, device="cuda")
+            left_out[picked] = False
+            assert scores[row][left_out & mask[row]].max() <= scores[row, picked].min()
 
 
 def small_config(radius, **kwargs):

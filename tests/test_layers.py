@@ -91,12 +91,12 @@ def routed_count(config, fraction, length):
 
 
 def top_tokens(config, router, hidden_states, mask, fraction, route=0):
-    """Independent routing of one sample: the top-k real tokens by raw score, best first, and their weights (1.0
-    under straight-through, else the reference coordinate descent's soft score with k_fetch = 9/8 k)."""
+    """Independent routing of one sample: the top-k real tokens by raw score, in increasing position, and their
+    weights (1.0 under straight-through, else the reference coordinate descent's soft score with k_fetch = 9/8 k)."""
     real = mask.nonzero()[:, 0]
     raw = hidden_states[real] @ router.weight[route].detach()
     k = routed_count(config, fraction, len(real))
-    order = raw.argsort(descending=True)[:k]
+    order = raw.argsort(descending=True)[:k].sort().values
     if config.router_straight_through:
         return real[order], torch.ones(k)
     k_fetch = torch.tensor([[min(k * config.router_fetch_ratio, len(real))]])
@@ -359,7 +359,7 @@ def test_cross_attention_routes_equal_dense_per_route(routes, kv_heads, fraction
         expected, expected_probs = dense_cross_attention(config, module, hidden_states, encoder_hidden_states,
                                                          encoder_mask)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
-    if implementation == "eager" and module.kv_router is not None:  # slots in router order: valid ones first
+    if implementation == "eager" and module.kv_router is not None:  # slots in position order: valid ones first
         for (i, head), p in expected_probs.items():
             torch.testing.assert_close(probs[i, head, :, : p.shape[-1]], p, atol=ATOL, rtol=RTOL)
             assert (probs[i, head, :, p.shape[-1] :] == 0).all()

@@ -9,7 +9,7 @@ import torch
 from colt5_attention.coor_descent import coor_descent as reference_coor_descent
 
 from colt5_hf import CoLT5Config
-from colt5_hf.routing import CoLT5Router, coordinate_descent, gather_tokens, scatter_tokens
+from colt5_hf.routing import CoLT5Router, coordinate_descent, gather_tokens, scatter_tokens, top_k_positions
 
 
 def random_rows(seed, batch=6, n=48, scale=2.0):
@@ -176,7 +176,7 @@ def test_router_picks_top_k_raw_scores_of_real_tokens(routes):
             valid = out.valid[i, r]
             assert valid.sum() == k and valid[:k].all()  # valid slots come first
             chosen = out.indices[i, r][valid]
-            expected = real[raw[i, r, real].argsort(descending=True)[:k]]  # best first
+            expected = real[raw[i, r, real].argsort(descending=True)[:k]].sort().values  # increasing position
             assert torch.equal(chosen, expected)
             assert len(set(out.indices[i, r].tolist())) == k_max  # distinct slots: scatter stays a plain scatter
             assert (out.weights[i, r][~valid] == 0).all()
@@ -235,7 +235,18 @@ def test_router_selection_is_top_k_of_soft_scores_with_ties_broken_by_raw_score(
         real = mask[i].nonzero()[:, 0]
         by_raw = real[raw[i, real].argsort(descending=True, stable=True)]
         order = by_raw[soft[i, by_raw].argsort(descending=True, stable=True)]  # soft first, raw breaks ties
-        assert torch.equal(out.indices[i, 0][out.valid[i, 0]], order[: k[i]])
+        assert torch.equal(out.indices[i, 0][out.valid[i, 0]], order[: k[i]].sort().values)
+
+
+def test_top_k_positions_takes_the_best_in_position_order_then_the_rest():
+    scores = torch.tensor([[0.1, 0.9, -0.0, 0.5, 0.9, 0.0, 0.3], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+    mask = torch.tensor([[True] * 7, [True, True, True, False, False, True, True]])
+    k = torch.tensor([3, 2])
+    # row 0: 0.9, 0.9, 0.5; row 1: the best real ones (7.0, 6.0), then the others in order, masked ones included
+    assert top_k_positions(scores, mask, k, 7).tolist() == [[1, 3, 4, 0, 2, 5, 6], [5, 6, 0, 1, 2, 3, 4]]
+    assert top_k_positions(scores, mask, k, 4).tolist() == [[1, 3, 4, 0], [5, 6, 0, 1]]
+    # the last one taken ties (-0.0 equals 0.0): the earlier position; k = 0 takes nothing
+    assert top_k_positions(scores, mask, torch.tensor([6, 0]), 7).tolist() == [[0, 1, 2, 3, 4, 6, 5], list(range(7))]
 
 
 def test_router_short_sequence_routes_every_token():
