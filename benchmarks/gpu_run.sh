@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one call on a GPU machine runs: GPU tests, then the benchmarks, every log and result under $OUT.
-# Usage: bash benchmarks/gpu_run.sh [tests] [routing] [profile] [encoder] [generate] [limits] [multigpu]
-# (default: all but multigpu, which needs 2 GPUs)
+# Usage: bash benchmarks/gpu_run.sh [tests] [parts] [routing] [profile] [encoder] [generate] [limits] [multigpu]
+# (default: all but parts and multigpu, which needs 2 GPUs)
 # TEST_FILES picks the test files of the tests stage (default: both GPU test files).
 # Wheels for packages the machine lacks (colt5-attention 0.2.2 and its dependencies) are taken from .whl/ if present.
 set -u
@@ -23,6 +23,7 @@ for stage in $stages; do
   case $stage in
     tests) timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_gpu.py tests/test_gpu_compile.py} -rf > "$OUT/tests.log" 2>&1; grep -E "passed|failed|^FAILED|Error" "$OUT/tests.log" | tail -30 | tee -a "$log" ;;
     routing) timeout 60 python3 benchmarks/routing.py 2>&1 | tee -a "$log" ;;
+    parts) { timeout 120 python3 benchmarks/parts.py --check && timeout ${PARTS_TIMEOUT:-300} python3 benchmarks/parts.py ${PARTS_ARGS:-}; } 2>&1 | grep -v Warning | tee -a "$log" ;;
     profile) timeout ${PROFILE_TIMEOUT:-120} python3 benchmarks/profile_encoder.py ${PROFILE_ARGS:-} 2>&1 | grep "^== " | tee -a "$log" ;;
     encoder) timeout ${ENCODER_TIMEOUT:-300} python3 benchmarks/encoder.py ${ENCODER_ARGS:-} 2>&1 | tee -a "$log" ;;
     generate) timeout ${GENERATE_TIMEOUT:-240} python3 benchmarks/generate.py ${GENERATE_ARGS:-} 2>&1 | tee -a "$log" ;;

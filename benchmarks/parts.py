@@ -1,0 +1,246 @@
+"""Candidate fast paths timed part by part, before any of them goes into the model: one GPU, bf16, batch 1, the
+Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 heads x 64).
+
+- a router's top-k selection: the stable sort of HEAD~1, topk (timing only: another tie rule), and the Triton kernel
+  behind `routing.top_k_positions`; under CUDA graph replay (launches excluded) and eagerly;
+- the heavy attention's relative-position bias with SDPA, compiled, forward and forward+backward:
+    head          bucket arithmetic per (query, key) pair in int64, one-hot product for the gradient (the model now)
+    int32         the same arithmetic in int32
+    offset-table  one bucket per offset (an int8 table of 2n - 1 entries) gathered per pair, one-hot gradient
+    index-add     one bias row per offset gathered per pair; gradient by atomic adds into the offset table
+    runs          offset-table forward; gradient by prefix sums over each query's keys: with the keys in increasing
+                  position, each bucket is one run of keys, summed as a difference of two prefix sums
+
+`--check` compares every bias variant's output and gradients with `head` at a small size (runs on the CPU too) and
+the selection kernel with the sort-based reference. Prints tables; writes parts.json to $OUT (or benchmarks/out).
+
+    python benchmarks/parts.py [--n 16384] [--check]
+"""
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from common import environment, out_dir
+
+
+NUM_BUCKETS, MAX_DISTANCE = 32, 128
+
+
+def graph_ms(fn, iters=50):
+    """Milliseconds per replay of `fn` captured in a CUDA graph (no launch cost)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return events_ms(graph.replay, iters)
+
+
+def events_ms(fn, iters=30):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def bucket_int32(relative):
+    """modeling_colt5.relative_position_bucket (bidirectional) kept in int32."""
+    half = NUM_BUCKETS // 2
+    exact = half // 2
+    distance = relative.abs()
+    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / torch.log(torch.tensor(MAX_DISTANCE / exact))
+    far = (exact + (log_ratio * (half - exact)).int()).clamp(max=half - 1)
+    return (relative > 0).int() * half + torch.where(distance < exact, distance, far)
+
+
+class IndexAddLookup(torch.autograd.Function):
+    """F.embedding whose gradient is index_add_ (atomic adds on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, index, table):
+        ctx.save_for_backward(index)
+        ctx.rows = table.shape[0]
+        return F.embedding(index, table)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.rows, grad.shape[-1], dtype=torch.float32)
+        return None, out.index_add_(0, index.reshape(-1), grad.reshape(-1, grad.shape[-1]).float())
+
+
+class RunBias(torch.autograd.Function):
+    """weight[bucket_table[kv - q + n - 1]] as (b, m, m_kv, h); the gradient of `weight` sums each query's run of keys
+    per bucket as a difference of prefix sums. `kv_sorted`: the key positions, increasing along each row."""
+
+    @staticmethod
+    def forward(ctx, q_index, kv_index, kv_sorted, bucket_table, first, last, weight):
+        n = (bucket_table.shape[0] + 1) // 2
+        bucket = bucket_table[kv_index[:, None, :] - q_index[:, :, None] + (n - 1)].long()
+        ctx.save_for_backward(q_index, kv_sorted, first, last)
+        return F.embedding(bucket, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_index, kv_sorted, first, last = ctx.saved_tensors
+        b, m = q_index.shape
+        g = grad.permute(0, 3, 1, 2).float()  # (b, h, m, m_kv)
+        prefix = F.pad(g.cumsum(-1), (1, 0))  # (b, h, m, m_kv + 1)
+        start = torch.searchsorted(kv_sorted, (q_index[:, :, None] + first).reshape(b, -1)).view(b, m, -1)
+        end = torch.searchsorted(kv_sorted, (q_index[:, :, None] + last).reshape(b, -1), right=True).view(b, m, -1)
+        end = torch.maximum(end, start)  # unused buckets: empty runs
+        h = g.shape[1]
+        sums = prefix.gather(-1, end[:, None].expand(b, h, m, -1)) - prefix.gather(-1, start[:, None].expand(b, h, m, -1))
+        return None, None, None, None, None, None, sums.sum((0, 2)).t()
+
+
+def bias_variants(n):
+    from colt5_hf.kernels import bucket_bias
+    from colt5_hf.modeling_colt5 import relative_position_bucket
+
+    def head(q_index, kv_index, weight):
+        bucket = relative_position_bucket(kv_index[:, None, :] - q_index[:, :, None], True, NUM_BUCKETS, MAX_DISTANCE)
+        return bucket_bias(bucket, weight)
+
+    def int32(q_index, kv_index, weight):
+        return bucket_bias(bucket_int32(kv_index.int()[:, None, :] - q_index.int()[:, :, None]), weight)
+
+    def offset_bucket_table(device):
+        return bucket_int32(torch.arange(1 - n, n, device=device, dtype=torch.int32)).to(torch.int8)
+
+    def offset_table(q_index, kv_index, weight):
+        table = offset_bucket_table(weight.device)
+        return bucket_bias(table[kv_index[:, None, :] - q_index[:, :, None] + (n - 1)].int(), weight)
+
+    def index_add(q_index, kv_index, weight):
+        rows = F.embedding(offset_bucket_table(weight.device).long(), weight)  # (2n - 1, h)
+        return IndexAddLookup.apply(kv_index[:, None, :] - q_index[:, :, None] + (n - 1), rows)
+
+    def runs(q_index, kv_index, weight):
+        table = offset_bucket_table(weight.device)
+        offsets = torch.arange(1 - n, n, device=weight.device)
+        first = torch.full((NUM_BUCKETS,), n, device=weight.device).scatter_reduce(0, table.long(), offsets, "amin")
+        last = torch.full((NUM_BUCKETS,), -n, device=weight.device).scatter_reduce(0, table.long(), offsets, "amax")
+        return RunBias.apply(q_index, kv_index, kv_index.contiguous(), table, first, last, weight)
+
+    return {"head": head, "int32": int32, "offset-table": offset_table, "index-add": index_add, "runs": runs}
+
+
+def heavy_inputs(n, m, m_kv, heads, d, device, dtype, seed=0):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    q_index = torch.randperm(n, device=device, generator=generator)[:m].sort().values[None]
+    kv_index = torch.randperm(n, device=device, generator=generator)[:m_kv].sort().values[None]
+    q, k, v = (torch.randn(1, heads, length, d, device=device, generator=generator).to(dtype)
+               for length in (m, m_kv, m_kv))
+    weight = torch.randn(NUM_BUCKETS, heads, device=device, generator=generator)
+    upstream = torch.randn(1, heads, m, d, device=device, generator=generator).to(dtype)
+    return q_index, kv_index, (q, k, v, weight), upstream
+
+
+def attention(build, q_index, kv_index):
+    def run(q, k, v, weight):
+        bias = build(q_index, kv_index, weight).permute(0, 3, 1, 2).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+
+    return run
+
+
+def check(device):
+    from colt5_hf import routing
+
+    n, m, m_kv, heads = 300, 40, 70, 3
+    q_index, kv_index, tensors, upstream = heavy_inputs(n, m, m_kv, heads, 8, device, torch.float32)
+    results = {}
+    for name, build in bias_variants(n).items():
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        out = attention(build, q_index, kv_index)(*leaves)
+        out.backward(upstream)
+        results[name] = [out.detach()] + [t.grad for t in leaves]
+    for name, values in results.items():
+        error = max(((a - b).norm() / b.norm()).item() for a, b in zip(values, results["head"]))
+        print(f"bias variant {name:13s} max relative difference from head {error:.1e}")
+        assert error < 1e-5, name
+    if device == "cuda":
+        from colt5_hf.kernels import fused_top_k_positions
+
+        scores = (torch.randn(4, 20000, device=device) * 2).round() / 2
+        mask, k = torch.rand(4, 20000, device=device) < 0.8, torch.tensor([1000, 2000, 0, 17], device=device)
+        expected = routing.top_k_positions(scores.cpu(), mask.cpu(), k.cpu(), 2500)
+        assert torch.equal(fused_top_k_positions(scores, mask, k, 2500).cpu(), expected)
+        print("selection kernel equals the sort-based reference")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16384)
+    parser.add_argument("--check", action="store_true", help="compare the variants at a small size, no timing")
+    args = parser.parse_args()
+    if args.check:
+        return check("cuda" if torch.cuda.is_available() else "cpu")
+    from colt5_hf.kernels import fused_top_k_positions
+
+    record = {"environment": environment(), "selection": [], "bias": []}
+    print(record["environment"])
+    print(f"{'selection':16} {'n':>6} {'rows':>4} {'graph ms':>9} {'eager ms':>9}")
+    for n in (args.n, 4 * args.n):
+        for rows in (1, 3):
+            k_max = n // 8
+            scores = torch.randn(rows, n, device="cuda")
+            mask = torch.ones(rows, n, dtype=torch.bool, device="cuda")
+            k = torch.full((rows,), k_max, device="cuda")
+            variants = {
+                "stable sort": lambda: scores.masked_fill(~mask, float("-inf")).sort(
+                    -1, descending=True, stable=True).indices[..., :k_max],
+                "topk": lambda: scores.masked_fill(~mask, float("-inf")).topk(k_max, sorted=False).indices,
+                "triton select": lambda: fused_top_k_positions(scores, mask, k, k_max),
+            }
+            for name, fn in variants.items():
+                line = {"variant": name, "n": n, "rows": rows, "graph_ms": graph_ms(fn), "eager_ms": events_ms(fn)}
+                record["selection"].append(line)
+                print(f"{name:16} {n:>6} {rows:>4} {line['graph_ms']:>9.4f} {line['eager_ms']:>9.4f}")
+
+    n = args.n
+    q_index, kv_index, tensors, upstream = heavy_inputs(n, n // 16, n // 8, 12, 64, "cuda", torch.bfloat16)
+    print(f"\n{'heavy bias + SDPA':16} {'fwd ms':>8} {'fwd+bwd ms':>10} {'grad diff':>9}  (compiled, n={n})")
+    reference = None
+    for name, build in bias_variants(n).items():
+        torch._dynamo.reset()
+        run = torch.compile(attention(build, q_index, kv_index), fullgraph=True)
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        line = {"variant": name}
+        try:
+            with torch.no_grad():
+                line["fwd_ms"] = events_ms(lambda: run(*leaves))
+
+            def step():
+                for leaf in leaves:
+                    leaf.grad = None
+                run(*leaves).backward(upstream)
+
+            line["fwdbwd_ms"] = events_ms(step)
+            grads = [leaf.grad.float() for leaf in leaves]
+            reference = reference or grads
+            line["grad_diff"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, reference))
+            print(f"{name:16} {line['fwd_ms']:>8.4f} {line['fwdbwd_ms']:>10.4f} {line['grad_diff']:>9.1e}")
+        except Exception as error:  # noqa: BLE001 - recorded, the others go on
+            line["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            print(f"{name:16} failed: {line['error']}")
+        record["bias"].append(line)
+    (out_dir() / "parts.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
