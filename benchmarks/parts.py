@@ -1,15 +1,20 @@
 """Candidate fast paths timed part by part, before any of them goes into the model: one GPU, bf16, batch 1, the
 Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 heads x 64).
 
-- a router's top-k selection: the stable sort of HEAD~1, topk (timing only: another tie rule), and the Triton kernel
+- a router's top-k selection: the stable sort (main's routers), topk (timing only: another tie rule), and the Triton kernel
   behind `routing.top_k_positions`; under CUDA graph replay (launches excluded) and eagerly;
 - the heavy attention's relative-position bias with SDPA, compiled, forward and forward+backward:
-    head          bucket arithmetic per (query, key) pair in int64, one-hot product for the gradient (the model now)
+    head          bucket arithmetic per (query, key) pair in int64, one-hot product for the gradient (main's model)
     int32         the same arithmetic in int32
     offset-table  one bucket per offset (an int8 table of 2n - 1 entries) gathered per pair, one-hot gradient
     index-add     one bias row per offset gathered per pair; gradient by atomic adds into the offset table
     runs          offset-table forward; gradient by prefix sums over each query's keys: with the keys in increasing
                   position, each bucket is one run of keys, summed as a difference of two prefix sums
+  and through flex attention instead of SDPA, no (b, h, m, m_kv) bias tensor at all:
+    flex          the score modification adds a bias-per-offset table (h, 2n - 1) entry, -inf at invalid key slots
+                  (a per-sample count, passed in); the table's gradient by flex attention's atomic adds
+    flex-count    the same with the count computed inside the graph from a key mask (session 10's run G failed to
+                  lower such a score modification in no-grad graphs)
 
 `--check` compares every bias variant's output and gradients with `head` at a small size (runs on the CPU too) and
 the selection kernel with the sort-based reference. Prints tables; writes parts.json to $OUT (or benchmarks/out).
@@ -107,36 +112,73 @@ class RunBias(torch.autograd.Function):
         return None, None, None, None, None, None, sums.sum((0, 2)).t()
 
 
-def bias_variants(n):
+def heavy_variants(n, q_index, kv_index):
+    """name -> (prepare, attend): `prepare(weight)` builds the variant's tables from the (buckets, h) bias weights,
+    eagerly, as the encoder would once per forward outside the compiled blocks (a table built inside the graph would be
+    inlined into its consumer, recomputing the bucket arithmetic per pair); `attend(q, k, v, *tables)` is the part
+    that gets compiled. Every variant computes softmax(q k^T + bias) v over the routed pairs."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     from colt5_hf.kernels import bucket_bias
     from colt5_hf.modeling_colt5 import relative_position_bucket
 
-    def head(q_index, kv_index, weight):
+    offset = kv_index[:, None, :] - q_index[:, :, None] + (n - 1)  # (b, m, m_kv) into tables over offsets
+    kv_mask = torch.ones_like(kv_index, dtype=torch.bool)
+    kv_count = kv_mask.sum(-1)
+
+    def sdpa(q, k, v, bias):  # bias (b, m, m_kv, h)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.permute(0, 3, 1, 2).to(q.dtype), scale=1.0)
+
+    def bucket_table(weight):  # (2n - 1,) int8: the bucket of each offset
+        return bucket_int32(torch.arange(1 - n, n, device=weight.device, dtype=torch.int32)).to(torch.int8)
+
+    def head(q, k, v, weight):
         bucket = relative_position_bucket(kv_index[:, None, :] - q_index[:, :, None], True, NUM_BUCKETS, MAX_DISTANCE)
-        return bucket_bias(bucket, weight)
+        return sdpa(q, k, v, bucket_bias(bucket, weight))
 
-    def int32(q_index, kv_index, weight):
-        return bucket_bias(bucket_int32(kv_index.int()[:, None, :] - q_index.int()[:, :, None]), weight)
+    def int32(q, k, v, weight):
+        return sdpa(q, k, v, bucket_bias(bucket_int32(kv_index.int()[:, None, :] - q_index.int()[:, :, None]), weight))
 
-    def offset_bucket_table(device):
-        return bucket_int32(torch.arange(1 - n, n, device=device, dtype=torch.int32)).to(torch.int8)
+    def offset_table(q, k, v, table, weight):
+        return sdpa(q, k, v, bucket_bias(table[offset].int(), weight))
 
-    def offset_table(q_index, kv_index, weight):
-        table = offset_bucket_table(weight.device)
-        return bucket_bias(table[kv_index[:, None, :] - q_index[:, :, None] + (n - 1)].int(), weight)
+    def index_add(q, k, v, rows):
+        return sdpa(q, k, v, IndexAddLookup.apply(offset, rows))
 
-    def index_add(q_index, kv_index, weight):
-        rows = F.embedding(offset_bucket_table(weight.device).long(), weight)  # (2n - 1, h)
-        return IndexAddLookup.apply(kv_index[:, None, :] - q_index[:, :, None] + (n - 1), rows)
-
-    def runs(q_index, kv_index, weight):
-        table = offset_bucket_table(weight.device)
-        offsets = torch.arange(1 - n, n, device=weight.device)
+    def run_tables(weight):
+        table, offsets = bucket_table(weight), torch.arange(1 - n, n, device=weight.device)
         first = torch.full((NUM_BUCKETS,), n, device=weight.device).scatter_reduce(0, table.long(), offsets, "amin")
         last = torch.full((NUM_BUCKETS,), -n, device=weight.device).scatter_reduce(0, table.long(), offsets, "amax")
-        return RunBias.apply(q_index, kv_index, kv_index.contiguous(), table, first, last, weight)
+        return table, first, last, weight
 
-    return {"head": head, "int32": int32, "offset-table": offset_table, "index-add": index_add, "runs": runs}
+    def runs(q, k, v, table, first, last, weight):
+        return sdpa(q, k, v, RunBias.apply(q_index, kv_index, kv_index.contiguous(), table, first, last, weight))
+
+    def flex(q, k, v, table, count=None):  # table (h, 2n - 1)
+        count = kv_count if count is None else count
+
+        def relative_bias(score, batch, head, query, key):
+            bias = table[head, kv_index[batch, key] - q_index[batch, query] + (n - 1)]
+            return torch.where(key < count[batch], score + bias, float("-inf"))
+
+        return flex_attention(q, k, v, score_mod=relative_bias, scale=1.0)
+
+    def flex_count(q, k, v, table):
+        return flex(q, k, v, table, count=kv_mask.sum(-1))
+
+    def bias_by_head(weight):
+        return (F.embedding(bucket_table(weight).long(), weight).t(),)
+
+    same = lambda weight: (weight,)  # noqa: E731
+    return {
+        "head": (same, head),
+        "int32": (same, int32),
+        "offset-table": (lambda weight: (bucket_table(weight), weight), offset_table),
+        "index-add": (lambda weight: (F.embedding(bucket_table(weight).long(), weight),), index_add),
+        "runs": (run_tables, runs),
+        "flex": (bias_by_head, flex),
+        "flex-count": (bias_by_head, flex_count),
+    }
 
 
 def heavy_inputs(n, m, m_kv, heads, d, device, dtype, seed=0):
@@ -150,27 +192,22 @@ def heavy_inputs(n, m, m_kv, heads, d, device, dtype, seed=0):
     return q_index, kv_index, (q, k, v, weight), upstream
 
 
-def attention(build, q_index, kv_index):
-    def run(q, k, v, weight):
-        bias = build(q_index, kv_index, weight).permute(0, 3, 1, 2).to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-
-    return run
-
-
 def check(device):
     from colt5_hf import routing
 
     n, m, m_kv, heads = 300, 40, 70, 3
     q_index, kv_index, tensors, upstream = heavy_inputs(n, m, m_kv, heads, 8, device, torch.float32)
     results = {}
-    for name, build in bias_variants(n).items():
-        leaves = [t.clone().requires_grad_() for t in tensors]
-        out = attention(build, q_index, kv_index)(*leaves)
+    for name, (prepare, attend) in heavy_variants(n, q_index, kv_index).items():
+        # flex attention has no backward on the CPU for q, k, v: there only the bias weights' gradient is compared
+        q_grad = device != "cpu" or not name.startswith("flex")
+        leaves = [t.clone().requires_grad_(q_grad) for t in tensors[:3]] + [tensors[3].clone().requires_grad_()]
+        out = attend(*leaves[:3], *prepare(leaves[3]))
         out.backward(upstream)
         results[name] = [out.detach()] + [t.grad for t in leaves]
     for name, values in results.items():
-        error = max(((a - b).norm() / b.norm()).item() for a, b in zip(values, results["head"]))
+        pairs = [(a, b) for a, b in zip(values, results["head"]) if a is not None]
+        error = max(((a - b).norm() / b.norm()).item() for a, b in pairs)
         print(f"bias variant {name:13s} max relative difference from head {error:.1e}")
         assert error < 1e-5, name
     if device == "cuda":
@@ -214,27 +251,36 @@ def main():
 
     n = args.n
     q_index, kv_index, tensors, upstream = heavy_inputs(n, n // 16, n // 8, 12, 64, "cuda", torch.bfloat16)
-    print(f"\n{'heavy bias + SDPA':16} {'fwd ms':>8} {'fwd+bwd ms':>10} {'grad diff':>9}  (compiled, n={n})")
+    print(f"\n{'heavy attention':16} {'tables ms':>9} {'fwd ms':>8} {'fwd+bwd ms':>10} {'grad diff':>9}  (compiled, n={n};"
+          " tables: built once per forward for every layer, not in the other columns)")
     reference = None
-    for name, build in bias_variants(n).items():
+    for name, (prepare, attend) in heavy_variants(n, q_index, kv_index).items():
         torch._dynamo.reset()
-        run = torch.compile(attention(build, q_index, kv_index), fullgraph=True)
-        leaves = [t.clone().requires_grad_() for t in tensors]
+        compiled = torch.compile(attend, fullgraph=True)
         line = {"variant": name}
         try:
-            with torch.no_grad():
-                line["fwd_ms"] = events_ms(lambda: run(*leaves))
-
-            def step():
-                for leaf in leaves:
-                    leaf.grad = None
-                run(*leaves).backward(upstream)
-
-            line["fwdbwd_ms"] = events_ms(step)
+            # correctness at full size: the gradients of q, k, v and of the bias weights through the tables
+            leaves = [t.clone().requires_grad_() for t in tensors]
+            compiled(*leaves[:3], *prepare(leaves[3])).backward(upstream)
             grads = [leaf.grad.float() for leaf in leaves]
             reference = reference or grads
             line["grad_diff"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, reference))
-            print(f"{name:16} {line['fwd_ms']:>8.4f} {line['fwdbwd_ms']:>10.4f} {line['grad_diff']:>9.1e}")
+            # timing: the tables as ready inputs, the backward stopping at them
+            q, k, v, weight = (t.clone().requires_grad_() for t in tensors)
+            with torch.no_grad():
+                line["tables_ms"] = events_ms(lambda: prepare(weight))
+                tables = [t.requires_grad_(t.is_floating_point()) for t in prepare(weight)]
+                line["fwd_ms"] = events_ms(lambda: compiled(q, k, v, *tables))
+            targets = [q, k, v] + [t for t in tables if t.requires_grad]
+
+            def step():
+                for target in targets:
+                    target.grad = None
+                torch.autograd.backward(compiled(q, k, v, *tables), upstream, inputs=targets)
+
+            line["fwdbwd_ms"] = events_ms(step)
+            print(f"{name:16} {line['tables_ms']:>9.4f} {line['fwd_ms']:>8.4f} {line['fwdbwd_ms']:>10.4f} "
+                  f"{line['grad_diff']:>9.1e}")
         except Exception as error:  # noqa: BLE001 - recorded, the others go on
             line["error"] = f"{type(error).__name__}: {str(error)[:300]}"
             print(f"{name:16} failed: {line['error']}")
