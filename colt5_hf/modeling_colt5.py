@@ -55,17 +55,19 @@ def clamp_fp16(hidden_states):
 
 def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
     """T5's bucketing of `key_position - query_position`: exact buckets for small distances, logarithmic ones up to
-    `max_distance`, one bucket beyond; bidirectional buckets split the range between the two directions."""
+    `max_distance`, one bucket beyond; bidirectional buckets split the range between the two directions. Integer
+    arithmetic in the input's dtype (int32 is cheaper per pair on GPUs than int64)."""
+    dtype = relative_position.dtype
     if bidirectional:
         num_buckets //= 2
-        bucket = (relative_position > 0).long() * num_buckets
+        bucket = (relative_position > 0).to(dtype) * num_buckets
         distance = relative_position.abs()
     else:
         bucket = torch.zeros_like(relative_position)
         distance = (-relative_position).clamp(min=0)
     exact = num_buckets // 2
     log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
-    far = (exact + (log_ratio * (num_buckets - exact)).long()).clamp(max=num_buckets - 1)
+    far = (exact + (log_ratio * (num_buckets - exact)).to(dtype)).clamp(max=num_buckets - 1)
     return bucket + torch.where(distance < exact, distance, far)
 
 
@@ -260,11 +262,11 @@ class CoLT5HeavyAttention(nn.Module):
 
         query, key, value = heads(self.q(routed_q)), heads(self.k(routed_kv)), heads(self.v(routed_kv))
         bucket = relative_position_bucket(
-            kv_index[:, None, :] - q_index[:, :, None],
+            kv_index.int()[:, None, :] - q_index.int()[:, :, None],  # positions fit int32
             bidirectional=True,
             num_buckets=self.config.relative_attention_num_buckets,
             max_distance=self.config.relative_attention_max_distance,
-        )  # (b, m, m_kv)
+        )  # (b, m, m_kv) int32
         lookup = bucket_bias if bias_weight.is_cuda else F.embedding
         bias = lookup(bucket, bias_weight).permute(0, 3, 1, 2).to(dtype)  # (b, h, m, m_kv)
         bias = bias.masked_fill(~kv_routing.valid[:, :, None, :], mask_value(dtype))
