@@ -232,7 +232,7 @@ def main():
     record = {"environment": environment(), "selection": [], "bias": []}
     print(record["environment"])
     print(f"{'selection':16} {'n':>6} {'rows':>4} {'graph ms':>9} {'eager ms':>9}")
-    for n in (args.n, 4 * args.n):
+    for n in (args.n, 2 * args.n, 4 * args.n):
         for rows in (1, 3):
             k_max = n // 8
             scores = torch.randn(rows, n, device="cuda")
@@ -240,7 +240,7 @@ def main():
             k = torch.full((rows,), k_max, device="cuda")
             variants = {
                 "stable sort": lambda: scores.masked_fill(~mask, float("-inf")).sort(
-                    -1, descending=True, stable=True).indices[..., :k_max],
+                    dim=-1, descending=True, stable=True).indices[..., :k_max],
                 "topk": lambda: scores.masked_fill(~mask, float("-inf")).topk(k_max, sorted=False).indices,
                 "triton select": lambda: fused_top_k_positions(scores, mask, k, k_max),
             }
