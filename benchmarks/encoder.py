@@ -7,6 +7,8 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
   colt5-hf/<impl>          this package's CoLT5EncoderModel encoder, attn_implementation eager, sdpa, flex_attention
                            (routing by the fused Triton coordinate descent on CUDA)
   colt5-hf/flex+eager-cd   flex_attention with the eager coordinate-descent loop (the fused kernels switched off)
+  colt5-hf/<kind>-flex_attention+sdpa-heavy   flex_attention with the heavy attention through SDPA and a bias tensor
+                           (the flex heavy attention switched off; the light attention still through flex)
   colt5-hf/compiled-<impl> every block compiled, block.compile(fullgraph=True, dynamic=False): one compiled graph that
                            all layers run (impl flex_attention or sdpa); a new n compiles again (static shapes)
   colt5-hf/cudagraphs-<impl>  the same under mode="reduce-overhead": CUDA graphs for the forward and for the
@@ -41,7 +43,8 @@ from common import LARGE, colt5_large_config, cuda_time, environment, error_text
 # colt5-hf/eager and colt5-hf/flex+eager-cd (the eager paths, measured in run A) run when named in --models.
 MODELS = ["colt5-hf/flex_attention", "colt5-hf/compiled-flex_attention", "longt5-local", "colt5-hf/compiled-sdpa",
           "reference", "longt5-tglobal", "colt5-hf/sdpa", "t5", "colt5-hf/cudagraphs-flex_attention"]
-OTHER_MODELS = ["colt5-hf/eager", "colt5-hf/flex+eager-cd", "colt5-hf/cudagraphs-sdpa"]
+OTHER_MODELS = ["colt5-hf/eager", "colt5-hf/flex+eager-cd", "colt5-hf/cudagraphs-sdpa",
+                "colt5-hf/cudagraphs-flex_attention+sdpa-heavy", "colt5-hf/compiled-flex_attention+sdpa-heavy"]
 T5_MAX_LENGTH = 16384
 T5_LAYERS = 2
 
@@ -58,24 +61,28 @@ class Stack:
 def build(name, layers):
     dtype, device = torch.bfloat16, "cuda"
     if name.startswith("colt5-hf"):
-        from colt5_hf import CoLT5EncoderModel, routing
+        from colt5_hf import CoLT5EncoderModel, modeling_colt5, routing
 
         implementation = name.split("/")[1]
         context, mode = None, None
         if implementation.startswith(("compiled-", "cudagraphs-")):
             kind, implementation = implementation.split("-", 1)
             mode = "reduce-overhead" if kind == "cudagraphs" else "default"
-        if implementation == "flex+eager-cd":
+        switched_off = {"flex+eager-cd": (routing, "fused_coordinate_descent"),
+                        "flex_attention+sdpa-heavy": (modeling_colt5, "flex_heavy_attention")}.get(implementation)
+        if switched_off:
             implementation = "flex_attention"
+            module, attribute = switched_off
 
-            class EagerRouting:
+            class SwitchedOff:
                 def __enter__(self):
-                    self.saved, routing.fused_coordinate_descent = routing.fused_coordinate_descent, None
+                    self.saved = getattr(module, attribute)
+                    setattr(module, attribute, None)
 
                 def __exit__(self, *exc):
-                    routing.fused_coordinate_descent = self.saved
+                    setattr(module, attribute, self.saved)
 
-            context = EagerRouting
+            context = SwitchedOff
         config = colt5_large_config(num_layers=layers)
         with torch.device(device):
             model = CoLT5EncoderModel(config).to(dtype)
@@ -91,7 +98,7 @@ def build(name, layers):
                 torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier outputs may be overwritten
             return encoder(inputs_embeds=x).last_hidden_state
 
-        return Stack(name, encoder, run, layers, compiled=True, cuda_graphs=mode == "reduce-overhead")
+        return Stack(name, encoder, run, layers, context, compiled=True, cuda_graphs=mode == "reduce-overhead")
     if name.startswith("longt5"):
         from transformers import LongT5Config, LongT5EncoderModel
 

@@ -21,7 +21,7 @@ log=$OUT/run.log
 for stage in $stages; do
   echo "=== $stage $(date -u +%FT%TZ)" | tee -a "$log"
   case $stage in
-    tests) timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_gpu.py tests/test_gpu_compile.py} -rf > "$OUT/tests.log" 2>&1; grep -E "passed|failed|^FAILED|Error" "$OUT/tests.log" | tail -30 | tee -a "$log" ;;
+    tests) timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -p no:cacheprovider ${TEST_FILES:-tests/test_gpu.py tests/test_gpu_compile.py} -rf > "$OUT/tests.log" 2>&1; grep -E "passed|failed|^FAILED|Error" "$OUT/tests.log" | tail -30 | tee -a "$log" ;;
     routing) timeout 60 python3 benchmarks/routing.py 2>&1 | tee -a "$log" ;;
     parts) { timeout 120 python3 benchmarks/parts.py --check && timeout ${PARTS_TIMEOUT:-300} python3 benchmarks/parts.py ${PARTS_ARGS:-}; } 2>&1 | grep -v Warning | tee -a "$log" ;;
     profile) timeout ${PROFILE_TIMEOUT:-120} python3 benchmarks/profile_encoder.py ${PROFILE_ARGS:-} 2>&1 | grep "^== " | tee -a "$log" ;;

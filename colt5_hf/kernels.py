@@ -22,9 +22,10 @@ The backward pass is the exact gradient of the unrolled iterations: with adjoint
 where w_{T-1} = ln2 * sum_i g_i * lambda_i * [x_i + alpha_T <= 0] and w_{j-1} = w_j * q_j. One program per row
 computes the w_j (a scalar recurrence), then one program per chunk of every row accumulates the sum.
 
-Top-k selection (routing.top_k_positions), one program per row: the scores become uint32 keys in the same order; the
-k-th largest key is found bit by bit from the top (32 counts over the row); the positions above it, and the earliest
-ties at it, are written in increasing position by a prefix sum, followed by the other positions.
+Top-k selection (routing.top_k_positions), one program per row of at most 16k tokens, held in registers: the scores
+become uint32 keys in the same order; the k-th largest key is found bit by bit from the top (32 counts over the row);
+the positions above it, and the earliest ties at it, are written in increasing position by a prefix sum, followed by
+the other positions.
 """
 
 import functools
@@ -291,68 +292,39 @@ if triton is not None:
         return tl.where(keep, key, 0)
 
     @triton.jit
-    def _select_top_k(scores_ptr, mask_ptr, k_ptr, out_ptr, n, k_max, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    def _select_top_k(scores_ptr, mask_ptr, k_ptr, out_ptr, n, k_max, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        scores_ptr += row * n
-        mask_ptr += row * n
-        out_ptr += row * k_max
-        offsets = tl.arange(0, BLOCK)
+        index = tl.arange(0, BLOCK)
+        inside = index < n
+        key = _order_keys(scores_ptr + row * n, mask_ptr + row * n, index, n)  # the row, held in registers
         k = tl.load(k_ptr + row)
-        if NUM_CHUNKS == 1:
-            key_row = _order_keys(scores_ptr, mask_ptr, offsets, n)
 
         # the k-th largest key, bit by bit from the top: the largest t with at least k keys >= t
         threshold = tl.full((), 0, tl.uint32)
         for bit in tl.static_range(31, -1, -1):
             candidate = threshold | tl.full((), 1 << bit, tl.uint32)
-            if NUM_CHUNKS == 1:
-                count = tl.sum((key_row >= candidate).to(tl.int32), axis=0)
-            else:
-                count = 0
-                for c in range(NUM_CHUNKS):
-                    key = _order_keys(scores_ptr, mask_ptr, c * BLOCK + offsets, n)
-                    count += tl.sum((key >= candidate).to(tl.int32), axis=0)
+            count = tl.sum((key >= candidate).to(tl.int32), axis=0)
             threshold = tl.where(count >= k, candidate, threshold)
 
         # every key above the threshold is taken, and as many ties at it as k leaves, earliest first
-        if NUM_CHUNKS == 1:
-            above = tl.sum((key_row > threshold).to(tl.int32), axis=0)
-        else:
-            above = 0
-            for c in range(NUM_CHUNKS):
-                key = _order_keys(scores_ptr, mask_ptr, c * BLOCK + offsets, n)
-                above += tl.sum((key > threshold).to(tl.int32), axis=0)
-        quota = k - above
+        quota = k - tl.sum((key > threshold).to(tl.int32), axis=0)
+        tie = ((key == threshold) & inside).to(tl.int32)
+        taken = ((key > threshold) | ((tie != 0) & (tl.cumsum(tie, axis=0) <= quota))).to(tl.int32)
         # slots: the taken positions in order, then the others in order; only the first k_max slots are stored
-        ties_before = 0
-        taken_before = 0
-        for c in range(NUM_CHUNKS):
-            index = c * BLOCK + offsets
-            inside = index < n
-            if NUM_CHUNKS == 1:
-                key = key_row
-            else:
-                key = _order_keys(scores_ptr, mask_ptr, index, n)
-            tie = ((key == threshold) & inside).to(tl.int32)
-            tie_rank = ties_before + tl.cumsum(tie, axis=0)  # 1-based among the row's ties
-            taken = ((key > threshold) | ((tie != 0) & (tie_rank <= quota))).to(tl.int32)
-            taken_rank = taken_before + tl.cumsum(taken, axis=0)
-            slot = tl.where(taken != 0, taken_rank - 1, k + index - taken_rank)
-            tl.store(out_ptr + slot, index.to(tl.int64), mask=inside & (slot < k_max))
-            ties_before += tl.sum(tie, axis=0)
-            taken_before += tl.sum(taken, axis=0)
+        taken_rank = tl.cumsum(taken, axis=0)
+        slot = tl.where(taken != 0, taken_rank - 1, k + index - taken_rank)
+        tl.store(out_ptr + row * k_max + slot, index.to(tl.int64), mask=inside & (slot < k_max))
 
     @torch.library.custom_op(f"{OP_NAMESPACE}::select_top_k", mutates_args=(), device_types="cuda")
     def select_top_k_rows(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
         """scores (rows, n) float32, mask (rows, n) bool, k (rows,) int32 -> (rows, k_max) int64 positions: see
-        `routing.top_k_positions`. One program per row."""
+        `routing.top_k_positions`. One program per row, n <= RESIDENT_ROW."""
         scores, mask, k = scores.contiguous(), mask.contiguous(), k.contiguous()
         rows, n = scores.shape
         out = torch.empty(rows, k_max, dtype=torch.long, device=scores.device)
-        block, num_chunks, num_warps = _forward_layout(n)
+        block, _, num_warps = _forward_layout(n)
         with torch.cuda.device(scores.device):
-            _select_top_k[(rows,)](scores, mask, k, out, n, k_max, BLOCK=block, NUM_CHUNKS=num_chunks,
-                                   num_warps=num_warps)
+            _select_top_k[(rows,)](scores, mask, k, out, n, k_max, BLOCK=block, num_warps=num_warps)
         return out
 
     @select_top_k_rows.register_fake
@@ -360,8 +332,12 @@ if triton is not None:
         return scores.new_empty(scores.shape[0], k_max, dtype=torch.long)
 
     def fused_top_k_positions(scores, mask, k, k_max: int):
-        """`routing.top_k_positions` in one Triton launch, same arguments and result."""
+        """`routing.top_k_positions` in one Triton launch, same arguments and result, for rows of at most RESIDENT_ROW
+        tokens. (Longer rows would have to stream through L2 in each of the 34 passes; that lost to the sort: 0.19 ms
+        against 0.05-0.08 ms at 32k tokens on an H100, benchmarks/RESULTS.md run I.)"""
         n = scores.shape[-1]
+        if n > RESIDENT_ROW:
+            raise ValueError(f"the top-k kernel takes rows of at most {RESIDENT_ROW} tokens, got {n}")
         scores_rows = scores.reshape(-1, n).float().contiguous()
         mask_rows = mask.expand(scores.shape).reshape(-1, n).contiguous()
         k_rows = k.expand(scores.shape[:-1]).reshape(-1).to(torch.int32).contiguous()

@@ -265,7 +265,11 @@ class CoLT5HeavyAttention(nn.Module):
         use_flex = implementation == "flex_attention" and flex_heavy_attention is not None and hidden_states.is_cuda
         if use_flex and not dropout:  # flex attention has no dropout and no CPU backward
             offsets = torch.arange(1 - n, n, device=hidden_states.device, dtype=torch.int32)
-            table = bucket_bias(self.bucket(offsets), bias_weight.float()).t()  # (h, 2n - 1) float32 (atomic adds)
+            one_hot = F.one_hot(self.bucket(offsets).long(), self.config.relative_attention_num_buckets)
+            # (h, 2n - 1) float32 (its gradient is added up atomically), made by a matmul: under torch.compile a
+            # matmul's output is a buffer of its own, where a lookup would be inlined into the attention kernel
+            # (bucket arithmetic per score, beyond the shared memory of every kernel configuration at d_kv 64)
+            table = bias_weight.float().t() @ one_hot.t().float()
             kv_count = kv_routing.valid[:, 0].sum(-1)  # (b,): valid slots come first
             out = flex_heavy_attention(query, key, value, q_index, kv_index, kv_count, table)
             probs = None

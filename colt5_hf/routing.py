@@ -7,7 +7,7 @@ from torch import nn
 
 
 try:  # CUDA fast paths: all iterations in one Triton launch; the top-k selection in one launch
-    from .kernels import fused_coordinate_descent, fused_top_k_positions
+    from .kernels import RESIDENT_ROW, fused_coordinate_descent, fused_top_k_positions
 except ImportError:
     fused_coordinate_descent = fused_top_k_positions = None
 
@@ -100,10 +100,10 @@ def top_k_positions(scores, mask, k, k_max: int):
     order, followed by the row's other positions in increasing order, cut to the first `k_max` slots.
 
     scores: (..., n) float, finite; mask: (..., n) bool; k: (...) integer counts, at most the row's unmasked tokens;
-    k_max <= n. Returns (..., k_max) int64, distinct within a row. On CUDA with Triton the kernel of `kernels.py`
-    computes the same function in one launch, without sorting.
+    k_max <= n. Returns (..., k_max) int64, distinct within a row. On CUDA with Triton, rows of at most 16k tokens
+    take the kernel of `kernels.py`: the same function in one launch, without sorting.
     """
-    if scores.is_cuda and fused_top_k_positions is not None:
+    if scores.is_cuda and fused_top_k_positions is not None and scores.shape[-1] <= RESIDENT_ROW:
         return fused_top_k_positions(scores, mask, k, k_max)
     n = scores.shape[-1]
     order = scores.float().masked_fill(~mask, float("-inf")).sort(dim=-1, descending=True, stable=True).indices

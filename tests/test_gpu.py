@@ -2,8 +2,8 @@
 
 - the fused coordinate descent (Triton) against routing.coordinate_descent's eager loop: forward and backward, with
   masks, empty rows and per-row k, rows held in registers (<= 16k tokens) and streamed (up to 64k);
-- the top-k selection kernel against routing.top_k_positions's sort, with ties (-0 and +0 among them), masks, k = 0
-  and k = every real token, rows held in registers and streamed;
+- the routers' top-k selection on CUDA (the Triton kernel up to 16k tokens, the sort beyond) against the sort on the
+  CPU, with ties (-0 and +0 among them), masks, k = 0 and k = every real token;
 - the flex-attention light attention against the blocked eager light attention, and the flex-attention heavy attention
   against the eager one (bias tensor);
 - the heavy attention's bias lookup (one-hot backward) against F.embedding;
@@ -23,7 +23,7 @@ from tiny import relative_error
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 if torch.cuda.is_available():
-    from colt5_hf.kernels import fused_coordinate_descent, fused_top_k_positions
+    from colt5_hf.kernels import RESIDENT_ROW, fused_coordinate_descent, fused_top_k_positions
 
 
 def eager_coordinate_descent(scores, mask, k, iterations, epsilon, monkeypatch):
@@ -89,7 +89,8 @@ def test_fused_coordinate_descent_is_the_dispatch_on_cuda_and_keeps_batch_shape(
 
 @pytest.mark.parametrize("n", [200, 16384, 20000, 65536])
 @pytest.mark.parametrize("ties", [False, True])
-def test_fused_top_k_positions_matches_the_sort(n, ties):
+def test_top_k_positions_on_cuda_match_the_sort(n, ties):
+    """routing.top_k_positions on CUDA (the kernel up to 16k tokens, the sort beyond) against the sort on the CPU."""
     scores, mask, k = random_rows(n, seed=n + ties)
     if ties:  # few distinct values, negative zeros among them
         scores = (scores * 2).round() / 2
@@ -98,10 +99,15 @@ def test_fused_top_k_positions_matches_the_sort(n, ties):
     mask[1, :3] = True  # a row with 3 real tokens: every one of them routed
     k = torch.tensor([n // 16, 3, n // 8, 0], device="cuda")
     k_max = n // 8
-    got = fused_top_k_positions(scores, mask, k, k_max)
+    got = routing.top_k_positions(scores, mask, k, k_max)
     # the reference on the CPU: comparison sorts (a GPU radix sort might order -0.0 and +0.0)
     expected = routing.top_k_positions(scores.cpu(), mask.cpu(), k.cpu(), k_max)
     assert got.dtype == torch.long and torch.equal(got.cpu(), expected)
+    if n <= RESIDENT_ROW:
+        assert torch.equal(fused_top_k_positions(scores, mask, k, k_max), got)
+    else:
+        with pytest.raises(ValueError, match="at most 16384 tokens"):
+            fused_top_k_positions(scores, mask, k, k_max)
     for row in range(4):
         picked = got[row, : k[row]]
         assert (picked.diff() > 0).all() and mask[row, picked].all()
