@@ -7,8 +7,8 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
   colt5-hf/<impl>          this package's CoLT5EncoderModel encoder, attn_implementation eager, sdpa, flex_attention
                            (routing by the fused Triton coordinate descent on CUDA)
   colt5-hf/flex+eager-cd   flex_attention with the eager coordinate-descent loop (the fused kernels switched off)
-  colt5-hf/<kind>-flex_attention+sdpa-heavy   flex_attention with the heavy attention through SDPA and a bias tensor
-                           (the flex heavy attention switched off; the light attention still through flex)
+  colt5-hf/<kind>-flex_attention+sort   flex_attention with the routers' top-k selection by the stable sort (the
+                           Triton selection kernel switched off)
   colt5-hf/compiled-<impl> every block compiled, block.compile(fullgraph=True, dynamic=False): one compiled graph that
                            all layers run (impl flex_attention or sdpa); a new n compiles again (static shapes)
   colt5-hf/cudagraphs-<impl>  the same under mode="reduce-overhead": CUDA graphs for the forward and for the
@@ -44,7 +44,7 @@ from common import LARGE, colt5_large_config, cuda_time, environment, error_text
 MODELS = ["colt5-hf/flex_attention", "colt5-hf/compiled-flex_attention", "longt5-local", "colt5-hf/compiled-sdpa",
           "reference", "longt5-tglobal", "colt5-hf/sdpa", "t5", "colt5-hf/cudagraphs-flex_attention"]
 OTHER_MODELS = ["colt5-hf/eager", "colt5-hf/flex+eager-cd", "colt5-hf/cudagraphs-sdpa",
-                "colt5-hf/cudagraphs-flex_attention+sdpa-heavy", "colt5-hf/compiled-flex_attention+sdpa-heavy"]
+                "colt5-hf/cudagraphs-flex_attention+sort", "colt5-hf/compiled-flex_attention+sort"]
 T5_MAX_LENGTH = 16384
 T5_LAYERS = 2
 
@@ -61,7 +61,7 @@ class Stack:
 def build(name, layers):
     dtype, device = torch.bfloat16, "cuda"
     if name.startswith("colt5-hf"):
-        from colt5_hf import CoLT5EncoderModel, modeling_colt5, routing
+        from colt5_hf import CoLT5EncoderModel, routing
 
         implementation = name.split("/")[1]
         context, mode = None, None
@@ -69,7 +69,7 @@ def build(name, layers):
             kind, implementation = implementation.split("-", 1)
             mode = "reduce-overhead" if kind == "cudagraphs" else "default"
         switched_off = {"flex+eager-cd": (routing, "fused_coordinate_descent"),
-                        "flex_attention+sdpa-heavy": (modeling_colt5, "flex_heavy_attention")}.get(implementation)
+                        "flex_attention+sort": (routing, "fused_top_k_positions")}.get(implementation)
         if switched_off:
             implementation = "flex_attention"
             module, attribute = switched_off

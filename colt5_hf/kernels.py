@@ -1,5 +1,5 @@
 """Fast paths for CUDA GPUs: coordinate descent fused into Triton kernels, the routers' top-k selection in one Triton
-launch (no sort), local and heavy attention through flex attention, and a quick gradient for bucketed biases.
+launch (no sort), local attention through flex attention, and a quick gradient for the heavy attention's bucketed bias.
 
 routing.py and modeling_colt5.py import these names inside guarded blocks; where Triton or flex attention is missing
 the name is None and the eager reference path runs. Everything here traces into one torch.compile graph: the Triton
@@ -434,23 +434,5 @@ if flex_attention is not None:
         out = attention(query, key, value, score_mod=relative_bias, block_mask=block_mask, scale=1.0)
         return out[:, :, :n]
 
-    def flex_heavy_attention(query, key, value, q_positions, kv_positions, kv_count, bias_table):
-        """softmax(q k^T + bias) v among routed tokens, unscaled (T5), as one flex attention call: no (b, h, m, m_kv)
-        bias tensor is built, and the bias table's gradient is added up inside the backward kernel.
-
-        query: (b, h, m, d) at sequence positions q_positions (b, m); key, value: (b, h, m_kv, d) at kv_positions
-        (b, m_kv), of which the first kv_count (b,) slots are keys (the others get -inf); bias_table: (h, 2n - 1)
-        float32, the bias of offsets key - query = 1 - n .. n - 1. A query with no key gets 0. Returns (b, h, m, d).
-        """
-
-        def relative_bias(score, batch, head, q_slot, kv_slot):
-            centre = bias_table.shape[-1] // 2  # n - 1: offset 0
-            bias = bias_table[head, kv_positions[batch, kv_slot] - q_positions[batch, q_slot] + centre]
-            return torch.where(kv_slot < kv_count[batch], score + bias, float("-inf"))
-
-        compiling = torch.compiler.is_compiling()  # inside an outer torch.compile it is traced in place
-        attention = compiled_flex_attention() if query.is_cuda and not compiling else flex_attention
-        return attention(query, key, value, score_mod=relative_bias, scale=1.0)
-
 else:
-    flex_local_attention = flex_heavy_attention = None
+    flex_local_attention = None

@@ -30,10 +30,10 @@ from .configuration_colt5 import CoLT5Config
 from .routing import CoLT5Router, RouterOutput, gather_route_heads, gather_tokens, scatter_tokens
 
 
-try:  # CUDA fast paths: flex attention for both attention branches, a quick gradient for bucketed biases
-    from .kernels import bucket_bias, flex_heavy_attention, flex_local_attention
+try:  # CUDA fast paths: flex attention for the light attention, a quick gradient for the heavy attention's bias
+    from .kernels import bucket_bias, flex_local_attention
 except ImportError:
-    bucket_bias, flex_heavy_attention, flex_local_attention = F.embedding, None, None
+    bucket_bias, flex_local_attention = F.embedding, None
 
 
 # Transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; support both.
@@ -261,21 +261,18 @@ class CoLT5HeavyAttention(nn.Module):
             return t.view(b, t.shape[1], self.num_heads, -1).transpose(1, 2)
 
         query, key, value = heads(self.q(routed_q)), heads(self.k(routed_kv)), heads(self.v(routed_kv))
+        bucket = relative_position_bucket(
+            kv_index.int()[:, None, :] - q_index.int()[:, :, None],  # positions fit int32
+            bidirectional=True,
+            num_buckets=self.config.relative_attention_num_buckets,
+            max_distance=self.config.relative_attention_max_distance,
+        )  # (b, m, m_kv) int32
+        lookup = bucket_bias if bias_weight.is_cuda else F.embedding
+        bias = lookup(bucket, bias_weight).permute(0, 3, 1, 2).to(dtype)  # (b, h, m, m_kv)
+        bias = bias.masked_fill(~kv_routing.valid[:, :, None, :], mask_value(dtype))
+
         dropout = self.config.dropout_rate if self.training else 0.0
-        use_flex = implementation == "flex_attention" and flex_heavy_attention is not None and hidden_states.is_cuda
-        if use_flex and not dropout:  # flex attention has no dropout and no CPU backward
-            offsets = torch.arange(1 - n, n, device=hidden_states.device, dtype=torch.int32)
-            one_hot = F.one_hot(self.bucket(offsets).long(), self.config.relative_attention_num_buckets)
-            # (h, 2n - 1) float32 (its gradient is added up atomically), made by a matmul: under torch.compile a
-            # matmul's output is a buffer of its own, where a lookup would be inlined into the attention kernel
-            # (bucket arithmetic per score, beyond the shared memory of every kernel configuration at d_kv 64)
-            table = bias_weight.float().t() @ one_hot.t().float()
-            kv_count = kv_routing.valid[:, 0].sum(-1)  # (b,): valid slots come first
-            out = flex_heavy_attention(query, key, value, q_index, kv_index, kv_count, table)
-            probs = None
-        else:
-            out, probs = self.bucketed_attention(query, key, value, q_index, kv_index, kv_routing, bias_weight,
-                                                 dropout, implementation)
+        out, probs = attend(query, key, value, bias, dropout, implementation)
         out = self.o(out.transpose(1, 2).reshape(b, -1, self.num_heads * self.config.d_kv))
         out = out * q_routing.weights[:, 0, :, None].to(out.dtype)
         weights = None
@@ -288,20 +285,6 @@ class CoLT5HeavyAttention(nn.Module):
             head = torch.arange(self.num_heads, device=probs.device)[None, :, None, None].expand_as(probs)
             weights.index_put_((batch, head, rows, columns), probs, accumulate=True)
         return scatter_tokens(out, q_index, n), weights
-
-    def bucket(self, relative_position):
-        config = self.config
-        return relative_position_bucket(
-            relative_position, True, config.relative_attention_num_buckets, config.relative_attention_max_distance
-        )
-
-    def bucketed_attention(self, query, key, value, q_index, kv_index, kv_routing, bias_weight, dropout, implementation):
-        """The eager and SDPA paths: the (b, h, m, m_kv) bias tensor from each pair's bucket, then `attend`."""
-        bucket = self.bucket(kv_index.int()[:, None, :] - q_index.int()[:, :, None])  # (b, m, m_kv); fits int32
-        lookup = bucket_bias if bias_weight.is_cuda else F.embedding
-        bias = lookup(bucket, bias_weight).permute(0, 3, 1, 2).to(query.dtype)  # (b, h, m, m_kv)
-        bias = bias.masked_fill(~kv_routing.valid[:, :, None, :], mask_value(query.dtype))
-        return attend(query, key, value, bias, dropout, implementation)
 
 
 class CoLT5RoutedSelfAttention(nn.Module):

@@ -4,8 +4,7 @@
   masks, empty rows and per-row k, rows held in registers (<= 16k tokens) and streamed (up to 64k);
 - the routers' top-k selection on CUDA (the Triton kernel up to 16k tokens, the sort beyond) against the sort on the
   CPU, with ties (-0 and +0 among them), masks, k = 0 and k = every real token;
-- the flex-attention light attention against the blocked eager light attention, and the flex-attention heavy attention
-  against the eager one (bias tensor);
+- the flex-attention light attention against the blocked eager light attention;
 - the heavy attention's bias lookup (one-hot backward) against F.embedding;
 - whole encoders under each attn_implementation against the eager one, and with the fused routing against the same
   model with the eager coordinate-descent loop.
@@ -15,8 +14,7 @@ import pytest
 import torch
 
 from colt5_hf import CoLT5Config, CoLT5EncoderModel, routing
-from colt5_hf.modeling_colt5 import CoLT5HeavyAttention, CoLT5LocalAttention
-from colt5_hf.routing import RouterOutput
+from colt5_hf.modeling_colt5 import CoLT5LocalAttention
 from tiny import relative_error
 
 
@@ -154,63 +152,6 @@ def test_flex_local_attention_matches_eager(radius, n, dtype):
     assert relative_error(flex_out, eager_out) < tolerance
     for flex_grad, eager_grad in zip(flex_grads, eager_grads):
         assert relative_error(flex_grad, eager_grad) < tolerance
-
-
-def heavy_attention_outputs(layer, hidden, q_routing, kv_routing, bias_weight, upstream, implementation):
-    leaves = [*layer.parameters(), bias_weight, q_routing.weights, kv_routing.weights]
-    for leaf in leaves:
-        leaf.grad = None
-    out, _ = layer(hidden, q_routing, kv_routing, bias_weight, implementation)
-    (out.double() * upstream.double()).sum().backward()
-    return [out.detach()] + [leaf.grad.clone() for leaf in leaves]
-
-
-@pytest.mark.parametrize(
-    "m, m_kv, heads, d_kv, dtype",
-    [(45, 90, 2, 16, torch.float32), (1000, 2000, 2, 16, torch.float32), (1024, 2048, 12, 64, torch.bfloat16)],
-)
-def test_flex_heavy_attention_matches_eager(m, m_kv, heads, d_kv, dtype):
-    """The heavy attention through flex attention (bias looked up per pair inside the kernel, its gradient added up
-    there) against the eager path (bias tensor, two matmuls): output and the gradients of the projections, the bias
-    weights and both routers' weights. Sample 1 is short: invalid slots (weight 0) end its queries and keys. In bf16
-    both are compared with the eager path in float64 and flex attention may be at most twice as far from it."""
-    torch.manual_seed(m)
-    config = CoLT5Config(vocab_size=128, d_model=128, d_kv=d_kv, d_ff=128, num_layers=1, num_heads=heads + 2,
-                         num_light_heads=2, num_heavy_heads=heads, dropout_rate=0.0)
-    layer = CoLT5HeavyAttention(config).cuda().double()
-    for linear in (layer.q, layer.k, layer.v, layer.o):
-        torch.nn.init.normal_(linear.weight, std=0.1)
-    n = 16 * m
-    hidden = torch.randn(2, n, config.d_model, device="cuda", dtype=torch.float64)
-    upstream = torch.randn(2, n, config.d_model, device="cuda", dtype=torch.float64)
-    bias_weight = torch.randn(config.relative_attention_num_buckets, heads, device="cuda", dtype=torch.float64)
-
-    def routing(k):  # valid slots first, in increasing position; sample 1 routes 2/3 of k tokens
-        valid = torch.ones(2, 1, k, dtype=torch.bool, device="cuda")
-        valid[1, :, 2 * k // 3 :] = False
-        indices = torch.stack([torch.randperm(n, device="cuda")[:k] for _ in range(2)])[:, None]
-        indices = torch.where(valid, indices, n + indices).sort(-1).values % n
-        weights = (0.5 + torch.rand(2, 1, k, device="cuda", dtype=torch.float64)).masked_fill(~valid, 0.0)
-        return RouterOutput(indices, weights, valid)
-
-    q_routing, kv_routing = routing(m), routing(m_kv)
-
-    def run(implementation, dtype):
-        layer.to(dtype)
-        return heavy_attention_outputs(
-            layer, hidden.to(dtype), *(RouterOutput(r.indices, r.weights.detach().to(dtype).requires_grad_(), r.valid)
-                                       for r in (q_routing, kv_routing)),
-            bias_weight.detach().to(dtype).requires_grad_(), upstream, implementation,
-        )
-
-    flex = run("flex_attention", dtype)
-    if dtype == torch.float32:
-        expected, allowed = run("eager", dtype), [1e-4] * len(flex)
-    else:
-        expected = run("eager", torch.float64)
-        allowed = [max(2 * relative_error(a, b), 1e-3) for a, b in zip(run("eager", dtype), expected)]
-    for index, (got, want, bound) in enumerate(zip(flex, expected, allowed)):
-        assert want.norm() > 0 and relative_error(got, want) < bound, index
 
 
 def encoder_outputs(model, inputs, mask, upstream):
