@@ -61,16 +61,6 @@ def events_ms(fn, iters=30):
     return start.elapsed_time(end) / iters
 
 
-def bucket_int32(relative):
-    """modeling_colt5.relative_position_bucket (bidirectional) kept in int32."""
-    half = NUM_BUCKETS // 2
-    exact = half // 2
-    distance = relative.abs()
-    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / torch.log(torch.tensor(MAX_DISTANCE / exact))
-    far = (exact + (log_ratio * (half - exact)).int()).clamp(max=half - 1)
-    return (relative > 0).int() * half + torch.where(distance < exact, distance, far)
-
-
 class IndexAddLookup(torch.autograd.Function):
     """F.embedding whose gradient is index_add_ (atomic adds on CUDA)."""
 
@@ -129,15 +119,17 @@ def heavy_variants(n, q_index, kv_index):
     def sdpa(q, k, v, bias):  # bias (b, m, m_kv, h)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.permute(0, 3, 1, 2).to(q.dtype), scale=1.0)
 
+    def bucket(relative):  # in the input's integer dtype
+        return relative_position_bucket(relative, True, NUM_BUCKETS, MAX_DISTANCE)
+
     def bucket_table(weight):  # (2n - 1,) int8: the bucket of each offset
-        return bucket_int32(torch.arange(1 - n, n, device=weight.device, dtype=torch.int32)).to(torch.int8)
+        return bucket(torch.arange(1 - n, n, device=weight.device, dtype=torch.int32)).to(torch.int8)
 
     def head(q, k, v, weight):
-        bucket = relative_position_bucket(kv_index[:, None, :] - q_index[:, :, None], True, NUM_BUCKETS, MAX_DISTANCE)
-        return sdpa(q, k, v, bucket_bias(bucket, weight))
+        return sdpa(q, k, v, bucket_bias(bucket(kv_index[:, None, :] - q_index[:, :, None]), weight))  # int64
 
     def int32(q, k, v, weight):
-        return sdpa(q, k, v, bucket_bias(bucket_int32(kv_index.int()[:, None, :] - q_index.int()[:, :, None]), weight))
+        return sdpa(q, k, v, bucket_bias(bucket(kv_index.int()[:, None, :] - q_index.int()[:, :, None]), weight))
 
     def offset_table(q, k, v, table, weight):
         return sdpa(q, k, v, bucket_bias(table[offset].int(), weight))
