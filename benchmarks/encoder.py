@@ -9,6 +9,8 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
   colt5-hf/flex+eager-cd   flex_attention with the eager coordinate-descent loop (the fused kernels switched off)
   colt5-hf/<kind>-flex_attention+sort   flex_attention with the routers' top-k selection by the stable sort (the
                            Triton selection kernel switched off)
+  colt5-hf/<kind>-flex_attention+separate-selection   the attention's q and kv routers each selecting on its own
+                           (two top-k and two soft top-k launches instead of one each)
   colt5-hf/compiled-<impl> every block compiled, block.compile(fullgraph=True, dynamic=False): one compiled graph that
                            all layers run (impl flex_attention or sdpa); a new n compiles again (static shapes)
   colt5-hf/cudagraphs-<impl>  the same under mode="reduce-overhead": CUDA graphs for the forward and for the
@@ -44,7 +46,8 @@ from common import LARGE, colt5_large_config, cuda_time, environment, error_text
 MODELS = ["colt5-hf/flex_attention", "colt5-hf/compiled-flex_attention", "longt5-local", "colt5-hf/compiled-sdpa",
           "reference", "longt5-tglobal", "colt5-hf/sdpa", "t5", "colt5-hf/cudagraphs-flex_attention"]
 OTHER_MODELS = ["colt5-hf/eager", "colt5-hf/flex+eager-cd", "colt5-hf/cudagraphs-sdpa",
-                "colt5-hf/cudagraphs-flex_attention+sort", "colt5-hf/compiled-flex_attention+sort"]
+                "colt5-hf/cudagraphs-flex_attention+sort", "colt5-hf/compiled-flex_attention+sort",
+                "colt5-hf/cudagraphs-flex_attention+separate-selection"]
 T5_MAX_LENGTH = 16384
 T5_LAYERS = 2
 
@@ -68,16 +71,24 @@ def build(name, layers):
         if implementation.startswith(("compiled-", "cudagraphs-")):
             kind, implementation = implementation.split("-", 1)
             mode = "reduce-overhead" if kind == "cudagraphs" else "default"
-        switched_off = {"flex+eager-cd": (routing, "fused_coordinate_descent"),
-                        "flex_attention+sort": (routing, "fused_top_k_positions")}.get(implementation)
+        from colt5_hf import modeling_colt5
+
+        def separately(routers, scores, mask, num_tokens=None):
+            return [routing.select_routes([router], [router_scores], mask, [tokens])[0]
+                    for router, router_scores, tokens in zip(routers, scores, num_tokens or [None] * len(routers))]
+
+        switched_off = {"flex+eager-cd": (routing, "fused_coordinate_descent", None),
+                        "flex_attention+sort": (routing, "fused_top_k_positions", None),
+                        "flex_attention+separate-selection": (modeling_colt5, "select_routes", separately),
+                        }.get(implementation)
         if switched_off:
             implementation = "flex_attention"
-            module, attribute = switched_off
+            module, attribute, replacement = switched_off
 
             class SwitchedOff:
                 def __enter__(self):
                     self.saved = getattr(module, attribute)
-                    setattr(module, attribute, None)
+                    setattr(module, attribute, replacement)
 
                 def __exit__(self, *exc):
                     setattr(module, attribute, self.saved)

@@ -27,7 +27,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_colt5 import CoLT5Config
-from .routing import CoLT5Router, RouterOutput, gather_route_heads, gather_tokens, scatter_tokens
+from .routing import CoLT5Router, gather_route_heads, gather_tokens, scatter_tokens, select_routes
 
 
 try:  # CUDA fast paths: flex attention for the light attention, a quick gradient for the heavy attention's bias
@@ -304,13 +304,11 @@ class CoLT5RoutedSelfAttention(nn.Module):
         light, light_weights = self.light_attention(
             hidden_states, mask, light_bias_table, implementation, output_attentions
         )
+        routers = [self.q_router, self.kv_router]
+        scores = [router(hidden_states, mask, select=False) for router in routers]
+        q_routing, kv_routing = select_routes(routers, scores, mask)  # one top-k selection for both
         heavy, heavy_weights = self.heavy_attention(
-            hidden_states,
-            self.q_router(hidden_states, mask),
-            self.kv_router(hidden_states, mask),
-            heavy_bias_weight,
-            implementation,
-            output_attentions,
+            hidden_states, q_routing, kv_routing, heavy_bias_weight, implementation, output_attentions
         )
         weights = torch.cat([light_weights, heavy_weights], dim=1) if output_attentions else None
         return light + heavy, weights
@@ -784,18 +782,16 @@ class CoLT5PreTrainedModel(PreTrainedModel):
         cross-attention routers run once per encoder output). Use `.valid` to drop the empty slots of short samples.
         """
         routing = {}
-        handles = []
-        for name, module in self.named_modules():
-            if isinstance(module, CoLT5Router):
-                def hook(_module, _args, output, name=name):
-                    routing.setdefault(name, []).append(RouterOutput(*(t.detach() for t in output)))
-
-                handles.append(module.register_forward_hook(hook))
+        routers = [(name, module) for name, module in self.named_modules() if isinstance(module, CoLT5Router)]
+        for name, router in routers:
+            router.recorded = routing.setdefault(name, [])
         try:
             yield routing
         finally:
-            for handle in handles:
-                handle.remove()
+            for name, router in routers:
+                router.recorded = None
+                if not routing[name]:
+                    del routing[name]  # a router that did not run (the decoder's, when only the encoder ran)
 
 
 class CoLT5EncoderModel(CoLT5PreTrainedModel):

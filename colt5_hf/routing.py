@@ -140,7 +140,7 @@ class CoLT5Router(nn.Module):
     """Scores each token with a learned vector per route (`weight`, routes x d_model) and keeps, for every sample, its
     best `num_tokens` real tokens. `num_tokens` is a fraction (float in (0, 1]) of each sample's real length, counted by
     `config.routed_count`, or a count (int >= 1); a sample with fewer real tokens keeps them all. A forward call may
-    override it.
+    override it. Routers that read the same hidden states can select together (`select_routes`).
 
     The routed tokens' weights come from the soft top-k of `config.router_type`, on float32 scores:
         coor_descent: `coordinate_descent` for k_fetch = router_fetch_ratio * k tokens (epsilon `router_epsilon`);
@@ -160,6 +160,7 @@ class CoLT5Router(nn.Module):
         self.config = config
         self.num_tokens = self.check_num_tokens(num_tokens)
         self.weight = nn.Parameter(torch.empty(num_routes, config.d_model))
+        self.recorded = None  # a list while `CoLT5PreTrainedModel.record_routing` records this router's outputs
 
     @staticmethod
     def check_num_tokens(num_tokens):
@@ -178,45 +179,70 @@ class CoLT5Router(nn.Module):
             return self.config.routed_count(num_tokens, length)
         return min(num_tokens, length) if isinstance(length, int) else length.clamp(max=num_tokens)
 
-    def forward(self, hidden_states, mask, num_tokens=None) -> RouterOutput:
-        # hidden_states: (b, n, d) normalised hidden states; mask: (b, n) bool
-        config, n = self.config, hidden_states.shape[1]
-        num_tokens = self.num_tokens if num_tokens is None else self.check_num_tokens(num_tokens)
-        lengths = mask.sum(-1)  # (b,)
-        k_max = self.routed_count(num_tokens, n)
-        k = self.routed_count(num_tokens, lengths)  # (b,), per-sample count, <= k_max
+    def forward(self, hidden_states, mask, num_tokens=None, *, select: bool = True) -> RouterOutput:
+        """hidden_states: (b, n, d) normalised hidden states; mask: (b, n) bool. With `select=False`, only the routes'
+        float32 scores (b, routes, n): `select_routes` then selects for several routers at once (scored through their
+        module calls, which accelerate's offloading hooks need to load the weights)."""
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             # a product and a sum, not a matmul: matmul kernels round a row's dot product differently depending on its
             # place in the batch, so equal hidden states (a repeated token in the first layer) could score unequally,
             # and a padded sample would break their tie differently than the sample alone
             hidden_states = hidden_states.float()
-            scores = torch.stack([(hidden_states * route).sum(-1) for route in self.weight.float()], dim=1)  # (b, r, n)
-        if config.router_type == "sinkhorn" and self.training:
-            scores = scores + logistic_noise(scores)
-        route_mask = mask[:, None, :].expand_as(scores)
-        # exact ties (a repeated token scores alike in the first layer) go to the earlier position, where topk's choice
-        # among ties would depend on the batch's shape
-        indices = top_k_positions(scores, route_mask, k[:, None].expand(scores.shape[:2]), k_max)  # (b, r, k_max)
-        valid = torch.arange(k_max, device=scores.device) < k[:, None, None]  # (b, 1, k_max)
-        valid = valid.expand_as(indices)
+            scores = torch.stack([(hidden_states * route).sum(-1) for route in self.weight.float()], dim=1)
+        return select_routes([self], [scores], mask, [num_tokens])[0] if select else scores
 
-        k_fetch = torch.minimum(k * config.router_fetch_ratio, lengths)[:, None, None].float()
-        if config.router_type == "cum_softmax":
-            soft = cumulative_softmax(scores / config.router_temperature, route_mask)
-        elif config.router_type == "sinkhorn":
-            soft = sinkhorn_top_k(
-                scores / config.router_temperature, route_mask, k_fetch, iterations=config.router_iterations
-            )
-        else:
-            soft = coordinate_descent(
-                scores, route_mask, k_fetch, iterations=config.router_iterations, epsilon=config.router_epsilon
-            )
-        weights = soft.gather(-1, indices)
-        if config.router_straight_through:
-            weights = 1.0 + (weights - weights.detach())  # forward value exactly 1, gradient of the soft score
-        every_token = (k == lengths)[:, None, None]  # (b, 1, 1)
-        weights = weights.masked_fill(every_token, 1.0).masked_fill(~valid, 0.0)
-        return RouterOutput(indices, weights, valid)
+
+def select_routes(routers, scores, mask, num_tokens=None) -> list[RouterOutput]:
+    """Each router's `RouterOutput` from its scores (a list of (b, routes, n), the routers' `select=False` outputs)
+    and the mask (b, n), as its own forward would return it, computed together: every route of every router is one
+    row of a single top-k selection and a single soft top-k (one launch each on CUDA instead of one per router).
+    `num_tokens`: a list with each router's override or None. The routers must share one config."""
+    config, n = routers[0].config, mask.shape[1]
+    if any(router.config is not config for router in routers):
+        raise ValueError("routers selected together must share one config")
+    num_tokens = [
+        router.num_tokens if tokens is None else router.check_num_tokens(tokens)
+        for router, tokens in zip(routers, num_tokens or [None] * len(routers), strict=True)
+    ]
+    lengths = mask.sum(-1)  # (b,)
+    k_maxes = [router.routed_count(tokens, n) for router, tokens in zip(routers, num_tokens)]
+    k = torch.cat([  # (b, R): each route's count for each sample, <= its router's k_max
+        router.routed_count(tokens, lengths)[:, None].expand(-1, len(router.weight))
+        for router, tokens in zip(routers, num_tokens)
+    ], dim=1)
+    scores = torch.cat(scores, dim=1)  # (b, R, n)
+    if config.router_type == "sinkhorn" and routers[0].training:
+        scores = scores + logistic_noise(scores)
+    route_mask = mask[:, None, :].expand_as(scores)
+    # exact ties (a repeated token scores alike in the first layer) go to the earlier position, where topk's choice
+    # among ties would depend on the batch's shape
+    indices = top_k_positions(scores, route_mask, k, max(k_maxes))  # (b, R, k_max)
+    valid = torch.arange(indices.shape[-1], device=scores.device) < k[..., None]  # (b, R, k_max)
+
+    k_fetch = torch.minimum(k * config.router_fetch_ratio, lengths[:, None])[..., None].float()  # (b, R, 1)
+    if config.router_type == "cum_softmax":
+        soft = cumulative_softmax(scores / config.router_temperature, route_mask)
+    elif config.router_type == "sinkhorn":
+        soft = sinkhorn_top_k(scores / config.router_temperature, route_mask, k_fetch, iterations=config.router_iterations)
+    else:
+        soft = coordinate_descent(
+            scores, route_mask, k_fetch, iterations=config.router_iterations, epsilon=config.router_epsilon
+        )
+    weights = soft.gather(-1, indices)
+    if config.router_straight_through:
+        weights = 1.0 + (weights - weights.detach())  # forward value exactly 1, gradient of the soft score
+    every_token = (k == lengths[:, None])[..., None]  # (b, R, 1)
+    weights = weights.masked_fill(every_token, 1.0).masked_fill(~valid, 0.0)
+
+    outputs, first = [], 0
+    for router, k_max in zip(routers, k_maxes):
+        rows = slice(first, first + len(router.weight))
+        first = rows.stop
+        output = RouterOutput(indices[:, rows, :k_max], weights[:, rows, :k_max], valid[:, rows, :k_max])
+        if router.recorded is not None:
+            router.recorded.append(RouterOutput(*(t.detach() for t in output)))
+        outputs.append(output)
+    return outputs
 
 
 def gather_tokens(hidden_states, indices):

@@ -122,11 +122,23 @@ def test_float16_huge_activations_are_clamped_not_infinite():
 
 
 def record_router_calls(model):
+    """Every router call as [name, router, hidden_states, mask, RouterOutput]: the inputs from a forward pre-hook, the
+    output from what the router records (routers that select together return their scores from the module call)."""
     calls = []
+
+    class Outputs(list):  # the router's `recorded` list: fills in its oldest call still waiting for an output
+        def __init__(self, router):
+            super().__init__()
+            self.router = router
+
+        def append(self, output):
+            next(call for call in calls if call[1] is self.router and call[4] is None)[4] = output
+
     for name, module in model.named_modules():
         if isinstance(module, CoLT5Router):
-            module.register_forward_hook(
-                lambda module, args, output, name=name: calls.append((name, module, args[0], args[1], output))
+            module.recorded = Outputs(module)
+            module.register_forward_pre_hook(
+                lambda module, args, name=name: calls.append([name, module, args[0], args[1], None])
             )
     return calls
 

@@ -9,7 +9,9 @@ import torch
 from colt5_attention.coor_descent import coor_descent as reference_coor_descent
 
 from colt5_hf import CoLT5Config
-from colt5_hf.routing import CoLT5Router, coordinate_descent, gather_tokens, scatter_tokens, top_k_positions
+from colt5_hf.routing import (
+    CoLT5Router, coordinate_descent, gather_tokens, scatter_tokens, select_routes, top_k_positions
+)
 
 
 def random_rows(seed, batch=6, n=48, scale=2.0):
@@ -290,6 +292,33 @@ def test_router_under_bf16_autocast_and_bf16_inputs():
     out = router(hidden_states.bfloat16(), mask)
     assert out.weights.dtype == torch.float32 and torch.isfinite(out.weights).all()
     assert torch.equal(out.valid, expected.valid)
+
+
+
+@pytest.mark.parametrize("router_type", ["coor_descent", "sinkhorn", "cum_softmax"])
+@pytest.mark.parametrize("straight_through", [True, False])
+def test_routers_run_together_equal_each_router_alone(router_type, straight_through):
+    config = router_config(router_type=router_type, router_straight_through=straight_through)
+    routers = [make_router(config, 0.5, seed=5), make_router(config, 3, routes=2, seed=6), make_router(config, 0.125)]
+    for router in routers:
+        router.eval()  # sinkhorn samples in training
+    hidden_states, mask = padded_batch([40, 19, 2], 40, seed=5)
+    mask[0, 10:14] = False
+    scores = [router(hidden_states, mask, select=False) for router in routers]
+    together = select_routes(routers, scores, mask, [None, None, 12])  # the last one's count overridden
+    assert [out.indices.shape[1:] for out in together] == [(1, 20), (2, 3), (1, 12)]
+    upstream = [torch.randn(out.weights.shape) for out in together]
+    grads = [torch.autograd.grad((out.weights * up).sum(), router.weight, retain_graph=True)[0]
+             for router, out, up in zip(routers, together, upstream)]
+    for i, router in enumerate(routers):
+        alone = router(hidden_states, mask, 12 if i == 2 else None)
+        assert together[i].indices.shape == alone.indices.shape
+        assert torch.equal(together[i].indices, alone.indices) and torch.equal(together[i].valid, alone.valid)
+        assert torch.equal(together[i].weights, alone.weights)
+        grad, = torch.autograd.grad((alone.weights * upstream[i]).sum(), router.weight)
+        assert torch.equal(grads[i], grad)
+    with pytest.raises(ValueError, match="share one config"):
+        select_routes([routers[0], make_router(router_config())], scores[:2], mask)
 
 
 # ----------------------------------------------------------------------------------------------- gather / scatter
