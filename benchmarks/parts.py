@@ -109,8 +109,11 @@ def heavy_variants(n, q_index, kv_index):
     that gets compiled. Every variant computes softmax(q k^T + bias) v over the routed pairs."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from colt5_hf.kernels import bucket_bias
+    from colt5_hf.kernels import bucket_bias as heads_first_bias
     from colt5_hf.modeling_colt5 import relative_position_bucket
+
+    def bucket_bias(bucket, weight):  # (b, m, m_kv, h) like the other variants' lookups (the model gathers heads first)
+        return heads_first_bias(bucket, weight).permute(1, 2, 3, 0)
 
     offset = kv_index[:, None, :] - q_index[:, :, None] + (n - 1)  # (b, m, m_kv) into tables over offsets
     kv_mask = torch.ones_like(kv_index, dtype=torch.bool)

@@ -33,7 +33,7 @@ from .routing import CoLT5Router, gather_route_heads, gather_tokens, scatter_tok
 try:  # CUDA fast paths: flex attention for the light attention, a quick gradient for the heavy attention's bias
     from .kernels import bucket_bias, flex_local_attention
 except ImportError:
-    bucket_bias, flex_local_attention = F.embedding, None
+    bucket_bias, flex_local_attention = None, None
 
 
 # Transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; support both.
@@ -262,15 +262,18 @@ class CoLT5HeavyAttention(nn.Module):
             return t.view(b, t.shape[1], self.num_heads, -1).transpose(1, 2)
 
         query, key, value = heads(self.q(routed_q)), heads(self.k(routed_kv)), heads(self.v(routed_kv))
+        num_buckets = self.config.relative_attention_num_buckets
         bucket = relative_position_bucket(
             kv_index.int()[:, None, :] - q_index.int()[:, :, None],  # positions fit int32
             bidirectional=True,
-            num_buckets=self.config.relative_attention_num_buckets,
+            num_buckets=num_buckets,
             max_distance=self.config.relative_attention_max_distance,
         )  # (b, m, m_kv) int32
-        lookup = bucket_bias if bias_weight.is_cuda else F.embedding
-        bias = lookup(bucket, bias_weight).permute(0, 3, 1, 2).to(dtype)  # (b, h, m, m_kv)
-        bias = bias.masked_fill(~kv_routing.valid[:, :, None, :], mask_value(dtype))
+        bucket = bucket.masked_fill(~kv_routing.valid[:, 0, None, :], num_buckets)  # invalid keys: the table's last row
+        mask_row = bias_weight.new_full((1, self.num_heads), mask_value(dtype), dtype=dtype)
+        table = torch.cat([bias_weight.to(dtype), mask_row])  # (buckets + 1, h)
+        lookup = bucket_bias if bias_weight.is_cuda and bucket_bias is not None else lambda b, t: t.t()[:, b]
+        bias = lookup(bucket, table).transpose(0, 1)  # (h, b, m, m_kv) gathered -> (b, h, m, m_kv)
 
         dropout = self.config.dropout_rate if self.training else 0.0
         out, probs = attend(query, key, value, bias, dropout, implementation)

@@ -187,11 +187,11 @@ def test_encoder_fast_paths_match_eager(implementation):
 def test_bucket_bias_matches_embedding(dtype):
     from colt5_hf.kernels import bucket_bias
 
-    bucket = torch.randint(0, 32, (2, 300, 700), device="cuda")
+    bucket = torch.randint(0, 32, (2, 300, 700), device="cuda", dtype=torch.int32)
     weight = torch.randn(32, 12, device="cuda", dtype=dtype, requires_grad=True)
-    upstream = torch.randn(2, 300, 700, 12, device="cuda", dtype=dtype)
+    upstream = torch.randn(12, 2, 300, 700, device="cuda", dtype=dtype)
     reference_weight = weight.detach().double().requires_grad_()
-    expected = torch.nn.functional.embedding(bucket, reference_weight)
+    expected = torch.nn.functional.embedding(bucket.long(), reference_weight).permute(3, 0, 1, 2)  # heads first
     (expected * upstream.double()).sum().backward()
     out = bucket_bias(bucket, weight)
     (out * upstream).sum().backward()
