@@ -11,6 +11,8 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
                            Triton selection kernel switched off)
   colt5-hf/<kind>-flex_attention+separate-selection   the attention's q and kv routers each selecting on its own
                            (two top-k and two soft top-k launches instead of one each)
+  colt5-hf/<kind>-flex_attention+one-hot-gradient   the heavy attention's bias gradient by one matrix product with a
+                           one-hot matrix in memory (the `bucket_sums` kernel switched off)
   colt5-hf/compiled-<impl> every block compiled, block.compile(fullgraph=True, dynamic=False): one compiled graph that
                            all layers run (impl flex_attention or sdpa); a new n compiles again (static shapes)
   colt5-hf/cudagraphs-<impl>  the same under mode="reduce-overhead": CUDA graphs for the forward and for the
@@ -47,7 +49,8 @@ MODELS = ["colt5-hf/flex_attention", "colt5-hf/compiled-flex_attention", "longt5
           "reference", "longt5-tglobal", "colt5-hf/sdpa", "t5", "colt5-hf/cudagraphs-flex_attention"]
 OTHER_MODELS = ["colt5-hf/eager", "colt5-hf/flex+eager-cd", "colt5-hf/cudagraphs-sdpa",
                 "colt5-hf/cudagraphs-flex_attention+sort", "colt5-hf/compiled-flex_attention+sort",
-                "colt5-hf/cudagraphs-flex_attention+separate-selection"]
+                "colt5-hf/cudagraphs-flex_attention+separate-selection",
+                "colt5-hf/cudagraphs-flex_attention+one-hot-gradient"]
 T5_MAX_LENGTH = 16384
 T5_LAYERS = 2
 
@@ -71,7 +74,7 @@ def build(name, layers):
         if implementation.startswith(("compiled-", "cudagraphs-")):
             kind, implementation = implementation.split("-", 1)
             mode = "reduce-overhead" if kind == "cudagraphs" else "default"
-        from colt5_hf import modeling_colt5
+        from colt5_hf import kernels, modeling_colt5
 
         def separately(routers, scores, mask, num_tokens=None):
             return [routing.select_routes([router], [router_scores], mask, [tokens])[0]
@@ -80,6 +83,7 @@ def build(name, layers):
         switched_off = {"flex+eager-cd": (routing, "fused_coordinate_descent", None),
                         "flex_attention+sort": (routing, "fused_top_k_positions", None),
                         "flex_attention+separate-selection": (modeling_colt5, "select_routes", separately),
+                        "flex_attention+one-hot-gradient": (kernels, "bucket_sums", None),
                         }.get(implementation)
         if switched_off:
             implementation = "flex_attention"

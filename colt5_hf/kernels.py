@@ -343,16 +343,58 @@ if triton is not None:
         k_rows = k.expand(scores.shape[:-1]).reshape(-1).to(torch.int32).contiguous()
         return select_top_k_rows(scores_rows, mask_rows, k_rows, k_max).view(*scores.shape[:-1], k_max)
 
+    @triton.jit
+    def _bucket_sums(grad_ptr, bucket_ptr, out_ptr, positions, heads, TILE: tl.constexpr, TILES: tl.constexpr,
+                     HEADS: tl.constexpr, BUCKETS: tl.constexpr):
+        # out (HEADS, BUCKETS) float32 += this program's TILES * TILE positions of grad (heads, positions), summed per
+        # bucket: a (heads, tile) x (tile, buckets) one-hot product per tile, in registers, then one atomic add per sum
+        head = tl.arange(0, HEADS).to(tl.int64)
+        column = tl.arange(0, BUCKETS)
+        first = tl.program_id(0).to(tl.int64) * TILE * TILES
+        total = tl.zeros((HEADS, BUCKETS), dtype=tl.float32)
+        for tile in range(TILES):
+            position = first + tile * TILE + tl.arange(0, TILE)
+            inside = position < positions
+            bucket = tl.load(bucket_ptr + position, mask=inside, other=-1)
+            grad = tl.load(grad_ptr + head[:, None] * positions + position[None, :],
+                           mask=(head[:, None] < heads) & inside[None, :], other=0.0)
+            one_hot = (bucket[:, None] == column[None, :]).to(grad.dtype)
+            total = tl.dot(grad, one_hot, total, input_precision="ieee")
+        tl.atomic_add(out_ptr + head[:, None] * BUCKETS + column[None, :], total, mask=head[:, None] < heads)
+
+    BUCKET_TILE, BUCKET_TILES = 128, 32  # positions per one-hot product; products per program (4096 positions)
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::bucket_sums", mutates_args=(), device_types="cuda")
+    def bucket_sums(grad: torch.Tensor, bucket: torch.Tensor, num_buckets: int) -> torch.Tensor:
+        """grad (h, positions) float, bucket (positions,) integer in [0, num_buckets) -> (num_buckets, h) float32:
+        each head's gradient summed over the positions of each bucket. One launch, no one-hot matrix in memory."""
+        grad, bucket = grad.contiguous(), bucket.contiguous()
+        heads, positions = grad.shape
+        padded_heads = max(16, triton.next_power_of_2(heads))  # tl.dot takes dimensions of 16 or more
+        padded_buckets = max(16, triton.next_power_of_2(num_buckets))
+        out = torch.zeros(padded_heads, padded_buckets, dtype=torch.float32, device=grad.device)
+        with torch.cuda.device(grad.device):
+            _bucket_sums[(triton.cdiv(positions, BUCKET_TILE * BUCKET_TILES),)](
+                grad, bucket, out, positions, heads, TILE=BUCKET_TILE, TILES=BUCKET_TILES, HEADS=padded_heads,
+                BUCKETS=padded_buckets,
+            )
+        return out[:heads, :num_buckets].t().contiguous()
+
+    @bucket_sums.register_fake
+    def _(grad, bucket, num_buckets):
+        return grad.new_empty(num_buckets, grad.shape[0], dtype=torch.float32)
+
 else:
-    fused_coordinate_descent = fused_top_k_positions = None
+    fused_coordinate_descent = fused_top_k_positions = bucket_sums = None
 
 
 class BucketBias(torch.autograd.Function):
     """`weight.t()[:, bucket]`: every head's bias at every position, heads first, whose backward sums the gradient per
-    bucket with one matrix product of a one-hot matrix, instead of the sort-based scatter of an indexing backward,
-    which is slow for millions of positions falling into a few dozen buckets (the heavy attention's relative position
-    bias). Heads first, the gather writes the (h, ...) bias contiguously: as a (..., h) embedding lookup permuted to
-    heads first, the heavy attention's bias build took 2.4x as long (benchmarks/RESULTS.md run J)."""
+    bucket by one-hot products (on CUDA in the `bucket_sums` kernel, tile by tile in registers; elsewhere one matrix
+    product with a one-hot matrix), instead of the sort-based scatter of an indexing backward, which is slow for
+    millions of positions falling into a few dozen buckets (the heavy attention's relative position bias). Heads
+    first, the gather writes the (h, ...) bias contiguously: as a (..., h) embedding lookup permuted to heads first,
+    the heavy attention's bias build took 2.4x as long (benchmarks/RESULTS.md run J)."""
 
     @staticmethod
     def forward(ctx, bucket, weight):
@@ -363,8 +405,11 @@ class BucketBias(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (bucket,) = ctx.saved_tensors
+        grad = grad.reshape(grad.shape[0], -1)  # (h, positions)
+        if grad.is_cuda and bucket_sums is not None:
+            return None, bucket_sums(grad, bucket.reshape(-1), ctx.num_buckets).to(grad.dtype)
         one_hot = bucket.reshape(-1, 1) == torch.arange(ctx.num_buckets, device=bucket.device)  # (positions, buckets)
-        return None, (grad.reshape(grad.shape[0], -1) @ one_hot.to(grad.dtype)).t()
+        return None, (grad @ one_hot.to(grad.dtype)).t()
 
 
 def bucket_bias(bucket, weight):
