@@ -1,10 +1,12 @@
 """Fast paths for CUDA GPUs: coordinate descent fused into Triton kernels, the routers' top-k selection in one Triton
-launch (no sort), local attention through flex attention, and a quick gradient for the heavy attention's bucketed bias.
+launch (no sort), local attention through flex attention, and the heavy attention's bucketed bias gathered heads first
+with its gradient summed per bucket in one Triton launch.
 
 routing.py and modeling_colt5.py import these names inside guarded blocks; where Triton or flex attention is missing
 the name is None and the eager reference path runs. Everything here traces into one torch.compile graph: the Triton
-kernels are custom ops (colt5::coordinate_descent and its backward; see OP_NAMESPACE) with fake and autograd
-registrations, and inside a compiled region flex attention and its block mask are traced in place.
+kernels are custom ops (colt5::coordinate_descent and its backward, colt5::select_top_k, colt5::bucket_sums; see
+OP_NAMESPACE) with fake and autograd registrations, and inside a compiled region flex attention and its block mask are
+traced in place.
 
 Coordinate descent (routing.coordinate_descent) in log2 units: with x = s * log2(e) / epsilon and alpha = a * log2(e)
 / epsilon, one iteration is the scalar recurrence
@@ -26,6 +28,10 @@ Top-k selection (routing.top_k_positions), one program per row of at most 16k to
 become uint32 keys in the same order; the k-th largest key is found bit by bit from the top (32 counts over the row);
 the positions above it, and the earliest ties at it, are written in increasing position by a prefix sum, followed by
 the other positions.
+
+Bias gradient (BucketBias backward, `bucket_sums`): the gradient of a (heads, positions) bias gathered from a
+(buckets, heads) table is, per bucket, the sum over its positions; each program sums 4096 positions by one-hot
+products built in registers on the tensor cores and adds its (heads, buckets) partial sums atomically.
 """
 
 import functools

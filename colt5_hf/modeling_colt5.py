@@ -33,7 +33,10 @@ from .routing import CoLT5Router, gather_route_heads, gather_tokens, scatter_tok
 try:  # CUDA fast paths: flex attention for the light attention, a quick gradient for the heavy attention's bias
     from .kernels import bucket_bias, flex_local_attention
 except ImportError:
-    bucket_bias, flex_local_attention = None, None
+    flex_local_attention = None
+
+    def bucket_bias(bucket, weight):  # kernels.bucket_bias without its fast backward
+        return weight.t()[:, bucket]
 
 
 # Transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; support both.
@@ -272,8 +275,7 @@ class CoLT5HeavyAttention(nn.Module):
         bucket = bucket.masked_fill(~kv_routing.valid[:, 0, None, :], num_buckets)  # invalid keys: the table's last row
         mask_row = bias_weight.new_full((1, self.num_heads), mask_value(dtype), dtype=dtype)
         table = torch.cat([bias_weight.to(dtype), mask_row])  # (buckets + 1, h)
-        lookup = bucket_bias if bias_weight.is_cuda and bucket_bias is not None else lambda b, t: t.t()[:, b]
-        bias = lookup(bucket, table).transpose(0, 1)  # (h, b, m, m_kv) gathered -> (b, h, m, m_kv)
+        bias = bucket_bias(bucket, table).transpose(0, 1)  # (h, b, m, m_kv) gathered -> (b, h, m, m_kv)
 
         dropout = self.config.dropout_rate if self.training else 0.0
         out, probs = attend(query, key, value, bias, dropout, implementation)
