@@ -223,7 +223,9 @@ def select_routes(routers, scores, mask, num_tokens=None) -> list[RouterOutput]:
     if config.router_type == "cum_softmax":
         soft = cumulative_softmax(scores / config.router_temperature, route_mask)
     elif config.router_type == "sinkhorn":
-        soft = sinkhorn_top_k(scores / config.router_temperature, route_mask, k_fetch, iterations=config.router_iterations)
+        soft = sinkhorn_top_k(
+            scores / config.router_temperature, route_mask, k_fetch, iterations=config.router_iterations
+        )
     else:
         soft = coordinate_descent(
             scores, route_mask, k_fetch, iterations=config.router_iterations, epsilon=config.router_epsilon
