@@ -4,7 +4,7 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
 - a router's top-k selection: the stable sort (main's routers), topk (timing only: another tie rule), and the Triton kernel
   behind `routing.top_k_positions`; under CUDA graph replay (launches excluded) and eagerly;
 - the heavy attention's relative-position bias with SDPA, compiled, forward and forward+backward:
-    head          bucket arithmetic per (query, key) pair in int64, one-hot product for the gradient (main's model)
+    head          bucket arithmetic per (query, key) pair in int64, one-hot product for the gradient (run I's model)
     int32         the same arithmetic in int32
     offset-table  one bucket per offset (an int8 table of 2n - 1 entries) gathered per pair, one-hot gradient
     index-add     one bias row per offset gathered per pair; gradient by atomic adds into the offset table
@@ -16,10 +16,20 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
     flex-count    the same with the count computed inside the graph from a key mask (session 10's run G failed to
                   lower such a score modification in no-grad graphs)
 
-`--check` compares every bias variant's output and gradients with `head` at a small size (runs on the CPU too) and
-the selection kernel with the sort-based reference. Prints tables; writes parts.json to $OUT (or benchmarks/out).
+- the light attention's band (4 heads x 64, radius 127) through flex attention, compiled, forward and
+  forward+backward, to see what its score modification costs:
+    model         kernels.flex_local_attention as the model calls it inside a compiled block (the block mask built in
+                  the graph; per 16 queries a copy of the bias table, so that the backward's atomic adds collide only
+                  within a group; the key mask read in the score modification)
+    one-table     one copy of the bias table, the block mask built once outside
+    no-mask       one table and no key mask (every key real): what reading the mask costs
+    no-bias       the band alone (-inf outside it): what the bias costs
 
-    python benchmarks/parts.py [--n 16384] [--check]
+`--check` compares every bias variant's output and gradients with `head` at a small size (runs on the CPU too), the
+local variants with `model` (no-bias with a zero bias table), and the selection kernel with the sort-based reference.
+`--only` picks sections. Prints tables; writes parts.json to $OUT (or benchmarks/out).
+
+    python benchmarks/parts.py [--n 16384] [--check] [--only selection bias local]
 """
 
 import argparse
@@ -176,6 +186,53 @@ def heavy_variants(n, q_index, kv_index):
     }
 
 
+LOCAL_RADIUS, LOCAL_BLOCK = 127, 128
+
+
+def local_variants(n, device):
+    """name -> attend(q, k, v, key_mask, bias_table): softmax(q k^T + bias) v over the band |i - j| <= LOCAL_RADIUS,
+    unscaled, q, k, v (1, h, n, d) with n a multiple of LOCAL_BLOCK, key_mask (1, n), bias_table (h, 2 radius + 1)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from colt5_hf.kernels import band_block_mask, flex_local_attention
+
+    radius, reach = LOCAL_RADIUS, -(-LOCAL_RADIUS // LOCAL_BLOCK)
+    half = (reach + 1) * LOCAL_BLOCK - 1
+    block_mask = band_block_mask(n, reach, torch.device(device), LOCAL_BLOCK)
+    offsets = torch.arange(-half, half + 1, device=device)
+    inside_band = offsets.abs() <= radius
+
+    def one_table(q, k, v, key_mask, bias_table, masked=True):
+        table = torch.where(inside_band, bias_table[:, (offsets + radius).clamp(0, 2 * radius)].float(), float("-inf"))
+
+        def relative_bias(score, batch, head, query, key):
+            score = score + table[head, (key - query).clamp(-half, half) + half]
+            return torch.where(key_mask[batch, key], score, float("-inf")) if masked else score
+
+        return flex_attention(q, k, v, score_mod=relative_bias, block_mask=block_mask, scale=1.0)
+
+    def no_bias(q, k, v, key_mask, bias_table):
+        def band(score, batch, head, query, key):
+            return torch.where((key - query).abs() <= radius, score, float("-inf"))
+
+        return flex_attention(q, k, v, score_mod=band, block_mask=block_mask, scale=1.0)
+
+    return {
+        "model": lambda q, k, v, key_mask, bias_table: flex_local_attention(q, k, v, key_mask, bias_table, radius),
+        "one-table": one_table,
+        "no-mask": lambda q, k, v, key_mask, bias_table: one_table(q, k, v, key_mask, bias_table, masked=False),
+        "no-bias": no_bias,
+    }
+
+
+def local_inputs(n, device, dtype, heads=4, d=64, seed=0):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, n, d, device=device, generator=generator).to(dtype) for _ in range(3))
+    bias_table = torch.randn(heads, 2 * LOCAL_RADIUS + 1, device=device, generator=generator)
+    upstream = torch.randn(1, heads, n, d, device=device, generator=generator).to(dtype)
+    return (q, k, v, torch.ones(1, n, dtype=torch.bool, device=device), bias_table), upstream
+
+
 def heavy_inputs(n, m, m_kv, heads, d, device, dtype, seed=0):
     generator = torch.Generator(device=device).manual_seed(seed)
     q_index = torch.randperm(n, device=device, generator=generator)[:m].sort().values[None]
@@ -205,6 +262,20 @@ def check(device):
         error = max(((a - b).norm() / b.norm()).item() for a, b in pairs)
         print(f"bias variant {name:13s} max relative difference from head {error:.1e}")
         assert error < 1e-5, name
+    n = 4 * LOCAL_BLOCK
+    (q, k, v, key_mask, bias_table), _ = local_inputs(n, device, torch.float32)
+    variants = local_variants(n, device)
+    with torch.no_grad():
+        expected = variants["model"](q, k, v, key_mask, bias_table)
+        for name in ("one-table", "no-mask"):
+            error = ((variants[name](q, k, v, key_mask, bias_table) - expected).norm() / expected.norm()).item()
+            print(f"local variant {name:9s} max relative difference from model {error:.1e}")
+            assert error < 1e-5, name
+        zero = torch.zeros_like(bias_table)
+        expected = variants["model"](q, k, v, key_mask, zero)
+        error = ((variants["no-bias"](q, k, v, key_mask, zero) - expected).norm() / expected.norm()).item()
+        print(f"local variant no-bias   max relative difference from model (zero bias) {error:.1e}")
+        assert error < 1e-5, "no-bias"
     if device == "cuda":
         from colt5_hf.kernels import fused_top_k_positions
 
@@ -215,19 +286,12 @@ def check(device):
         print("selection kernel equals the sort-based reference")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=16384)
-    parser.add_argument("--check", action="store_true", help="compare the variants at a small size, no timing")
-    args = parser.parse_args()
-    if args.check:
-        return check("cuda" if torch.cuda.is_available() else "cpu")
+def time_selection(base, record):
+    """The routers' top-k selection: sort, topk, the Triton kernel, rows of base, 2 base and 4 base tokens."""
     from colt5_hf.kernels import RESIDENT_ROW, fused_top_k_positions
 
-    record = {"environment": environment(), "selection": [], "bias": []}
-    print(record["environment"])
     print(f"{'selection':16} {'n':>6} {'rows':>4} {'graph ms':>9} {'eager ms':>9}")
-    for n in (args.n, 2 * args.n, 4 * args.n):
+    for n in (base, 2 * base, 4 * base):
         for rows in (1, 3):
             k_max = n // 8
             scores = torch.randn(rows, n, device="cuda")
@@ -245,7 +309,9 @@ def main():
                 record["selection"].append(line)
                 print(f"{name:16} {n:>6} {rows:>4} {line['graph_ms']:>9.4f} {line['eager_ms']:>9.4f}")
 
-    n = args.n
+
+def time_bias(n, record):
+    """The heavy attention's bias variants."""
     q_index, kv_index, tensors, upstream = heavy_inputs(n, n // 16, n // 8, 12, 64, "cuda", torch.bfloat16)
     print(f"\n{'heavy attention':16} {'tables ms':>9} {'fwd ms':>8} {'graph':>8} {'fwd+bwd ms':>10} {'graph':>10} "
           f"{'grad diff':>9}  (compiled, n={n}; graph: CUDA-graph replay, no host time; tables: built once per forward "
@@ -284,6 +350,48 @@ def main():
             line["error"] = f"{type(error).__name__}: {str(error)[:300]}"
             print(f"{name:16} failed: {line['error']}")
         record["bias"].append(line)
+
+
+def time_local(n, record):
+    """The light attention's band through flex attention: what its score modification costs."""
+    tensors, upstream = local_inputs(n, "cuda", torch.bfloat16)
+    print(f"\n{'local attention':16} {'fwd ms':>8} {'graph':>8} {'fwd+bwd ms':>10} {'graph':>10}  (compiled, n={n}, "
+          "4 heads x 64, radius 127; graph: CUDA-graph replay)")
+    for name, attend in local_variants(n, "cuda").items():
+        torch._dynamo.reset()
+        compiled = torch.compile(attend, fullgraph=True)
+        q, k, v, key_mask, bias_table = (t.clone().requires_grad_(t.is_floating_point()) for t in tensors)
+        line = {"variant": name}
+        with torch.no_grad():
+            line["fwd_ms"] = events_ms(lambda: compiled(q, k, v, key_mask, bias_table))
+            line["fwd_graph_ms"] = graph_ms(lambda: compiled(q, k, v, key_mask, bias_table))
+        targets = [q, k, v] + ([bias_table] if name != "no-bias" else [])
+
+        def step():
+            for target in targets:
+                target.grad = None
+            torch.autograd.backward(compiled(q, k, v, key_mask, bias_table), upstream, inputs=targets)
+
+        line["fwdbwd_ms"] = events_ms(step)
+        line["fwdbwd_graph_ms"] = graph_ms(step)
+        print(f"{name:16} {line['fwd_ms']:>8.4f} {line['fwd_graph_ms']:>8.4f} {line['fwdbwd_ms']:>10.4f} "
+              f"{line['fwdbwd_graph_ms']:>10.4f}")
+        record["local"].append(line)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16384)
+    parser.add_argument("--check", action="store_true", help="compare the variants at a small size, no timing")
+    parser.add_argument("--only", nargs="+", choices=["selection", "bias", "local"],
+                        default=["selection", "bias", "local"])
+    args = parser.parse_args()
+    if args.check:
+        return check("cuda" if torch.cuda.is_available() else "cpu")
+    record = {"environment": environment(), "selection": [], "bias": [], "local": []}
+    print(record["environment"])
+    for section in args.only:
+        {"selection": time_selection, "bias": time_bias, "local": time_local}[section](args.n, record)
     (out_dir() / "parts.json").write_text(json.dumps(record, indent=1))
 
 
