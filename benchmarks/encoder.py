@@ -74,15 +74,17 @@ def build(name, layers):
         if implementation.startswith(("compiled-", "cudagraphs-")):
             kind, implementation = implementation.split("-", 1)
             mode = "reduce-overhead" if kind == "cudagraphs" else "default"
-        from colt5_hf import kernels, modeling_colt5
+        from colt5_hf import kernels
+
+        select_routes = routing.select_routes  # the original, for `separately` to call while it replaces it
 
         def separately(routers, scores, mask, num_tokens=None):
-            return [routing.select_routes([router], [router_scores], mask, [tokens])[0]
+            return [select_routes([router], [router_scores], mask, [tokens])[0]
                     for router, router_scores, tokens in zip(routers, scores, num_tokens or [None] * len(routers))]
 
         switched_off = {"flex+eager-cd": (routing, "fused_coordinate_descent", None),
                         "flex_attention+sort": (routing, "fused_top_k_positions", None),
-                        "flex_attention+separate-selection": (modeling_colt5, "select_routes", separately),
+                        "flex_attention+separate-selection": (routing, "select_routes", separately),
                         "flex_attention+one-hot-gradient": (kernels, "bucket_sums", None),
                         }.get(implementation)
         if switched_off:

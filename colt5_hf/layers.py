@@ -35,7 +35,7 @@ from .modeling_colt5 import (
     check_mask,
     mask_value,
 )
-from .routing import CoLT5Router, gather_route_heads, gather_tokens, scatter_tokens, select_routes
+from .routing import CoLT5Router, gather_route_heads, gather_tokens, route_together, scatter_tokens
 
 
 ROUTER_KWARGS = {  # colt5-attention's router keyword -> CoLT5Config field, per router type
@@ -147,9 +147,9 @@ class ConditionalRoutedAttention(nn.Module):
         light_bias_table, heavy_bias_weight = branch_bias_tables(config, self.relative_attention_bias, x.device)
         implementation = config._attn_implementation
         light, _ = self.light_attention(hidden_states, mask, light_bias_table, implementation)
-        routers = [self.q_router, self.kv_router]
-        scores = [router(hidden_states, mask, select=False) for router in routers]
-        q_routing, kv_routing = select_routes(routers, scores, mask, [num_heavy_tokens_q, num_heavy_tokens_kv])
+        q_routing, kv_routing = route_together(
+            [self.q_router, self.kv_router], hidden_states, mask, [num_heavy_tokens_q, num_heavy_tokens_kv]
+        )
         heavy, _ = self.heavy_attention(hidden_states, q_routing, kv_routing, heavy_bias_weight, implementation)
         return light + heavy
 

@@ -27,7 +27,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_colt5 import CoLT5Config
-from .routing import CoLT5Router, gather_route_heads, gather_tokens, scatter_tokens, select_routes
+from .routing import CoLT5Router, gather_route_heads, gather_tokens, route_together, scatter_tokens
 
 
 try:  # CUDA fast paths: flex attention for the light attention, a quick gradient for the heavy attention's bias
@@ -309,9 +309,7 @@ class CoLT5RoutedSelfAttention(nn.Module):
         light, light_weights = self.light_attention(
             hidden_states, mask, light_bias_table, implementation, output_attentions
         )
-        routers = [self.q_router, self.kv_router]
-        scores = [router(hidden_states, mask, select=False) for router in routers]
-        q_routing, kv_routing = select_routes(routers, scores, mask)  # one top-k selection for both
+        q_routing, kv_routing = route_together([self.q_router, self.kv_router], hidden_states, mask)
         heavy, heavy_weights = self.heavy_attention(
             hidden_states, q_routing, kv_routing, heavy_bias_weight, implementation, output_attentions
         )

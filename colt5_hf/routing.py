@@ -247,6 +247,13 @@ def select_routes(routers, scores, mask, num_tokens=None) -> list[RouterOutput]:
     return outputs
 
 
+def route_together(routers, hidden_states, mask, num_tokens=None) -> list[RouterOutput]:
+    """Routers that read the same hidden states (b, n, d): each scores them through its module call, then
+    `select_routes` selects for all of them at once."""
+    scores = [router(hidden_states, mask, select=False) for router in routers]
+    return select_routes(routers, scores, mask, num_tokens)
+
+
 def gather_tokens(hidden_states, indices):
     """(b, n, d) gathered at (b, ..., k) -> (b, ..., k, d)."""
     b, n, d = hidden_states.shape

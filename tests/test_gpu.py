@@ -5,7 +5,7 @@
 - the routers' top-k selection on CUDA (the Triton kernel up to 16k tokens, the sort beyond) against the sort on the
   CPU, with ties (-0 and +0 among them), masks, k = 0 and k = every real token;
 - the flex-attention light attention against the blocked eager light attention;
-- the heavy attention's bias lookup (one-hot backward) against F.embedding;
+- the heavy attention's bias lookup (heads first; gradient by the `bucket_sums` kernel) against F.embedding;
 - whole encoders under each attn_implementation against the eager one, and with the fused routing against the same
   model with the eager coordinate-descent loop.
 """
