@@ -151,7 +151,7 @@ class ConditionalRoutedAttention(nn.Module):
             [self.q_router, self.kv_router], hidden_states, mask, [num_heavy_tokens_q, num_heavy_tokens_kv]
         )
         heavy, _ = self.heavy_attention(hidden_states, q_routing, kv_routing, heavy_bias_weight, implementation)
-        return light + heavy
+        return light + scatter_tokens(heavy, q_routing.indices[:, 0], x.shape[1])
 
 
 class ConditionalRoutedCrossAttention(nn.Module):

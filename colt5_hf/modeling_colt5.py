@@ -27,7 +27,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_colt5 import CoLT5Config
-from .routing import CoLT5Router, gather_route_heads, gather_tokens, route_together, scatter_tokens
+from .routing import CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together
 
 
 try:  # CUDA fast paths: flex attention for the light attention, a quick gradient for the heavy attention's bias
@@ -149,7 +149,7 @@ class CoLT5GatedFeedForward(nn.Module):
 
 
 class CoLT5RoutedFeedForward(nn.Module):
-    """FF_light(X) on every token + s * FF_heavy(X) on the routed ones, scattered back (zero elsewhere)."""
+    """FF_light(X) on every token + s * FF_heavy(X) on the routed ones (zero elsewhere), as a `RoutedSum`."""
 
     def __init__(self, config: CoLT5Config):
         super().__init__()
@@ -162,9 +162,8 @@ class CoLT5RoutedFeedForward(nn.Module):
         routing = self.router(hidden_states, mask)
         indices, weights = routing.indices[:, 0], routing.weights[:, 0]  # (b, m)
         routed = gather_tokens(hidden_states, indices)  # (b, m, d)
-        heavy = self.heavy_feed_forward(routed) * weights[..., None].to(hidden_states.dtype)
-        heavy = scatter_tokens(heavy, indices, hidden_states.shape[1])  # (b, n, d)
-        return self.light_feed_forward(hidden_states) + heavy
+        heavy = self.heavy_feed_forward(routed) * weights[..., None].to(hidden_states.dtype)  # (b, m, d)
+        return RoutedSum(self.light_feed_forward(hidden_states), heavy, indices)
 
 
 class CoLT5LocalAttention(nn.Module):
@@ -290,12 +289,13 @@ class CoLT5HeavyAttention(nn.Module):
             batch = torch.arange(b, device=probs.device)[:, None, None, None].expand_as(probs)
             head = torch.arange(self.num_heads, device=probs.device)[None, :, None, None].expand_as(probs)
             weights.index_put_((batch, head, rows, columns), probs, accumulate=True)
-        return scatter_tokens(out, q_index, n), weights
+        return out, weights  # out: (b, m, d), row j for position q_index[:, j]
 
 
 class CoLT5RoutedSelfAttention(nn.Module):
     """A_light(X) + s_q * A_heavy(X_q, s_kv * X_kv): local attention for every token plus full attention among the
-    tokens picked by two routers (queries: `attention_q_fraction`, keys/values: `attention_kv_fraction`)."""
+    tokens picked by two routers (queries: `attention_q_fraction`, keys/values: `attention_kv_fraction`), as a
+    `RoutedSum`."""
 
     def __init__(self, config: CoLT5Config):
         super().__init__()
@@ -314,7 +314,7 @@ class CoLT5RoutedSelfAttention(nn.Module):
             hidden_states, q_routing, kv_routing, heavy_bias_weight, implementation, output_attentions
         )
         weights = torch.cat([light_weights, heavy_weights], dim=1) if output_attentions else None
-        return light + heavy, weights
+        return RoutedSum(light, heavy, q_routing.indices[:, 0]), weights
 
 
 class CoLT5EncoderBlock(GradientCheckpointingLayer):
@@ -336,9 +336,10 @@ class CoLT5EncoderBlock(GradientCheckpointingLayer):
             implementation,
             output_attentions,
         )
-        hidden_states = clamp_fp16(hidden_states + self.dropout(attention))
+        dropout = self.dropout.p if self.training else 0.0
+        hidden_states = clamp_fp16(attention.add_to(hidden_states, dropout))
         feed_forward = self.feed_forward(self.feed_forward_layer_norm(hidden_states), mask)
-        hidden_states = clamp_fp16(hidden_states + self.dropout(feed_forward))
+        hidden_states = clamp_fp16(feed_forward.add_to(hidden_states, dropout))
         return hidden_states, weights
 
 

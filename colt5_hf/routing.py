@@ -3,6 +3,7 @@
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -278,3 +279,26 @@ def scatter_tokens(routed, indices, length: int):
     b, k, d = routed.shape
     out = routed.new_zeros(b, length, d)
     return out.scatter_add(1, indices[..., None].expand(-1, -1, d), routed)
+
+
+class RoutedSum(NamedTuple):
+    """A routed sublayer's output, dense + routed rows added at their positions, kept apart so that the residual add
+    takes the routed rows in place (`add_to`) instead of scattering them into zeros of (b, n, d) first.
+
+    dense: (b, n, d) for every token; routed: (b, k, d), row j belonging to position indices[:, j]; indices: (b, k),
+    distinct within a sample; invalid slots carry zero rows.
+    """
+
+    dense: torch.Tensor
+    routed: torch.Tensor
+    indices: torch.Tensor
+
+    def add_to(self, hidden_states, dropout: float = 0.0):
+        """hidden_states + dropout(dense + routed rows at their positions), with one dropout mask for both parts, as
+        on their sum."""
+        dense, routed = self.dense, self.routed
+        if dropout:
+            keep = F.dropout(torch.ones_like(dense), dropout)  # 0 or 1 / (1 - p) per element
+            dense, routed = dense * keep, routed * gather_tokens(keep, self.indices)
+        total = hidden_states + dense  # promoted as a sum would be (a float32 residual stream under autocast)
+        return total.scatter_add(1, self.indices[..., None].expand_as(routed), routed.to(total.dtype))

@@ -19,7 +19,7 @@ from colt5_hf.modeling_colt5 import (
     CoLT5RoutedFeedForward,
     relative_position_bucket,
 )
-from colt5_hf.routing import CoLT5Router
+from colt5_hf.routing import CoLT5Router, RoutedSum, scatter_tokens
 
 
 ATOL, RTOL = 2e-5, 1e-4
@@ -188,7 +188,10 @@ def test_heavy_attention_equals_dense_attention_among_routed_tokens(implementati
     with torch.no_grad():
         q_routing, kv_routing = q_router(hidden_states, mask), kv_router(hidden_states, mask)
         assert not q_routing.valid.all() and not kv_routing.valid.all()
-        out, weights = module(hidden_states, q_routing, kv_routing, bias_weight, implementation, output_attentions)
+        routed_out, weights = module(
+            hidden_states, q_routing, kv_routing, bias_weight, implementation, output_attentions
+        )
+        out = scatter_tokens(routed_out, q_routing.indices[:, 0], n)  # (b, m, d) rows at the routed queries' positions
         expected, expected_probs = dense_heavy_attention(
             config, module, hidden_states, mask, q_router, kv_router, bias_weight
         )
@@ -214,7 +217,7 @@ def test_routed_feed_forward_equals_light_plus_heavy_on_top_k(straight_through):
     hidden_states = torch.randn(3, n, config.d_model, generator=torch.Generator().manual_seed(6))
     mask = masks_for(n)
     with torch.no_grad():
-        out = module(hidden_states, mask)
+        out = module(hidden_states, mask).add_to(torch.zeros_like(hidden_states))
         expected = gated_ff(hidden_states, module.light_feed_forward)
         for i in range(3):
             position, weight = top_tokens(config, module.router, hidden_states[i], mask[i],
@@ -225,6 +228,33 @@ def test_routed_feed_forward_equals_light_plus_heavy_on_top_k(straight_through):
     light = gated_ff(hidden_states, module.light_feed_forward)
     touched = (out - light).abs().sum(-1) > 1e-6
     assert touched.any() and not touched[mask].all() and not touched[~mask].any()
+
+
+def test_routed_sum_adds_the_routed_rows_in_place_with_one_dropout_mask():
+    generator = torch.Generator().manual_seed(11)
+    hidden_states, dense = torch.randn(2, 9, 6, generator=generator), torch.randn(2, 9, 6, generator=generator)
+    indices = torch.tensor([[7, 2, 4], [0, 8, 1]])
+    routed = torch.randn(2, 3, 6, generator=generator)
+    routed[1, 2] = 0  # an invalid slot: a zero row at a position of its own
+    total = RoutedSum(dense, routed, indices).add_to(hidden_states)
+    expected = hidden_states + dense
+    for i in range(2):
+        for j in range(3):
+            expected[i, indices[i, j]] += routed[i, j]
+    torch.testing.assert_close(total, expected, atol=1e-6, rtol=1e-6)
+    # dropout acts on the sum: where the routed rows cancel the dense part, nothing may survive any mask
+    cancelled = dense.clone()
+    for i in range(2):
+        cancelled[i, indices[i]] = -routed[i]
+    torch.manual_seed(12)
+    dropped = RoutedSum(cancelled, routed, indices).add_to(hidden_states, dropout=0.5)
+    rows = torch.zeros(2, 9, dtype=torch.bool)
+    rows[torch.arange(2)[:, None], indices] = True
+    torch.testing.assert_close(dropped[rows], hidden_states[rows], atol=1e-6, rtol=0)  # (h - 2r) + 2r, rounded
+    others = dropped[~rows] - hidden_states[~rows]  # 0 or twice the dense part, about half each
+    kept = others != 0
+    torch.testing.assert_close(others[kept], 2 * cancelled[~rows][kept])
+    assert 0.3 < kept.float().mean() < 0.7
 
 
 # ------------------------------------------------------------------------ dense limit: every token routed, full radius
