@@ -13,6 +13,8 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
                            (two top-k and two soft top-k launches instead of one each)
   colt5-hf/<kind>-flex_attention+one-hot-gradient   the heavy attention's bias gradient by one matrix product with a
                            one-hot matrix in memory (the `bucket_sums` kernel switched off)
+  colt5-hf/<kind>-flex_attention+dense-scatter   the routed branches' rows scattered into (b, n, d) zeros and summed,
+                           instead of added into the residual in place (`RoutedSum.add_to` replaced)
   colt5-hf/compiled-<impl> every block compiled, block.compile(fullgraph=True, dynamic=False): one compiled graph that
                            all layers run (impl flex_attention or sdpa); a new n compiles again (static shapes)
   colt5-hf/cudagraphs-<impl>  the same under mode="reduce-overhead": CUDA graphs for the forward and for the
@@ -50,7 +52,8 @@ MODELS = ["colt5-hf/flex_attention", "colt5-hf/compiled-flex_attention", "longt5
 OTHER_MODELS = ["colt5-hf/eager", "colt5-hf/flex+eager-cd", "colt5-hf/cudagraphs-sdpa",
                 "colt5-hf/cudagraphs-flex_attention+sort", "colt5-hf/compiled-flex_attention+sort",
                 "colt5-hf/cudagraphs-flex_attention+separate-selection",
-                "colt5-hf/cudagraphs-flex_attention+one-hot-gradient"]
+                "colt5-hf/cudagraphs-flex_attention+one-hot-gradient",
+                "colt5-hf/cudagraphs-flex_attention+dense-scatter"]
 T5_MAX_LENGTH = 16384
 T5_LAYERS = 2
 
@@ -82,10 +85,16 @@ def build(name, layers):
             return [select_routes([router], [router_scores], mask, [tokens])[0]
                     for router, router_scores, tokens in zip(routers, scores, num_tokens or [None] * len(routers))]
 
+        def dense_scatter(self, hidden_states, dropout=0.0):  # the routed rows scattered into zeros first, then summed
+            n = self.dense.shape[1]
+            total = self.dense + routing.scatter_tokens(self.routed, self.indices, n)
+            return hidden_states + torch.nn.functional.dropout(total, dropout)
+
         switched_off = {"flex+eager-cd": (routing, "fused_coordinate_descent", None),
                         "flex_attention+sort": (routing, "fused_top_k_positions", None),
                         "flex_attention+separate-selection": (routing, "select_routes", separately),
                         "flex_attention+one-hot-gradient": (kernels, "bucket_sums", None),
+                        "flex_attention+dense-scatter": (routing.RoutedSum, "add_to", dense_scatter),
                         }.get(implementation)
         if switched_off:
             implementation = "flex_attention"
