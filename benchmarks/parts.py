@@ -24,6 +24,7 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
     one-table     one copy of the bias table, the block mask built once outside
     no-mask       one table and no key mask (every key real): what reading the mask costs
     no-bias       the band alone (-inf outside it): what the bias costs
+    one-table T   one-table with other tiles of the forward kernel (BLOCK_M x BLOCK_N, warps) or TMA loads
 
 `--check` compares every bias variant's output and gradients with `head` at a small size (runs on the CPU too), the
 local variants with `model` (no-bias with a zero bias table), and the selection kernel with the sort-based reference.
@@ -33,6 +34,7 @@ local variants with `model` (no-bias with a zero bias table), and the selection 
 """
 
 import argparse
+import functools
 import json
 
 import torch
@@ -202,14 +204,15 @@ def local_variants(n, device):
     offsets = torch.arange(-half, half + 1, device=device)
     inside_band = offsets.abs() <= radius
 
-    def one_table(q, k, v, key_mask, bias_table, masked=True):
+    def one_table(q, k, v, key_mask, bias_table, masked=True, options=None):
         table = torch.where(inside_band, bias_table[:, (offsets + radius).clamp(0, 2 * radius)].float(), float("-inf"))
 
         def relative_bias(score, batch, head, query, key):
             score = score + table[head, (key - query).clamp(-half, half) + half]
             return torch.where(key_mask[batch, key], score, float("-inf")) if masked else score
 
-        return flex_attention(q, k, v, score_mod=relative_bias, block_mask=block_mask, scale=1.0)
+        return flex_attention(q, k, v, score_mod=relative_bias, block_mask=block_mask, scale=1.0,
+                              kernel_options=options)
 
     def no_bias(q, k, v, key_mask, bias_table):
         def band(score, batch, head, query, key):
@@ -222,6 +225,18 @@ def local_variants(n, device):
         "one-table": one_table,
         "no-mask": lambda q, k, v, key_mask, bias_table: one_table(q, k, v, key_mask, bias_table, masked=False),
         "no-bias": no_bias,
+        # the forward kernel's tiles (BLOCK_M x BLOCK_N, warps, stages; inductor's default for bf16, head dim 64 on
+        # sm90 is 128 x 128, 4 warps, 3 stages) and TMA loads, on the one-table variant
+        **{
+            f"one-table {name}": functools.partial(one_table, options=options)
+            for name, options in {
+                "64x64": dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3),
+                "128x64": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3),
+                "128x64w8": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=8, fwd_num_stages=3),
+                "64x128": dict(fwd_BLOCK_M=64, fwd_BLOCK_N=128, fwd_num_warps=4, fwd_num_stages=3),
+                "tma": dict(USE_TMA=True),
+            }.items()
+        },
     }
 
 
@@ -267,9 +282,9 @@ def check(device):
     variants = local_variants(n, device)
     with torch.no_grad():
         expected = variants["model"](q, k, v, key_mask, bias_table)
-        for name in ("one-table", "no-mask"):
+        for name in (name for name in variants if name.startswith(("one-table", "no-mask"))):
             error = ((variants[name](q, k, v, key_mask, bias_table) - expected).norm() / expected.norm()).item()
-            print(f"local variant {name:9s} max relative difference from model {error:.1e}")
+            print(f"local variant {name:18s} max relative difference from model {error:.1e}")
             assert error < 1e-5, name
         zero = torch.zeros_like(bias_table)
         expected = variants["model"](q, k, v, key_mask, zero)

@@ -1,9 +1,9 @@
 """Where a CoLT5-Large encoder layer spends its time: torch.profiler over a 6-layer stack (flex_attention, fused
 routing) at one length, forward and forward+backward. Prints the CUDA kernels by total time, the number of kernel
-launches per layer and the summed kernel time against the wall time (the gap is launch/CPU overhead). --compile
-profiles the compiled path of benchmarks/encoder.py (every block `block.compile(fullgraph=True, dynamic=False)`),
---compile reduce-overhead the same under CUDA graphs. Writes profile.txt (profile-compiled.txt,
-profile-reduce-overhead.txt) to $OUT (or benchmarks/out).
+launches per layer and the summed kernel time against the wall time (the gap is launch/CPU overhead), then every
+kernel by name with its time per layer. --compile profiles the compiled path of benchmarks/encoder.py (every block
+`block.compile(fullgraph=True, dynamic=False)`), --compile reduce-overhead the same under CUDA graphs. Writes
+profile.txt (profile-compiled.txt, profile-reduce-overhead.txt) to $OUT (or benchmarks/out).
 
     python benchmarks/profile_encoder.py [--n 16384] [--implementation flex_attention] [--compile [reduce-overhead]]
 """
@@ -14,6 +14,19 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common import colt5_large_config, environment, out_dir
+
+
+def kernel_table(kernels, layers):
+    """Every CUDA kernel by name: microseconds per layer, launches per layer, share of the kernel time."""
+    totals, counts = {}, {}
+    for event in kernels:
+        totals[event.name] = totals.get(event.name, 0.0) + event.device_time
+        counts[event.name] = counts.get(event.name, 0) + 1
+    busy = sum(totals.values())
+    lines = [f"{'us/layer':>9} {'calls':>5} {'share':>6}  kernel"]
+    for name, total in sorted(totals.items(), key=lambda item: -item[1]):
+        lines.append(f"{total / layers:9.1f} {counts[name] / layers:5.1f} {100 * total / busy:5.1f}%  {name[:150]}")
+    return "\n".join(lines)
 
 
 def main():
@@ -67,6 +80,7 @@ def main():
             f" launches/layer, {busy / args.layers:.3f} ms/layer of kernel time ({100 * busy / wall:.0f}% busy)"
         )
         report.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+        report.append(kernel_table(kernels, args.layers))
     text = "\n".join(report)
     name = {None: "profile", "default": "profile-compiled"}.get(args.compile, f"profile-{args.compile}")
     (out_dir() / f"{name}.txt").write_text(text)
