@@ -15,6 +15,8 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
                            one-hot matrix in memory (the `bucket_sums` kernel switched off)
   colt5-hf/<kind>-flex_attention+dense-scatter   the routed branches' rows scattered into (b, n, d) zeros and summed,
                            instead of added into the residual in place (`RoutedSum.add_to` replaced)
+  colt5-hf/<kind>-flex_attention+inductor-local-tiles   the light attention's flex attention with inductor's
+                           default tiles instead of `kernels.LOCAL_KERNEL_OPTIONS`
   colt5-hf/compiled-<impl> every block compiled, block.compile(fullgraph=True, dynamic=False): one compiled graph that
                            all layers run (impl flex_attention or sdpa); a new n compiles again (static shapes)
   colt5-hf/cudagraphs-<impl>  the same under mode="reduce-overhead": CUDA graphs for the forward and for the
@@ -35,6 +37,7 @@ encoder.png to $OUT (or benchmarks/out).
 """
 
 import argparse
+import functools
 import json
 import time
 
@@ -53,7 +56,8 @@ OTHER_MODELS = ["colt5-hf/eager", "colt5-hf/flex+eager-cd", "colt5-hf/cudagraphs
                 "colt5-hf/cudagraphs-flex_attention+sort", "colt5-hf/compiled-flex_attention+sort",
                 "colt5-hf/cudagraphs-flex_attention+separate-selection",
                 "colt5-hf/cudagraphs-flex_attention+one-hot-gradient",
-                "colt5-hf/cudagraphs-flex_attention+dense-scatter"]
+                "colt5-hf/cudagraphs-flex_attention+dense-scatter",
+                "colt5-hf/cudagraphs-flex_attention+inductor-local-tiles"]
 T5_MAX_LENGTH = 16384
 T5_LAYERS = 2
 
@@ -77,7 +81,7 @@ def build(name, layers):
         if implementation.startswith(("compiled-", "cudagraphs-")):
             kind, implementation = implementation.split("-", 1)
             mode = "reduce-overhead" if kind == "cudagraphs" else "default"
-        from colt5_hf import kernels
+        from colt5_hf import kernels, modeling_colt5
 
         select_routes = routing.select_routes  # the original, for `separately` to call while it replaces it
 
@@ -95,6 +99,9 @@ def build(name, layers):
                         "flex_attention+separate-selection": (routing, "select_routes", separately),
                         "flex_attention+one-hot-gradient": (kernels, "bucket_sums", None),
                         "flex_attention+dense-scatter": (routing.RoutedSum, "add_to", dense_scatter),
+                        "flex_attention+inductor-local-tiles": (
+                            modeling_colt5, "flex_local_attention",
+                            functools.partial(kernels.flex_local_attention, kernel_options=None)),
                         }.get(implementation)
         if switched_off:
             implementation = "flex_attention"

@@ -20,11 +20,12 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
   forward+backward, to see what its score modification costs:
     model         kernels.flex_local_attention as the model calls it inside a compiled block (the block mask built in
                   the graph; per 16 queries a copy of the bias table, so that the backward's atomic adds collide only
-                  within a group; the key mask read in the score modification)
-    one-table     one copy of the bias table, the block mask built once outside
+                  within a group; the key mask read in the score modification; its forward tiles)
+    model default the same with inductor's default tiles
+    model bwd T   the model with other tiles of the backward kernels
+    one-table     one copy of the bias table, the block mask built once outside, the model's forward tiles
     no-mask       one table and no key mask (every key real): what reading the mask costs
     no-bias       the band alone (-inf outside it): what the bias costs
-    one-table T   one-table with other tiles of the forward kernel (BLOCK_M x BLOCK_N, warps) or TMA loads
 
 `--check` compares every bias variant's output and gradients with `head` at a small size (runs on the CPU too), the
 local variants with `model` (no-bias with a zero bias table), and the selection kernel with the sort-based reference.
@@ -41,6 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from common import environment, out_dir
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
@@ -196,7 +203,7 @@ def local_variants(n, device):
     unscaled, q, k, v (1, h, n, d) with n a multiple of LOCAL_BLOCK, key_mask (1, n), bias_table (h, 2 radius + 1)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from colt5_hf.kernels import band_block_mask, flex_local_attention
+    from colt5_hf.kernels import LOCAL_KERNEL_OPTIONS, band_block_mask, flex_local_attention
 
     radius, reach = LOCAL_RADIUS, -(-LOCAL_RADIUS // LOCAL_BLOCK)
     half = (reach + 1) * LOCAL_BLOCK - 1
@@ -204,7 +211,7 @@ def local_variants(n, device):
     offsets = torch.arange(-half, half + 1, device=device)
     inside_band = offsets.abs() <= radius
 
-    def one_table(q, k, v, key_mask, bias_table, masked=True, options=None):
+    def one_table(q, k, v, key_mask, bias_table, masked=True):
         table = torch.where(inside_band, bias_table[:, (offsets + radius).clamp(0, 2 * radius)].float(), float("-inf"))
 
         def relative_bias(score, batch, head, query, key):
@@ -212,7 +219,7 @@ def local_variants(n, device):
             return torch.where(key_mask[batch, key], score, float("-inf")) if masked else score
 
         return flex_attention(q, k, v, score_mod=relative_bias, block_mask=block_mask, scale=1.0,
-                              kernel_options=options)
+                              kernel_options=LOCAL_KERNEL_OPTIONS)
 
     def no_bias(q, k, v, key_mask, bias_table):
         def band(score, batch, head, query, key):
@@ -220,23 +227,29 @@ def local_variants(n, device):
 
         return flex_attention(q, k, v, score_mod=band, block_mask=block_mask, scale=1.0)
 
+    def model(q, k, v, key_mask, bias_table, **options):
+        return flex_local_attention(q, k, v, key_mask, bias_table, radius, kernel_options=options or None)
+
     return {
         "model": lambda q, k, v, key_mask, bias_table: flex_local_attention(q, k, v, key_mask, bias_table, radius),
+        "model default": model,  # inductor's tiles
+        # the backward kernels' tiles (BLOCK_M1 x BLOCK_N1, BLOCK_M2 x BLOCK_N2, warps, stages; inductor's default for
+        # head dim 64 on sm90: 64 x 128, 128 x 64, 8 warps, 3 stages)
+        **{
+            f"model bwd {name}": functools.partial(model, **LOCAL_KERNEL_OPTIONS, **{
+                f"bwd_{key}": value for key, value in zip(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "num_warps",
+                                                           "num_stages"), tiles)})
+            for name, tiles in {
+                "64/64w4": (64, 64, 64, 64, 4, 3),
+                "32/128w4": (32, 128, 128, 32, 4, 3),
+                "64/128w4": (64, 128, 128, 64, 4, 3),
+                "64/128w8s2": (64, 128, 128, 64, 8, 2),
+                "128/128w8": (128, 128, 128, 128, 8, 2),
+            }.items()
+        },
         "one-table": one_table,
         "no-mask": lambda q, k, v, key_mask, bias_table: one_table(q, k, v, key_mask, bias_table, masked=False),
         "no-bias": no_bias,
-        # the forward kernel's tiles (BLOCK_M x BLOCK_N, warps, stages; inductor's default for bf16, head dim 64 on
-        # sm90 is 128 x 128, 4 warps, 3 stages) and TMA loads, on the one-table variant
-        **{
-            f"one-table {name}": functools.partial(one_table, options=options)
-            for name, options in {
-                "64x64": dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3),
-                "128x64": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3),
-                "128x64w8": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=8, fwd_num_stages=3),
-                "64x128": dict(fwd_BLOCK_M=64, fwd_BLOCK_N=128, fwd_num_warps=4, fwd_num_stages=3),
-                "tma": dict(USE_TMA=True),
-            }.items()
-        },
     }
 
 
@@ -282,7 +295,7 @@ def check(device):
     variants = local_variants(n, device)
     with torch.no_grad():
         expected = variants["model"](q, k, v, key_mask, bias_table)
-        for name in (name for name in variants if name.startswith(("one-table", "no-mask"))):
+        for name in (name for name in variants if name.startswith(("model ", "one-table", "no-mask"))):
             error = ((variants[name](q, k, v, key_mask, bias_table) - expected).norm() / expected.norm()).item()
             print(f"local variant {name:18s} max relative difference from model {error:.1e}")
             assert error < 1e-5, name
@@ -299,6 +312,70 @@ def check(device):
         expected = routing.top_k_positions(scores.cpu(), mask.cpu(), k.cpu(), 2500)
         assert torch.equal(fused_top_k_positions(scores, mask, k, 2500).cpu(), expected)
         print("selection kernel equals the sort-based reference")
+
+
+if triton is not None:
+    from colt5_hf.kernels import _order_keys
+
+    @triton.jit
+    def _threshold_only(scores_ptr, mask_ptr, k_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        # the selection kernel's 32 bit-rounds alone: each row's k-th largest key
+        row = tl.program_id(0).to(tl.int64)
+        key = _order_keys(scores_ptr + row * n, mask_ptr + row * n, tl.arange(0, BLOCK), n)
+        k = tl.load(k_ptr + row)
+        threshold = tl.full((), 0, tl.uint32)
+        for bit in tl.static_range(31, -1, -1):
+            candidate = threshold | tl.full((), 1 << bit, tl.uint32)
+            count = tl.sum((key >= candidate).to(tl.int32), axis=0)
+            threshold = tl.where(count >= k, candidate, threshold)
+        tl.store(out_ptr + row, threshold.to(tl.int64))
+
+    @triton.jit
+    def _slots_only(scores_ptr, mask_ptr, k_ptr, threshold_ptr, out_ptr, n, k_max, BLOCK: tl.constexpr,
+                    TIE_SCAN: tl.constexpr):
+        # the selection kernel after its rounds, the threshold given: ties, prefix sums, stores; TIE_SCAN=False scans
+        # the ties only where they exceed the quota
+        row = tl.program_id(0).to(tl.int64)
+        index = tl.arange(0, BLOCK)
+        inside = index < n
+        key = _order_keys(scores_ptr + row * n, mask_ptr + row * n, index, n)
+        k = tl.load(k_ptr + row)
+        threshold = tl.load(threshold_ptr + row).to(tl.uint32)
+        quota = k - tl.sum((key > threshold).to(tl.int32), axis=0)
+        tie = ((key == threshold) & inside).to(tl.int32)
+        if TIE_SCAN:
+            taken = ((key > threshold) | ((tie != 0) & (tl.cumsum(tie, axis=0) <= quota))).to(tl.int32)
+        else:
+            taken = ((key > threshold) | (tie != 0)).to(tl.int32)
+            if tl.sum(tie, axis=0) > quota:
+                taken = ((key > threshold) | ((tie != 0) & (tl.cumsum(tie, axis=0) <= quota))).to(tl.int32)
+        taken_rank = tl.cumsum(taken, axis=0)
+        slot = tl.where(taken != 0, taken_rank - 1, k + index - taken_rank)
+        tl.store(out_ptr + row * k_max + slot, index.to(tl.int64), mask=inside & (slot < k_max))
+
+
+def selection_parts(scores, mask, k, k_max):
+    """name -> fn(): the selection kernel's parts (rounds; slots with and without the tie scan) and the whole kernel
+    at other warp counts, on rows of at most RESIDENT_ROW tokens."""
+    from colt5_hf.kernels import _select_top_k
+
+    rows, n = scores.shape
+    block = triton.next_power_of_2(n)
+    k32 = k.to(torch.int32)
+    thresholds = torch.empty(rows, dtype=torch.long, device=scores.device)
+    out = torch.empty(rows, k_max, dtype=torch.long, device=scores.device)
+    _threshold_only[(rows,)](scores, mask, k32, thresholds, n, BLOCK=block, num_warps=16)
+    parts = {
+        "rounds only": lambda: _threshold_only[(rows,)](scores, mask, k32, thresholds, n, BLOCK=block, num_warps=16),
+        "slots only": lambda: _slots_only[(rows,)](scores, mask, k32, thresholds, out, n, k_max, BLOCK=block,
+                                                   TIE_SCAN=True, num_warps=16),
+        "slots, no ties": lambda: _slots_only[(rows,)](scores, mask, k32, thresholds, out, n, k_max, BLOCK=block,
+                                                       TIE_SCAN=False, num_warps=16),
+    }
+    for warps in (4, 8, 32):
+        parts[f"kernel {warps} warps"] = functools.partial(
+            lambda warps: _select_top_k[(rows,)](scores, mask, k32, out, n, k_max, BLOCK=block, num_warps=warps), warps)
+    return parts
 
 
 def time_selection(base, record):
@@ -319,6 +396,7 @@ def time_selection(base, record):
             }
             if n <= RESIDENT_ROW:  # longer rows take the sort (run I: the streaming kernel lost to it)
                 variants["triton select"] = lambda: fused_top_k_positions(scores, mask, k, k_max)
+                variants.update(selection_parts(scores, mask, k, k_max))
             for name, fn in variants.items():
                 line = {"variant": name, "n": n, "rows": rows, "graph_ms": graph_ms(fn), "eager_ms": events_ms(fn)}
                 record["selection"].append(line)
@@ -370,16 +448,13 @@ def time_bias(n, record):
 def time_local(n, record):
     """The light attention's band through flex attention: what its score modification costs."""
     tensors, upstream = local_inputs(n, "cuda", torch.bfloat16)
-    print(f"\n{'local attention':16} {'fwd ms':>8} {'graph':>8} {'fwd+bwd ms':>10} {'graph':>10}  (compiled, n={n}, "
+    print(f"\n{'local attention':18} {'fwd ms':>8} {'graph':>8} {'fwd+bwd ms':>10} {'graph':>10}  (compiled, n={n}, "
           "4 heads x 64, radius 127; graph: CUDA-graph replay)")
     for name, attend in local_variants(n, "cuda").items():
         torch._dynamo.reset()
         compiled = torch.compile(attend, fullgraph=True)
         q, k, v, key_mask, bias_table = (t.clone().requires_grad_(t.is_floating_point()) for t in tensors)
         line = {"variant": name}
-        with torch.no_grad():
-            line["fwd_ms"] = events_ms(lambda: compiled(q, k, v, key_mask, bias_table))
-            line["fwd_graph_ms"] = graph_ms(lambda: compiled(q, k, v, key_mask, bias_table))
         targets = [q, k, v] + ([bias_table] if name != "no-bias" else [])
 
         def step():
@@ -387,10 +462,17 @@ def time_local(n, record):
                 target.grad = None
             torch.autograd.backward(compiled(q, k, v, key_mask, bias_table), upstream, inputs=targets)
 
-        line["fwdbwd_ms"] = events_ms(step)
-        line["fwdbwd_graph_ms"] = graph_ms(step)
-        print(f"{name:16} {line['fwd_ms']:>8.4f} {line['fwd_graph_ms']:>8.4f} {line['fwdbwd_ms']:>10.4f} "
-              f"{line['fwdbwd_graph_ms']:>10.4f}")
+        try:
+            with torch.no_grad():
+                line["fwd_ms"] = events_ms(lambda: compiled(q, k, v, key_mask, bias_table))
+                line["fwd_graph_ms"] = graph_ms(lambda: compiled(q, k, v, key_mask, bias_table))
+            line["fwdbwd_ms"] = events_ms(step)
+            line["fwdbwd_graph_ms"] = graph_ms(step)
+            print(f"{name:18} {line['fwd_ms']:>8.4f} {line['fwd_graph_ms']:>8.4f} {line['fwdbwd_ms']:>10.4f} "
+                  f"{line['fwdbwd_graph_ms']:>10.4f}")
+        except Exception as error:  # noqa: BLE001 - recorded (tiles that do not fit), the others go on
+            line["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            print(f"{name:18} failed: {line['error']}")
         record["local"].append(line)
 
 
