@@ -43,12 +43,6 @@ import torch.nn.functional as F
 
 from common import environment, out_dir
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
 
@@ -236,11 +230,11 @@ def local_variants(n, device):
         # the backward kernels' tiles (BLOCK_M1 x BLOCK_N1, BLOCK_M2 x BLOCK_N2, warps, stages; inductor's default for
         # head dim 64 on sm90: 64 x 128, 128 x 64, 8 warps, 3 stages)
         **{
-            f"model bwd {name}": functools.partial(model, **LOCAL_KERNEL_OPTIONS, **{
+            f"model bwd {name}": functools.partial(model, **{**LOCAL_KERNEL_OPTIONS, **{
                 f"bwd_{key}": value for key, value in zip(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "num_warps",
-                                                           "num_stages"), tiles)})
+                                                           "num_stages"), tiles)}})
             for name, tiles in {
-                "64/64w4": (64, 64, 64, 64, 4, 3),
+                "64/128w8": (64, 128, 128, 64, 8, 3),
                 "32/128w4": (32, 128, 128, 32, 4, 3),
                 "64/128w4": (64, 128, 128, 64, 4, 3),
                 "64/128w8s2": (64, 128, 128, 64, 8, 2),
@@ -314,70 +308,6 @@ def check(device):
         print("selection kernel equals the sort-based reference")
 
 
-if triton is not None:
-    from colt5_hf.kernels import _order_keys
-
-    @triton.jit
-    def _threshold_only(scores_ptr, mask_ptr, k_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        # the selection kernel's 32 bit-rounds alone: each row's k-th largest key
-        row = tl.program_id(0).to(tl.int64)
-        key = _order_keys(scores_ptr + row * n, mask_ptr + row * n, tl.arange(0, BLOCK), n)
-        k = tl.load(k_ptr + row)
-        threshold = tl.full((), 0, tl.uint32)
-        for bit in tl.static_range(31, -1, -1):
-            candidate = threshold | tl.full((), 1 << bit, tl.uint32)
-            count = tl.sum((key >= candidate).to(tl.int32), axis=0)
-            threshold = tl.where(count >= k, candidate, threshold)
-        tl.store(out_ptr + row, threshold.to(tl.int64))
-
-    @triton.jit
-    def _slots_only(scores_ptr, mask_ptr, k_ptr, threshold_ptr, out_ptr, n, k_max, BLOCK: tl.constexpr,
-                    TIE_SCAN: tl.constexpr):
-        # the selection kernel after its rounds, the threshold given: ties, prefix sums, stores; TIE_SCAN=False scans
-        # the ties only where they exceed the quota
-        row = tl.program_id(0).to(tl.int64)
-        index = tl.arange(0, BLOCK)
-        inside = index < n
-        key = _order_keys(scores_ptr + row * n, mask_ptr + row * n, index, n)
-        k = tl.load(k_ptr + row)
-        threshold = tl.load(threshold_ptr + row).to(tl.uint32)
-        quota = k - tl.sum((key > threshold).to(tl.int32), axis=0)
-        tie = ((key == threshold) & inside).to(tl.int32)
-        if TIE_SCAN:
-            taken = ((key > threshold) | ((tie != 0) & (tl.cumsum(tie, axis=0) <= quota))).to(tl.int32)
-        else:
-            taken = ((key > threshold) | (tie != 0)).to(tl.int32)
-            if tl.sum(tie, axis=0) > quota:
-                taken = ((key > threshold) | ((tie != 0) & (tl.cumsum(tie, axis=0) <= quota))).to(tl.int32)
-        taken_rank = tl.cumsum(taken, axis=0)
-        slot = tl.where(taken != 0, taken_rank - 1, k + index - taken_rank)
-        tl.store(out_ptr + row * k_max + slot, index.to(tl.int64), mask=inside & (slot < k_max))
-
-
-def selection_parts(scores, mask, k, k_max):
-    """name -> fn(): the selection kernel's parts (rounds; slots with and without the tie scan) and the whole kernel
-    at other warp counts, on rows of at most RESIDENT_ROW tokens."""
-    from colt5_hf.kernels import _select_top_k
-
-    rows, n = scores.shape
-    block = triton.next_power_of_2(n)
-    k32 = k.to(torch.int32)
-    thresholds = torch.empty(rows, dtype=torch.long, device=scores.device)
-    out = torch.empty(rows, k_max, dtype=torch.long, device=scores.device)
-    _threshold_only[(rows,)](scores, mask, k32, thresholds, n, BLOCK=block, num_warps=16)
-    parts = {
-        "rounds only": lambda: _threshold_only[(rows,)](scores, mask, k32, thresholds, n, BLOCK=block, num_warps=16),
-        "slots only": lambda: _slots_only[(rows,)](scores, mask, k32, thresholds, out, n, k_max, BLOCK=block,
-                                                   TIE_SCAN=True, num_warps=16),
-        "slots, no ties": lambda: _slots_only[(rows,)](scores, mask, k32, thresholds, out, n, k_max, BLOCK=block,
-                                                       TIE_SCAN=False, num_warps=16),
-    }
-    for warps in (4, 8, 32):
-        parts[f"kernel {warps} warps"] = functools.partial(
-            lambda warps: _select_top_k[(rows,)](scores, mask, k32, out, n, k_max, BLOCK=block, num_warps=warps), warps)
-    return parts
-
-
 def time_selection(base, record):
     """The routers' top-k selection: sort, topk, the Triton kernel, rows of base, 2 base and 4 base tokens."""
     from colt5_hf.kernels import RESIDENT_ROW, fused_top_k_positions
@@ -396,7 +326,6 @@ def time_selection(base, record):
             }
             if n <= RESIDENT_ROW:  # longer rows take the sort (run I: the streaming kernel lost to it)
                 variants["triton select"] = lambda: fused_top_k_positions(scores, mask, k, k_max)
-                variants.update(selection_parts(scores, mask, k, k_max))
             for name, fn in variants.items():
                 line = {"variant": name, "n": n, "rows": rows, "graph_ms": graph_ms(fn), "eager_ms": events_ms(fn)}
                 record["selection"].append(line)

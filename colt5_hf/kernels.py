@@ -305,17 +305,26 @@ if triton is not None:
         key = _order_keys(scores_ptr + row * n, mask_ptr + row * n, index, n)  # the row, held in registers
         k = tl.load(k_ptr + row)
 
-        # the k-th largest key, bit by bit from the top: the largest t with at least k keys >= t
+        # a threshold t with exactly k keys >= t, bit by bit from the top: the largest t with at least k keys >= t,
+        # unless a candidate on the way already counts exactly k (with distinct scores after about 20 of the 32 bits)
         threshold = tl.full((), 0, tl.uint32)
-        for bit in tl.static_range(31, -1, -1):
-            candidate = threshold | tl.full((), 1 << bit, tl.uint32)
-            count = tl.sum((key >= candidate).to(tl.int32), axis=0)
-            threshold = tl.where(count >= k, candidate, threshold)
+        count = tl.sum(inside.to(tl.int32), axis=0)  # keys >= 0: all of them
+        bit = tl.full((), 1 << 31, tl.uint32)
+        while (bit != 0) & (count != k):
+            candidate = threshold | bit
+            candidate_count = tl.sum((key >= candidate).to(tl.int32), axis=0)
+            threshold = tl.where(candidate_count >= k, candidate, threshold)
+            count = tl.where(candidate_count >= k, candidate_count, count)
+            bit = bit >> 1
 
-        # every key above the threshold is taken, and as many ties at it as k leaves, earliest first
-        quota = k - tl.sum((key > threshold).to(tl.int32), axis=0)
-        tie = ((key == threshold) & inside).to(tl.int32)
-        taken = ((key > threshold) | ((tie != 0) & (tl.cumsum(tie, axis=0) <= quota))).to(tl.int32)
+        # every key >= the threshold is taken; where more than k tie with the k-th (the threshold is then that key),
+        # as many of the ties as k leaves, earliest first
+        taken = (key >= threshold) & inside
+        if count != k:
+            quota = k - tl.sum((key > threshold).to(tl.int32), axis=0)
+            tie = ((key == threshold) & inside).to(tl.int32)
+            taken = (key > threshold) | ((tie != 0) & (tl.cumsum(tie, axis=0) <= quota))
+        taken = taken.to(tl.int32)
         # slots: the taken positions in order, then the others in order; only the first k_max slots are stored
         taken_rank = tl.cumsum(taken, axis=0)
         slot = tl.where(taken != 0, taken_rank - 1, k + index - taken_rank)
@@ -426,9 +435,13 @@ def bucket_bias(bucket, weight):
 
 if flex_attention is not None:
     BIAS_GROUP = 16  # queries sharing one copy of the bias row, whose gradient the backward adds up atomically
-    # The forward kernel's tiles: 128 queries x 64 keys, 4 warps, 3 stages. Inductor's default for bf16 at head dim 64
-    # on sm90 (128 x 128) took 0.185 ms for the Large light attention at 16k on an H200, these 0.079 (RESULTS.md run K).
-    LOCAL_KERNEL_OPTIONS = dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3)
+    # The kernels' tiles. Forward: 128 queries x 64 keys, 4 warps (inductor's default for bf16 at head dim 64 on sm90,
+    # 128 x 128, took 0.188 ms for the Large light attention at 16k on an H100, these 0.082); backward: 64 x 64 tiles,
+    # 4 warps (forward+backward 0.265 ms against 0.282 with inductor's 64 x 128, 8 warps). RESULTS.md run K.
+    LOCAL_KERNEL_OPTIONS = dict(
+        fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3,
+        bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64, bwd_num_warps=4, bwd_num_stages=3,
+    )
 
     @functools.lru_cache(maxsize=16)
     def band_block_mask(length: int, reach: int, device: torch.device, block: int):
