@@ -295,10 +295,14 @@ class RoutedSum(NamedTuple):
 
     def add_to(self, hidden_states, dropout: float = 0.0):
         """hidden_states + dropout(dense + routed rows at their positions), with one dropout mask for both parts, as
-        on their sum."""
+        on their sum. The routed positions' rows are summed apart, in the order of `hidden_states + (dense +
+        scattered)`, and written over the dense sum: the same roundings eagerly and compiled (an atomic add of the
+        routed rows into the rounded dense sum rounds differently, enough to swap a near-tied token in the next
+        layer's router in bf16)."""
         dense, routed = self.dense, self.routed
         if dropout:
             keep = F.dropout(torch.ones_like(dense), dropout)  # 0 or 1 / (1 - p) per element
             dense, routed = dense * keep, routed * gather_tokens(keep, self.indices)
         total = hidden_states + dense  # promoted as a sum would be (a float32 residual stream under autocast)
-        return total.scatter_add(1, self.indices[..., None].expand_as(routed), routed.to(total.dtype))
+        rows = gather_tokens(hidden_states, self.indices) + (gather_tokens(dense, self.indices) + routed)  # (b, k, d)
+        return total.scatter(1, self.indices[..., None].expand_as(routed), rows.to(total.dtype))

@@ -242,6 +242,10 @@ def test_routed_sum_adds_the_routed_rows_in_place_with_one_dropout_mask():
         for j in range(3):
             expected[i, indices[i, j]] += routed[i, j]
     torch.testing.assert_close(total, expected, atol=1e-6, rtol=1e-6)
+    # in bf16 the roundings of hidden_states + (dense + scattered rows), the form that compiles to the same roundings
+    low = [t.to(torch.bfloat16) for t in (hidden_states * 100, dense, routed)]
+    expected = low[0] + (low[1] + scatter_tokens(low[2], indices, 9))
+    assert torch.equal(RoutedSum(*low[1:], indices).add_to(low[0]), expected)
     # dropout acts on the sum: where the routed rows cancel the dense part, nothing may survive any mask
     cancelled = dense.clone()
     for i in range(2):
