@@ -21,6 +21,9 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
                            all layers run (impl flex_attention or sdpa); a new n compiles again (static shapes)
   colt5-hf/cudagraphs-<impl>  the same under mode="reduce-overhead": CUDA graphs for the forward and for the
                               forward+backward (the record counts the graphs that fell back to no CUDA graphs)
+  colt5-hf/autotuned-<impl>   the same under mode="max-autotune": CUDA graphs, and inductor choosing each matmul
+                              between cuBLAS and its Triton templates (which can take the elementwise work that
+                              follows into their epilogue) by timing them; compiles for minutes. NOT YET RUN
   longt5-local, longt5-tglobal   transformers' LongT5 encoder (local / transient-global attention, radius 127)
   t5                       transformers' T5 encoder (full attention), 2 layers, n <= 16384
   reference                colt5-attention 0.2.2 ConditionalRoutedTransformerBlock x layers (light heads 4, heavy
@@ -78,9 +81,9 @@ def build(name, layers):
 
         implementation = name.split("/")[1]
         context, mode = None, None
-        if implementation.startswith(("compiled-", "cudagraphs-")):
+        if implementation.startswith(("compiled-", "cudagraphs-", "autotuned-")):
             kind, implementation = implementation.split("-", 1)
-            mode = "reduce-overhead" if kind == "cudagraphs" else "default"
+            mode = {"compiled": "default", "cudagraphs": "reduce-overhead", "autotuned": "max-autotune"}[kind]
         from colt5_hf import kernels, modeling_colt5
 
         select_routes = routing.select_routes  # the original, for `separately` to call while it replaces it
@@ -126,12 +129,14 @@ def build(name, layers):
         for block in encoder.block:  # the same compiled code for every block (Dynamo's cache is per code object)
             block.compile(fullgraph=True, dynamic=False, mode=mode)
 
+        cuda_graphs = mode in ("reduce-overhead", "max-autotune")
+
         def run(x, n):
-            if mode == "reduce-overhead":
+            if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier outputs may be overwritten
             return encoder(inputs_embeds=x).last_hidden_state
 
-        return Stack(name, encoder, run, layers, context, compiled=True, cuda_graphs=mode == "reduce-overhead")
+        return Stack(name, encoder, run, layers, context, compiled=True, cuda_graphs=cuda_graphs)
     if name.startswith("longt5"):
         from transformers import LongT5Config, LongT5EncoderModel
 

@@ -2,7 +2,8 @@
 routing) at one length, forward and forward+backward. Prints the CUDA kernels by total time, the number of kernel
 launches per layer and the summed kernel time against the wall time (the gap is launch/CPU overhead), then every
 kernel by name with its time per layer. --compile profiles the compiled path of benchmarks/encoder.py (every block
-`block.compile(fullgraph=True, dynamic=False)`), --compile reduce-overhead the same under CUDA graphs. Writes
+`block.compile(fullgraph=True, dynamic=False)`), --compile reduce-overhead the same under CUDA graphs,
+--compile max-autotune-no-cudagraphs with inductor's timed choice of matmul kernels (minutes of compiling). Writes
 profile.txt (profile-compiled.txt, profile-reduce-overhead.txt) to $OUT (or benchmarks/out).
 
     python benchmarks/profile_encoder.py [--n 16384] [--implementation flex_attention] [--compile [reduce-overhead]]
@@ -34,7 +35,7 @@ def main():
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--implementation", default="flex_attention")
-    parser.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead"],
+    parser.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="compile every block as benchmarks/encoder.py does, in this mode")
     args = parser.parse_args()
     from colt5_hf import CoLT5EncoderModel
