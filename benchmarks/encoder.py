@@ -104,7 +104,7 @@ def build(name, layers):
                         "flex_attention+dense-scatter": (routing.RoutedSum, "add_to", dense_scatter),
                         "flex_attention+inductor-local-tiles": (
                             modeling_colt5, "flex_local_attention",
-                            functools.partial(kernels.flex_local_attention, kernel_options=None)),
+                            functools.partial(kernels.flex_local_attention, kernel_options={})),
                         }.get(implementation)
         if switched_off:
             implementation = "flex_attention"

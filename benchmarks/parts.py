@@ -222,7 +222,7 @@ def local_variants(n, device):
         return flex_attention(q, k, v, score_mod=band, block_mask=block_mask, scale=1.0)
 
     def model(q, k, v, key_mask, bias_table, **options):
-        return flex_local_attention(q, k, v, key_mask, bias_table, radius, kernel_options=options or None)
+        return flex_local_attention(q, k, v, key_mask, bias_table, radius, kernel_options=options)
 
     return {
         "model": lambda q, k, v, key_mask, bias_table: flex_local_attention(q, k, v, key_mask, bias_table, radius),

@@ -435,9 +435,11 @@ def bucket_bias(bucket, weight):
 
 if flex_attention is not None:
     BIAS_GROUP = 16  # queries sharing one copy of the bias row, whose gradient the backward adds up atomically
-    # The kernels' tiles. Forward: 128 queries x 64 keys, 4 warps (inductor's default for bf16 at head dim 64 on sm90,
-    # 128 x 128, took 0.188 ms for the Large light attention at 16k on an H100, these 0.082); backward: 64 x 64 tiles,
-    # 4 warps (forward+backward 0.265 ms against 0.282 with inductor's 64 x 128, 8 warps). RESULTS.md run K.
+    # The kernels' tiles for head dims up to 64 (larger ones keep inductor's choice: these were measured at 64 only,
+    # and in float32 at 128 the forward's buffers would outgrow shared memory). Forward: 128 queries x 64 keys, 4 warps
+    # (inductor's default for bf16 at head dim 64 on sm90, 128 x 128, took 0.188 ms for the Large light attention at
+    # 16k on an H100, these 0.082); backward: 64 x 64 tiles, 4 warps (forward+backward 0.265 ms against 0.282 with
+    # inductor's 64 x 128, 8 warps). RESULTS.md run K.
     LOCAL_KERNEL_OPTIONS = dict(
         fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3,
         bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64, bwd_num_warps=4, bwd_num_stages=3,
@@ -463,15 +465,17 @@ if flex_attention is not None:
         return torch.compile(flex_attention)
 
     def flex_local_attention(query, key, value, key_mask, bias_table, radius: int, block: int = 128,
-                             kernel_options=LOCAL_KERNEL_OPTIONS):
+                             kernel_options=None):
         """softmax(q k^T + bias) v over the band |i - j| <= radius, unscaled (T5), as one flex attention call.
 
         query, key, value: (b, h, n, d); key_mask: (b, n) bool, False at keys no query may see; bias_table: (h, 2 *
         radius + 1), the bias of offsets key - query = -radius .. radius. The block mask lists the key blocks within
         reach; the score modification adds the bias, -inf outside the band and at masked keys. Queries with no
-        visible key get 0. Returns (b, h, n, d). `kernel_options` go to flex attention (tiles; benchmarks/parts.py
-        times others).
+        visible key get 0. Returns (b, h, n, d). `kernel_options` go to flex attention (default: LOCAL_KERNEL_OPTIONS
+        up to head dim 64; `{}` for inductor's own tiles).
         """
+        if kernel_options is None:
+            kernel_options = LOCAL_KERNEL_OPTIONS if query.shape[-1] <= 64 else {}
         b, h, n, _ = query.shape
         length = -(-n // block) * block
         if length != n:

@@ -132,6 +132,21 @@ def test_flex_local_attention_traces_into_one_graph():
     assert backend.graphs == 1
 
 
+@pytest.mark.parametrize("head_dim, tiles", [(64, "measured"), (16, "measured"), (128, "inductor's")])
+def test_flex_local_attention_sets_its_measured_tiles_up_to_head_dim_64(monkeypatch, head_dim, tiles):
+    """The tiles measured for the Large light attention (head dim 64) go to flex attention; larger head dims keep
+    inductor's own choice (the measured forward tiles would outgrow shared memory in float32 at 128)."""
+    from colt5_hf import kernels
+
+    seen = []
+    monkeypatch.setattr(kernels, "flex_attention", lambda *args, kernel_options, **kwargs: seen.append(
+        kernel_options) or args[0])
+    q = torch.randn(1, 2, 128, head_dim)
+    kernels.flex_local_attention(q, q, q, torch.ones(1, 128, dtype=torch.bool), torch.randn(2, 63), 31)
+    assert seen == [kernels.LOCAL_KERNEL_OPTIONS if tiles == "measured" else {}]
+    assert seen[0] == {} or (seen[0]["fwd_BLOCK_M"], seen[0]["fwd_BLOCK_N"]) == (128, 64)
+
+
 @needs_inductor
 def test_bucket_bias_compiles_with_its_gradient():
     generator = torch.Generator().manual_seed(0)
