@@ -23,7 +23,7 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
                   within a group; the key mask read in the score modification; its forward tiles)
     model default the same with inductor's default tiles
     model bwd T   the model with other tiles of the backward kernels
-    one-table     one copy of the bias table, the block mask built once outside, the model's forward tiles
+    one-table     one copy of the bias table, the block mask built once outside, the model's tiles
     no-mask       one table and no key mask (every key real): what reading the mask costs
     no-bias       the band alone (-inf outside it): what the bias costs
 

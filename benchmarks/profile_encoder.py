@@ -35,7 +35,8 @@ def main():
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--implementation", default="flex_attention")
-    parser.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+    parser.add_argument("--compile", nargs="?", const="default",
+                        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="compile every block as benchmarks/encoder.py does, in this mode")
     args = parser.parse_args()
     from colt5_hf import CoLT5EncoderModel

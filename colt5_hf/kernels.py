@@ -25,9 +25,10 @@ where w_{T-1} = ln2 * sum_i g_i * lambda_i * [x_i + alpha_T <= 0] and w_{j-1} = 
 computes the w_j (a scalar recurrence), then one program per chunk of every row accumulates the sum.
 
 Top-k selection (routing.top_k_positions), one program per row of at most 16k tokens, held in registers: the scores
-become uint32 keys in the same order; the k-th largest key is found bit by bit from the top (32 counts over the row);
-the positions above it, and the earliest ties at it, are written in increasing position by a prefix sum, followed by
-the other positions.
+become uint32 keys in the same order; a threshold with exactly k keys at or above it is found bit by bit from the top
+(one count over the row per bit, stopping at the first candidate that counts exactly k; where more than k keys tie at
+the k-th, all 32 bits give that key and its earliest ties are taken); the positions taken are written in increasing
+position by a prefix sum, followed by the other positions.
 
 Bias gradient (BucketBias backward, `bucket_sums`): the gradient of a (heads, positions) bias gathered from a
 (buckets, heads) table is, per bucket, the sum over its positions; each program sums 4096 positions by one-hot

@@ -294,7 +294,6 @@ def test_router_under_bf16_autocast_and_bf16_inputs():
     assert torch.equal(out.valid, expected.valid)
 
 
-
 @pytest.mark.parametrize("router_type", ["coor_descent", "sinkhorn", "cum_softmax"])
 @pytest.mark.parametrize("straight_through", [True, False])
 def test_routers_run_together_equal_each_router_alone(router_type, straight_through):
