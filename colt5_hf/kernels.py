@@ -28,7 +28,8 @@ Top-k selection (routing.top_k_positions), one program per row of at most 16k to
 become uint32 keys in the same order; a threshold with exactly k keys at or above it is found bit by bit from the top
 (one count over the row per bit, stopping at the first candidate that counts exactly k; where more than k keys tie at
 the k-th, all 32 bits give that key and its earliest ties are taken); the positions taken are written in increasing
-position by a prefix sum, followed by the other positions.
+position by a prefix sum, followed by the other positions. The row is held as lines of 16 tokens, so that the prefix
+sum is a scan along each line plus a scan of the line sums.
 
 Bias gradient (BucketBias backward, `bucket_sums`): the gradient of a (heads, positions) bias gathered from a
 (buckets, heads) table is, per bucket, the sum over its positions; each program sums 4096 positions by one-hot
@@ -298,10 +299,19 @@ if triton is not None:
         key = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
         return tl.where(keep, key, 0)
 
+    SELECT_COLUMNS = 16  # the selection kernel holds a row as (BLOCK / 16, 16) keys
+
     @triton.jit
-    def _select_top_k(scores_ptr, mask_ptr, k_ptr, out_ptr, n, k_max, BLOCK: tl.constexpr):
+    def _inclusive_ranks(x):
+        # (lines, columns) int32 -> its inclusive prefix sums in row-major order: a scan along each line plus the sum of
+        # the lines before it (two short scans; one scan over the flat row took three times as long)
+        line = tl.sum(x, axis=1)
+        return tl.cumsum(x, axis=1) + (tl.cumsum(line, axis=0) - line)[:, None]
+
+    @triton.jit
+    def _select_top_k(scores_ptr, mask_ptr, k_ptr, out_ptr, n, k_max, BLOCK: tl.constexpr, COLUMNS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        index = tl.arange(0, BLOCK)
+        index = tl.arange(0, BLOCK // COLUMNS)[:, None] * COLUMNS + tl.arange(0, COLUMNS)[None, :]  # (lines, columns)
         inside = index < n
         key = _order_keys(scores_ptr + row * n, mask_ptr + row * n, index, n)  # the row, held in registers
         k = tl.load(k_ptr + row)
@@ -309,11 +319,11 @@ if triton is not None:
         # a threshold t with exactly k keys >= t, bit by bit from the top: the largest t with at least k keys >= t,
         # unless a candidate on the way already counts exactly k (with distinct scores after about 20 of the 32 bits)
         threshold = tl.full((), 0, tl.uint32)
-        count = tl.sum(inside.to(tl.int32), axis=0)  # keys >= 0: all of them
+        count = tl.sum(inside.to(tl.int32))  # keys >= 0: all of them
         bit = tl.full((), 1 << 31, tl.uint32)
         while (bit != 0) & (count != k):
             candidate = threshold | bit
-            candidate_count = tl.sum((key >= candidate).to(tl.int32), axis=0)
+            candidate_count = tl.sum((key >= candidate).to(tl.int32))
             threshold = tl.where(candidate_count >= k, candidate, threshold)
             count = tl.where(candidate_count >= k, candidate_count, count)
             bit = bit >> 1
@@ -322,12 +332,12 @@ if triton is not None:
         # as many of the ties as k leaves, earliest first
         taken = (key >= threshold) & inside
         if count != k:
-            quota = k - tl.sum((key > threshold).to(tl.int32), axis=0)
+            quota = k - tl.sum((key > threshold).to(tl.int32))
             tie = ((key == threshold) & inside).to(tl.int32)
-            taken = (key > threshold) | ((tie != 0) & (tl.cumsum(tie, axis=0) <= quota))
+            taken = (key > threshold) | ((tie != 0) & (_inclusive_ranks(tie) <= quota))
         taken = taken.to(tl.int32)
         # slots: the taken positions in order, then the others in order; only the first k_max slots are stored
-        taken_rank = tl.cumsum(taken, axis=0)
+        taken_rank = _inclusive_ranks(taken)
         slot = tl.where(taken != 0, taken_rank - 1, k + index - taken_rank)
         tl.store(out_ptr + row * k_max + slot, index.to(tl.int64), mask=inside & (slot < k_max))
 
@@ -339,8 +349,9 @@ if triton is not None:
         rows, n = scores.shape
         out = torch.empty(rows, k_max, dtype=torch.long, device=scores.device)
         block, _, num_warps = _forward_layout(n)
-        with torch.cuda.device(scores.device):
-            _select_top_k[(rows,)](scores, mask, k, out, n, k_max, BLOCK=block, num_warps=num_warps)
+        with torch.cuda.device(scores.device):  # at 16k tokens 8 warps beat 16 (RESULTS.md run L)
+            _select_top_k[(rows,)](scores, mask, k, out, n, k_max, BLOCK=block, COLUMNS=SELECT_COLUMNS,
+                                   num_warps=min(num_warps, 8))
         return out
 
     @select_top_k_rows.register_fake
