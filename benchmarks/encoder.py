@@ -23,7 +23,8 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
                               forward+backward (the record counts the graphs that fell back to no CUDA graphs)
   colt5-hf/autotuned-<impl>   the same under mode="max-autotune": CUDA graphs, and inductor choosing each matmul
                               between cuBLAS and its Triton templates (which can take the elementwise work that
-                              follows into their epilogue) by timing them; compiles for minutes. NOT YET RUN
+                              follows into their epilogue) by timing them; compiles for minutes (run L, H100: forward
+                              slower than reduce-overhead, forward+backward failed while autotuning)
   longt5-local, longt5-tglobal   transformers' LongT5 encoder (local / transient-global attention, radius 127)
   t5                       transformers' T5 encoder (full attention), 2 layers, n <= 16384
   reference                colt5-attention 0.2.2 ConditionalRoutedTransformerBlock x layers (light heads 4, heavy
@@ -60,7 +61,8 @@ OTHER_MODELS = ["colt5-hf/eager", "colt5-hf/flex+eager-cd", "colt5-hf/cudagraphs
                 "colt5-hf/cudagraphs-flex_attention+separate-selection",
                 "colt5-hf/cudagraphs-flex_attention+one-hot-gradient",
                 "colt5-hf/cudagraphs-flex_attention+dense-scatter",
-                "colt5-hf/cudagraphs-flex_attention+inductor-local-tiles"]
+                "colt5-hf/cudagraphs-flex_attention+inductor-local-tiles", "colt5-hf/autotuned-flex_attention",
+                "colt5-hf/autotuned-sdpa"]
 T5_MAX_LENGTH = 16384
 T5_LAYERS = 2
 
