@@ -15,6 +15,9 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
                   (a per-sample count, passed in); the table's gradient by flex attention's atomic adds
     flex-count    the same with the count computed inside the graph from a key mask (session 10's run G failed to
                   lower such a score modification in no-grad graphs)
+  and the model's path in training without dropout:
+    kernel        SDPA with the bias detached (no (b, h, m, m_kv) bias gradient), the bias weights' gradient from
+                  `kernels.HeavyBiasGradient` (the probabilities recomputed tile by tile, summed per bucket)
 
 - the light attention's band (4 heads x 64, radius 127) through flex attention, compiled, forward and
   forward+backward, to see what its score modification costs:
@@ -122,6 +125,7 @@ def heavy_variants(n, q_index, kv_index):
     that gets compiled. Every variant computes softmax(q k^T + bias) v over the routed pairs."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    from colt5_hf.kernels import HeavyBiasGradient
     from colt5_hf.kernels import bucket_bias as heads_first_bias
     from colt5_hf.modeling_colt5 import relative_position_bucket
 
@@ -177,8 +181,13 @@ def heavy_variants(n, q_index, kv_index):
     def bias_by_head(weight):
         return (F.embedding(bucket_table(weight).long(), weight).t(),)
 
+    def kernel(q, k, v, offset_bucket, weight):  # the model in training without dropout
+        relative = kv_index.int()[:, None, :] - q_index.int()[:, :, None]
+        out = sdpa(q, k, v, bucket_bias(bucket(relative), weight.detach()))
+        return HeavyBiasGradient.apply(out, q, k, v, q_index, kv_index, kv_mask, weight.to(q.dtype), offset_bucket)
+
     same = lambda weight: (weight,)  # noqa: E731
-    return {
+    variants = {
         "head": (same, head),
         "int32": (same, int32),
         "offset-table": (lambda weight: (bucket_table(weight), weight), offset_table),
@@ -187,6 +196,9 @@ def heavy_variants(n, q_index, kv_index):
         "flex": (bias_by_head, flex),
         "flex-count": (bias_by_head, flex_count),
     }
+    if q_index.is_cuda:  # a CUDA custom op
+        variants["kernel"] = (lambda weight: (bucket_table(weight).int(), weight), kernel)
+    return variants
 
 
 LOCAL_RADIUS, LOCAL_BLOCK = 127, 128

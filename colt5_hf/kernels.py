@@ -1,12 +1,13 @@
 """Fast paths for CUDA GPUs: coordinate descent fused into Triton kernels, the routers' top-k selection in one Triton
 launch (no sort), local attention through flex attention, and the heavy attention's bucketed bias gathered heads first
-with its gradient summed per bucket in one Triton launch.
+with its gradient summed per bucket in one Triton launch, or, in training without dropout, recomputed from the
+attention's inputs.
 
-routing.py and modeling_colt5.py import these names inside guarded blocks; where Triton or flex attention is missing
-the name is None and the eager reference path runs. Everything here traces into one torch.compile graph: the Triton
-kernels are custom ops (colt5::coordinate_descent and its backward, colt5::select_top_k, colt5::bucket_sums; see
-OP_NAMESPACE) with fake and autograd registrations, and inside a compiled region flex attention and its block mask are
-traced in place.
+routing.py and modeling_colt5.py import these names inside guarded blocks; where Triton or flex attention is missing the
+name is None and the eager reference path runs. Everything here traces into one torch.compile graph: the Triton kernels
+are custom ops (colt5::coordinate_descent and its backward, colt5::select_top_k, colt5::bucket_sums,
+colt5::heavy_bias_gradient; see OP_NAMESPACE) with fake and autograd registrations, and inside a compiled region flex
+attention and its block mask are traced in place.
 
 Coordinate descent (routing.coordinate_descent) in log2 units: with x = s * log2(e) / epsilon and alpha = a * log2(e)
 / epsilon, one iteration is the scalar recurrence
@@ -34,6 +35,13 @@ sum is a scan along each line plus a scan of the line sums.
 Bias gradient (BucketBias backward, `bucket_sums`): the gradient of a (heads, positions) bias gathered from a
 (buckets, heads) table is, per bucket, the sum over its positions; each program sums 4096 positions by one-hot
 products built in registers on the tensor cores and adds its (heads, buckets) partial sums atomically.
+
+The heavy attention's bias table gradient without a (b, h, m, m_kv) gradient (HeavyBiasGradient,
+`heavy_bias_gradient_table`): the attention runs with its bias detached, and one program per (sample, head) and 64
+queries recomputes the probabilities tile by tile as the flash-attention backward does (a pass for each row's
+log-sum-exp, then P, dP = dO v^T and dS = P (dP - rowsum(dO O))), with each pair's bucket read from a table of the
+2n - 1 offsets; a tile of keys far from the queries holds one bucket and is summed once, one near them is summed once
+per bucket present; each program adds its per-bucket sums atomically.
 """
 
 import functools
@@ -411,8 +419,112 @@ if triton is not None:
     def _(grad, bucket, num_buckets):
         return grad.new_empty(num_buckets, grad.shape[0], dtype=torch.float32)
 
+    @triton.jit
+    def _heavy_tile_scores(query, key_ptr, kv_position_ptr, kv_valid_ptr, q_position, columns, m_kv, n, head, heads,
+                           offset_bucket_ptr, table_ptr, mask_value, D: tl.constexpr, PRECISION: tl.constexpr):
+        # one tile of keys: scores q k^T + bias (BM, BN) float32 as the attention computed them (mask_value added at
+        # invalid keys, -inf past the last key), each pair's bucket, and which keys are valid
+        inside = columns < m_kv
+        key = tl.load(key_ptr + columns[:, None] * D + tl.arange(0, D)[None, :], mask=inside[:, None], other=0.0)
+        kv_position = tl.load(kv_position_ptr + columns, mask=inside, other=0)
+        valid = (tl.load(kv_valid_ptr + columns, mask=inside, other=0) != 0) & inside
+        bucket = tl.load(offset_bucket_ptr + (kv_position[None, :] - q_position[:, None] + n - 1))
+        bias = tl.where(valid[None, :], tl.load(table_ptr + bucket * heads + head).to(tl.float32), mask_value)
+        scores = tl.dot(query, tl.trans(key), input_precision=PRECISION) + bias
+        return tl.where(inside[None, :], scores, float("-inf")), bucket, valid
+
+    @triton.jit
+    def _heavy_bias_gradient(
+        q_ptr, k_ptr, v_ptr, out_ptr, grad_ptr, q_position_ptr, kv_position_ptr, kv_valid_ptr, offset_bucket_ptr,
+        table_ptr, grad_table_ptr,
+        m, m_kv, n, heads, num_buckets, mask_value,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BUCKETS: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # one program per (sample, head) and BM queries: the probabilities recomputed tile by tile (pass 1: each row's
+        # log-sum-exp; pass 2: P, dP = dO v^T, dS = P (dP - rowsum(dO O))), dS summed per bucket and added atomically
+        batch_head = tl.program_id(0)
+        batch = batch_head // heads
+        head = batch_head % heads
+        rows = tl.program_id(1) * BM + tl.arange(0, BM)
+        row_inside = rows < m
+        tile = batch_head.to(tl.int64) * m * D + rows[:, None] * D + tl.arange(0, D)[None, :]
+        query = tl.load(q_ptr + tile, mask=row_inside[:, None], other=0.0)
+        grad = tl.load(grad_ptr + tile, mask=row_inside[:, None], other=0.0)
+        out = tl.load(out_ptr + tile, mask=row_inside[:, None], other=0.0)
+        delta = tl.sum(grad.to(tl.float32) * out.to(tl.float32), axis=1)  # (BM,)
+        q_position = tl.load(q_position_ptr + batch * m + rows, mask=row_inside, other=0)
+        key_ptr = k_ptr + batch_head.to(tl.int64) * m_kv * D
+        value_ptr = v_ptr + batch_head.to(tl.int64) * m_kv * D
+        kv_position_ptr += batch * m_kv
+        kv_valid_ptr += batch * m_kv
+
+        row_max = tl.full((BM,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((BM,), tl.float32)
+        for start in range(0, m_kv, BN):
+            scores, _, _ = _heavy_tile_scores(
+                query, key_ptr, kv_position_ptr, kv_valid_ptr, q_position, start + tl.arange(0, BN), m_kv, n, head,
+                heads, offset_bucket_ptr, table_ptr, mask_value, D, PRECISION,
+            )
+            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(scores - new_max[:, None]), axis=1)
+            row_max = new_max
+        log_sum = row_max + tl.log(row_sum)
+
+        slots = tl.arange(0, BUCKETS)
+        totals = tl.zeros((BUCKETS,), tl.float32)
+        for start in range(0, m_kv, BN):
+            columns = start + tl.arange(0, BN)
+            scores, bucket, valid = _heavy_tile_scores(
+                query, key_ptr, kv_position_ptr, kv_valid_ptr, q_position, columns, m_kv, n, head, heads,
+                offset_bucket_ptr, table_ptr, mask_value, D, PRECISION,
+            )
+            value = tl.load(value_ptr + columns[:, None] * D + tl.arange(0, D)[None, :],
+                            mask=(columns < m_kv)[:, None], other=0.0)
+            grad_probs = tl.dot(grad, tl.trans(value), input_precision=PRECISION)
+            counted = row_inside[:, None] & valid[None, :]
+            grad_scores = tl.where(counted, tl.exp(scores - log_sum[:, None]) * (grad_probs - delta[:, None]), 0.0)
+            # far from the diagonal a tile holds one bucket: one sum; near it, one masked sum per bucket present
+            low = tl.min(tl.where(counted, bucket, num_buckets))
+            high = tl.max(tl.where(counted, bucket, -1))
+            for present in range(low, high + 1):
+                total = tl.sum(tl.where(bucket == present, grad_scores, 0.0))
+                totals += tl.where(slots == present, total, 0.0)
+        tl.atomic_add(grad_table_ptr + slots * heads + head, totals, mask=slots < num_buckets)
+
+    HEAVY_TILE = 64  # queries and keys per tile of the bias gradient kernel
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::heavy_bias_gradient", mutates_args=(), device_types="cuda")
+    def heavy_bias_gradient_table(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+        q_positions: torch.Tensor, kv_positions: torch.Tensor, kv_valid: torch.Tensor, offset_bucket: torch.Tensor,
+        table: torch.Tensor,
+    ) -> torch.Tensor:
+        """The gradient (buckets, h) float32 of the bias table of softmax(q k^T + table[bucket(kv - q)]) v, mask_value
+        at invalid keys, from the output's gradient. query, out, grad_out (b, h, m, d); key, value (b, h, m_kv, d);
+        q_positions (b, m), kv_positions (b, m_kv) integer positions in [0, n); kv_valid (b, m_kv) bool;
+        offset_bucket (2n - 1,) int32, the bucket of offset kv - q at kv - q + n - 1; table (buckets, h), the bias
+        values the attention added (in its dtype)."""
+        b, heads, m, d = query.shape
+        m_kv, n = key.shape[2], (offset_bucket.shape[0] + 1) // 2
+        query, key, value, out, grad_out = (t.contiguous() for t in (query, key, value, out, grad_out))
+        grad_table = torch.zeros(table.shape, dtype=torch.float32, device=query.device)
+        precision = "ieee" if query.dtype == torch.float32 else "tf32"
+        with torch.cuda.device(query.device):
+            _heavy_bias_gradient[(b * heads, triton.cdiv(m, HEAVY_TILE))](
+                query, key, value, out, grad_out, q_positions.contiguous(), kv_positions.contiguous(),
+                kv_valid.contiguous(), offset_bucket.contiguous(), table.contiguous(), grad_table,
+                m, m_kv, n, heads, table.shape[0], torch.finfo(query.dtype).min / 2,
+                D=d, BM=HEAVY_TILE, BN=HEAVY_TILE, BUCKETS=triton.next_power_of_2(table.shape[0]),
+                PRECISION=precision, num_warps=4,
+            )
+        return grad_table
+
+    @heavy_bias_gradient_table.register_fake
+    def _(query, key, value, out, grad_out, q_positions, kv_positions, kv_valid, offset_bucket, table):
+        return table.new_empty(table.shape, dtype=torch.float32)
+
 else:
-    fused_coordinate_descent = fused_top_k_positions = bucket_sums = None
+    fused_coordinate_descent = fused_top_k_positions = bucket_sums = heavy_bias_gradient_table = None
 
 
 class BucketBias(torch.autograd.Function):
@@ -437,6 +549,26 @@ class BucketBias(torch.autograd.Function):
             return None, bucket_sums(grad, bucket.reshape(-1), ctx.num_buckets).to(grad.dtype)
         one_hot = bucket.reshape(-1, 1) == torch.arange(ctx.num_buckets, device=bucket.device)  # (positions, buckets)
         return None, (grad @ one_hot.to(grad.dtype)).t()
+
+
+class HeavyBiasGradient(torch.autograd.Function):
+    """The identity on the heavy attention's output (b, h, m, d), whose backward also returns the gradient of the bias
+    table `weight` (buckets, h) that the attention added (detached there): the attention itself then runs without a
+    bias gradient (on CUDA, SDPA's cuDNN kernels for q, k and v), and `heavy_bias_gradient_table` recomputes the
+    probabilities tile by tile for the table's gradient, never writing a (b, h, m, m_kv) gradient."""
+
+    @staticmethod
+    def forward(ctx, out, query, key, value, q_positions, kv_positions, kv_valid, weight, offset_bucket):
+        ctx.save_for_backward(out, query, key, value, q_positions, kv_positions, kv_valid, weight, offset_bucket)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out, query, key, value, q_positions, kv_positions, kv_valid, weight, offset_bucket = ctx.saved_tensors
+        grad_weight = heavy_bias_gradient_table(
+            query, key, value, out, grad_out, q_positions, kv_positions, kv_valid, offset_bucket, weight
+        )
+        return grad_out, None, None, None, None, None, None, grad_weight.to(weight.dtype), None
 
 
 def bucket_bias(bucket, weight):
