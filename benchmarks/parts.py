@@ -18,6 +18,7 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
   and the model's path in training without dropout:
     kernel        SDPA with the bias detached (no (b, h, m, m_kv) bias gradient), the bias weights' gradient from
                   `kernels.HeavyBiasGradient` (the probabilities recomputed tile by tile, summed per bucket)
+    kernel cudnn, kernel efficient   the same with SDPA held to its cuDNN or its memory-efficient kernels
 
 - the light attention's band (4 heads x 64, radius 127) through flex attention, compiled, forward and
   forward+backward, to see what its score modification costs:
@@ -38,6 +39,7 @@ local variants with `model` (no-bias with a zero bias table), and the selection 
 """
 
 import argparse
+import contextlib
 import functools
 import json
 
@@ -123,6 +125,7 @@ def heavy_variants(n, q_index, kv_index):
     eagerly, as the encoder would once per forward outside the compiled blocks (a table built inside the graph would be
     inlined into its consumer, recomputing the bucket arithmetic per pair); `attend(q, k, v, *tables)` is the part
     that gets compiled. Every variant computes softmax(q k^T + bias) v over the routed pairs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
     from colt5_hf.kernels import HeavyBiasGradient
@@ -181,9 +184,11 @@ def heavy_variants(n, q_index, kv_index):
     def bias_by_head(weight):
         return (F.embedding(bucket_table(weight).long(), weight).t(),)
 
-    def kernel(q, k, v, offset_bucket, weight):  # the model in training without dropout
+    def kernel(q, k, v, offset_bucket, weight, backends=None):  # the model in training without dropout
         relative = kv_index.int()[:, None, :] - q_index.int()[:, :, None]
-        out = sdpa(q, k, v, bucket_bias(bucket(relative), weight.detach()))
+        bias = bucket_bias(bucket(relative), weight.detach())
+        with contextlib.nullcontext() if backends is None else sdpa_kernel(backends):
+            out = sdpa(q, k, v, bias)
         return HeavyBiasGradient.apply(out, q, k, v, q_index, kv_index, kv_mask, weight.to(q.dtype), offset_bucket)
 
     same = lambda weight: (weight,)  # noqa: E731
@@ -197,7 +202,11 @@ def heavy_variants(n, q_index, kv_index):
         "flex-count": (bias_by_head, flex_count),
     }
     if q_index.is_cuda:  # a CUDA custom op
-        variants["kernel"] = (lambda weight: (bucket_table(weight).int(), weight), kernel)
+        offset_bucket = lambda weight: (bucket_table(weight).int(), weight)  # noqa: E731
+        variants["kernel"] = (offset_bucket, kernel)
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            variants[f"kernel {backend.name.split('_')[0].lower()}"] = (
+                offset_bucket, functools.partial(kernel, backends=[backend]))
     return variants
 
 
@@ -207,6 +216,7 @@ LOCAL_RADIUS, LOCAL_BLOCK = 127, 128
 def local_variants(n, device):
     """name -> attend(q, k, v, key_mask, bias_table): softmax(q k^T + bias) v over the band |i - j| <= LOCAL_RADIUS,
     unscaled, q, k, v (1, h, n, d) with n a multiple of LOCAL_BLOCK, key_mask (1, n), bias_table (h, 2 radius + 1)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
     from colt5_hf.kernels import LOCAL_KERNEL_OPTIONS, band_block_mask, flex_local_attention
@@ -282,7 +292,8 @@ def check(device):
     from colt5_hf import routing
 
     n, m, m_kv, heads = 300, 40, 70, 3
-    q_index, kv_index, tensors, upstream = heavy_inputs(n, m, m_kv, heads, 8, device, torch.float32)
+    # head dim 16: the smallest the bias gradient kernel takes (tl.dot)
+    q_index, kv_index, tensors, upstream = heavy_inputs(n, m, m_kv, heads, 16, device, torch.float32)
     results = {}
     for name, (prepare, attend) in heavy_variants(n, q_index, kv_index).items():
         # flex attention has no backward on the CPU for q, k, v: there only the bias weights' gradient is compared
