@@ -420,12 +420,14 @@ if triton is not None:
         return grad.new_empty(num_buckets, grad.shape[0], dtype=torch.float32)
 
     @triton.jit
-    def _heavy_tile_scores(query, key_ptr, kv_position_ptr, kv_valid_ptr, q_position, columns, m_kv, n, head, heads,
-                           offset_bucket_ptr, table_ptr, mask_value, D: tl.constexpr, PRECISION: tl.constexpr):
+    def _heavy_tile_scores(query, key_ptr, key_stride, kv_position_ptr, kv_valid_ptr, q_position, columns, m_kv, n,
+                           head, heads, offset_bucket_ptr, table_ptr, mask_value, D: tl.constexpr,
+                           PRECISION: tl.constexpr):
         # one tile of keys: scores q k^T + bias (BM, BN) float32 as the attention computed them (mask_value added at
         # invalid keys, -inf past the last key), each pair's bucket, and which keys are valid
         inside = columns < m_kv
-        key = tl.load(key_ptr + columns[:, None] * D + tl.arange(0, D)[None, :], mask=inside[:, None], other=0.0)
+        key = tl.load(key_ptr + columns[:, None] * key_stride + tl.arange(0, D)[None, :], mask=inside[:, None],
+                      other=0.0)
         kv_position = tl.load(kv_position_ptr + columns, mask=inside, other=0)
         valid = (tl.load(kv_valid_ptr + columns, mask=inside, other=0) != 0) & inside
         bucket = tl.load(offset_bucket_ptr + (kv_position[None, :] - q_position[:, None] + n - 1))
@@ -434,9 +436,16 @@ if triton is not None:
         return tl.where(inside[None, :], scores, float("-inf")), bucket, valid
 
     @triton.jit
+    def _heavy_rows(ptr, strides, batch, head, rows, row_inside, D: tl.constexpr):
+        # rows (BM,) of one (sample, head) of a (b, h, rows, D) tensor with strides (batch, head, row) and a dense D
+        offsets = batch.to(tl.int64) * strides[0] + head * strides[1] + rows[:, None] * strides[2]
+        return tl.load(ptr + offsets + tl.arange(0, D)[None, :], mask=row_inside[:, None], other=0.0)
+
+    @triton.jit
     def _heavy_bias_gradient(
         q_ptr, k_ptr, v_ptr, out_ptr, grad_ptr, q_position_ptr, kv_position_ptr, kv_valid_ptr, offset_bucket_ptr,
         table_ptr, grad_table_ptr,
+        q_strides, k_strides, v_strides, out_strides, grad_strides,  # each (batch, head, row); the last dim is dense
         m, m_kv, n, heads, num_buckets, mask_value,
         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BUCKETS: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -447,14 +456,13 @@ if triton is not None:
         head = batch_head % heads
         rows = tl.program_id(1) * BM + tl.arange(0, BM)
         row_inside = rows < m
-        tile = batch_head.to(tl.int64) * m * D + rows[:, None] * D + tl.arange(0, D)[None, :]
-        query = tl.load(q_ptr + tile, mask=row_inside[:, None], other=0.0)
-        grad = tl.load(grad_ptr + tile, mask=row_inside[:, None], other=0.0)
-        out = tl.load(out_ptr + tile, mask=row_inside[:, None], other=0.0)
+        query = _heavy_rows(q_ptr, q_strides, batch, head, rows, row_inside, D)
+        grad = _heavy_rows(grad_ptr, grad_strides, batch, head, rows, row_inside, D)
+        out = _heavy_rows(out_ptr, out_strides, batch, head, rows, row_inside, D)
         delta = tl.sum(grad.to(tl.float32) * out.to(tl.float32), axis=1)  # (BM,)
         q_position = tl.load(q_position_ptr + batch * m + rows, mask=row_inside, other=0)
-        key_ptr = k_ptr + batch_head.to(tl.int64) * m_kv * D
-        value_ptr = v_ptr + batch_head.to(tl.int64) * m_kv * D
+        key_ptr = k_ptr + batch.to(tl.int64) * k_strides[0] + head * k_strides[1]
+        value_ptr = v_ptr + batch.to(tl.int64) * v_strides[0] + head * v_strides[1]
         kv_position_ptr += batch * m_kv
         kv_valid_ptr += batch * m_kv
 
@@ -462,8 +470,8 @@ if triton is not None:
         row_sum = tl.zeros((BM,), tl.float32)
         for start in range(0, m_kv, BN):
             scores, _, _ = _heavy_tile_scores(
-                query, key_ptr, kv_position_ptr, kv_valid_ptr, q_position, start + tl.arange(0, BN), m_kv, n, head,
-                heads, offset_bucket_ptr, table_ptr, mask_value, D, PRECISION,
+                query, key_ptr, k_strides[2], kv_position_ptr, kv_valid_ptr, q_position, start + tl.arange(0, BN),
+                m_kv, n, head, heads, offset_bucket_ptr, table_ptr, mask_value, D, PRECISION,
             )
             new_max = tl.maximum(row_max, tl.max(scores, axis=1))
             row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(scores - new_max[:, None]), axis=1)
@@ -475,10 +483,10 @@ if triton is not None:
         for start in range(0, m_kv, BN):
             columns = start + tl.arange(0, BN)
             scores, bucket, valid = _heavy_tile_scores(
-                query, key_ptr, kv_position_ptr, kv_valid_ptr, q_position, columns, m_kv, n, head, heads,
-                offset_bucket_ptr, table_ptr, mask_value, D, PRECISION,
+                query, key_ptr, k_strides[2], kv_position_ptr, kv_valid_ptr, q_position, columns, m_kv, n, head,
+                heads, offset_bucket_ptr, table_ptr, mask_value, D, PRECISION,
             )
-            value = tl.load(value_ptr + columns[:, None] * D + tl.arange(0, D)[None, :],
+            value = tl.load(value_ptr + columns[:, None] * v_strides[2] + tl.arange(0, D)[None, :],
                             mask=(columns < m_kv)[:, None], other=0.0)
             grad_probs = tl.dot(grad, tl.trans(value), input_precision=PRECISION)
             counted = row_inside[:, None] & valid[None, :]
@@ -506,14 +514,15 @@ if triton is not None:
         values the attention added (in its dtype)."""
         b, heads, m, d = query.shape
         m_kv, n = key.shape[2], (offset_bucket.shape[0] + 1) // 2
-        query, key, value, out, grad_out = (t.contiguous() for t in (query, key, value, out, grad_out))
+        query, key, value, out, grad_out = (t if t.stride(-1) == 1 else t.contiguous()
+                                            for t in (query, key, value, out, grad_out))
         grad_table = torch.zeros(table.shape, dtype=torch.float32, device=query.device)
         precision = "ieee" if query.dtype == torch.float32 else "tf32"
         with torch.cuda.device(query.device):
             _heavy_bias_gradient[(b * heads, triton.cdiv(m, HEAVY_TILE))](
                 query, key, value, out, grad_out, q_positions.contiguous(), kv_positions.contiguous(),
                 kv_valid.contiguous(), offset_bucket.contiguous(), table.contiguous(), grad_table,
-                m, m_kv, n, heads, table.shape[0], torch.finfo(query.dtype).min / 2,
+                *(t.stride()[:3] for t in (query, key, value, out, grad_out)), m, m_kv, n, heads, table.shape[0], torch.finfo(query.dtype).min / 2,
                 D=d, BM=HEAVY_TILE, BN=HEAVY_TILE, BUCKETS=triton.next_power_of_2(table.shape[0]),
                 PRECISION=precision, num_warps=4,
             )

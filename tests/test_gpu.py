@@ -217,10 +217,11 @@ def test_heavy_bias_gradient_kernel_matches_autograd(dtype):
     q_positions, kv_positions = positions(m), positions(m_kv)
     kv_valid = torch.ones(b, m_kv, dtype=torch.bool, device="cuda")
     kv_valid[1, -20:] = False
-    query, key, value = (torch.randn(b, heads, length, d, generator=generator, device="cuda").to(dtype)
+    # (b, length, h, d) memory seen as (b, h, length, d), as the model's head views: the kernel reads strided rows
+    query, key, value = (torch.randn(b, length, heads, d, generator=generator, device="cuda").to(dtype).transpose(1, 2)
                          for length in (m, m_kv, m_kv))
     weight = torch.randn(buckets, heads, generator=generator, device="cuda").to(dtype)
-    grad_out = torch.randn(b, heads, m, d, generator=generator, device="cuda").to(dtype)
+    grad_out = torch.randn(b, m, heads, d, generator=generator, device="cuda").to(dtype).transpose(1, 2)
 
     reference_weight = weight.double().requires_grad_()
     bucket = relative_position_bucket((kv_positions[:, None, :] - q_positions[:, :, None]).int(), True, buckets, 128)
