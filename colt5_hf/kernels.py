@@ -522,7 +522,8 @@ if triton is not None:
             _heavy_bias_gradient[(b * heads, triton.cdiv(m, HEAVY_TILE))](
                 query, key, value, out, grad_out, q_positions.contiguous(), kv_positions.contiguous(),
                 kv_valid.contiguous(), offset_bucket.contiguous(), table.contiguous(), grad_table,
-                *(t.stride()[:3] for t in (query, key, value, out, grad_out)), m, m_kv, n, heads, table.shape[0], torch.finfo(query.dtype).min / 2,
+                *(t.stride()[:3] for t in (query, key, value, out, grad_out)),
+                m, m_kv, n, heads, table.shape[0], torch.finfo(query.dtype).min / 2,
                 D=d, BM=HEAVY_TILE, BN=HEAVY_TILE, BUCKETS=triton.next_power_of_2(table.shape[0]),
                 PRECISION=precision, num_warps=4,
             )
