@@ -37,11 +37,12 @@ Bias gradient (BucketBias backward, `bucket_sums`): the gradient of a (heads, po
 products built in registers on the tensor cores and adds its (heads, buckets) partial sums atomically.
 
 The heavy attention's bias table gradient without a (b, h, m, m_kv) gradient (HeavyBiasGradient,
-`heavy_bias_gradient_table`): the attention runs with its bias detached, and one program per (sample, head) and 64
-queries recomputes the probabilities tile by tile as the flash-attention backward does (a pass for each row's
-log-sum-exp, then P, dP = dO v^T and dS = P (dP - rowsum(dO O))), with each pair's bucket read from a table of the
-2n - 1 offsets; a tile of keys far from the queries holds one bucket and is summed once, one near them is summed once
-per bucket present; each program adds its per-bucket sums atomically.
+`heavy_bias_gradient_table`): the attention runs with its bias detached, and the probabilities are recomputed tile by
+tile as the flash-attention backward does, over a grid of (sample * head, 64 queries, a split of 256 keys): one launch
+for each row's running max and sum over its split, one for P (the splits' statistics combined), dP = dO v^T and
+dS = P (dP - rowsum(dO O)). Buckets come from a table over offsets -reach..reach (T5: reach = max_distance), every
+offset beyond sharing the bucket at its end: those far pairs, most of them, are summed per row in registers and added
+once per program; the near ones are added to their bucket atomically.
 """
 
 import functools
@@ -420,19 +421,26 @@ if triton is not None:
         return grad.new_empty(num_buckets, grad.shape[0], dtype=torch.float32)
 
     @triton.jit
-    def _heavy_tile_scores(query, key_ptr, key_stride, kv_position_ptr, kv_valid_ptr, q_position, columns, m_kv, n,
-                           head, heads, offset_bucket_ptr, table_ptr, mask_value, D: tl.constexpr,
-                           PRECISION: tl.constexpr):
+    def _heavy_tile_scores(query, key_ptr, key_stride, kv_position_ptr, kv_valid_ptr, q_position, columns, m_kv,
+                           reach, far_low, far_high, head, heads, offset_bucket_ptr, table_ptr, mask_value,
+                           D: tl.constexpr, PRECISION: tl.constexpr):
         # one tile of keys: scores q k^T + bias (BM, BN) float32 as the attention computed them (mask_value added at
-        # invalid keys, -inf past the last key), each pair's bucket, and which keys are valid
+        # invalid keys, -inf past the last key), each pair's bucket, and which keys are valid. Only pairs nearer than
+        # `reach` read their bucket and bias (gathers); the others, most of them, take the far buckets' scalars.
         inside = columns < m_kv
         key = tl.load(key_ptr + columns[:, None] * key_stride + tl.arange(0, D)[None, :], mask=inside[:, None],
                       other=0.0)
         kv_position = tl.load(kv_position_ptr + columns, mask=inside, other=0)
         valid = (tl.load(kv_valid_ptr + columns, mask=inside, other=0) != 0) & inside
-        bucket = tl.load(offset_bucket_ptr + (kv_position[None, :] - q_position[:, None] + n - 1))
-        bias = tl.where(valid[None, :], tl.load(table_ptr + bucket * heads + head).to(tl.float32), mask_value)
-        scores = tl.dot(query, tl.trans(key), input_precision=PRECISION) + bias
+        offset = kv_position[None, :] - q_position[:, None]
+        near = (offset > -reach) & (offset < reach)
+        bucket = tl.load(offset_bucket_ptr + offset + reach, mask=near, other=0)
+        bucket = tl.where(near, bucket, tl.where(offset > 0, far_high, far_low))
+        far_bias = tl.where(offset > 0, tl.load(table_ptr + far_high * heads + head).to(tl.float32),
+                            tl.load(table_ptr + far_low * heads + head).to(tl.float32))
+        bias = tl.where(near, tl.load(table_ptr + bucket * heads + head, mask=near, other=0.0).to(tl.float32),
+                        far_bias)
+        scores = tl.dot(query, tl.trans(key), input_precision=PRECISION) + tl.where(valid[None, :], bias, mask_value)
         return tl.where(inside[None, :], scores, float("-inf")), bucket, valid
 
     @triton.jit
@@ -442,18 +450,51 @@ if triton is not None:
         return tl.load(ptr + offsets + tl.arange(0, D)[None, :], mask=row_inside[:, None], other=0.0)
 
     @triton.jit
+    def _heavy_row_stats(
+        q_ptr, k_ptr, q_position_ptr, kv_position_ptr, kv_valid_ptr, offset_bucket_ptr, table_ptr, stats_ptr,
+        q_strides, k_strides, m, m_kv, reach, heads, mask_value,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # program (sample * head, BM queries, key split of TILES tiles of BN keys): each row's running max of the
+        # scores and sum of exp(scores - max) over the split's keys, stored to stats (b * h, splits, 2, m)
+        batch_head, split = tl.program_id(0), tl.program_id(2)
+        batch, head = batch_head // heads, batch_head % heads
+        rows = tl.program_id(1) * BM + tl.arange(0, BM)
+        row_inside = rows < m
+        query = _heavy_rows(q_ptr, q_strides, batch, head, rows, row_inside, D)
+        q_position = tl.load(q_position_ptr + batch * m + rows, mask=row_inside, other=0)
+        key_ptr = k_ptr + batch.to(tl.int64) * k_strides[0] + head * k_strides[1]
+        far_low, far_high = tl.load(offset_bucket_ptr), tl.load(offset_bucket_ptr + 2 * reach)
+        row_max = tl.full((BM,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((BM,), tl.float32)
+        for tile in range(TILES):  # a split's first tile holds a key, so row_max is finite after it
+            columns = (split * TILES + tile) * BN + tl.arange(0, BN)
+            scores, _, _ = _heavy_tile_scores(
+                query, key_ptr, k_strides[2], kv_position_ptr + batch * m_kv, kv_valid_ptr + batch * m_kv,
+                q_position, columns, m_kv, reach, far_low, far_high, head, heads, offset_bucket_ptr, table_ptr,
+                mask_value, D, PRECISION,
+            )
+            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(scores - new_max[:, None]), axis=1)
+            row_max = new_max
+        stats_ptr += (batch_head * tl.num_programs(2) + split) * 2 * m + rows
+        tl.store(stats_ptr, row_max, mask=row_inside)
+        tl.store(stats_ptr + m, row_sum, mask=row_inside)
+
+    @triton.jit
     def _heavy_bias_gradient(
         q_ptr, k_ptr, v_ptr, out_ptr, grad_ptr, q_position_ptr, kv_position_ptr, kv_valid_ptr, offset_bucket_ptr,
-        table_ptr, grad_table_ptr,
+        table_ptr, stats_ptr, grad_table_ptr,
         q_strides, k_strides, v_strides, out_strides, grad_strides,  # each (batch, head, row); the last dim is dense
-        m, m_kv, n, heads, num_buckets, mask_value,
-        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BUCKETS: tl.constexpr, PRECISION: tl.constexpr,
+        m, m_kv, reach, heads, mask_value,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # one program per (sample, head) and BM queries: the probabilities recomputed tile by tile (pass 1: each row's
-        # log-sum-exp; pass 2: P, dP = dO v^T, dS = P (dP - rowsum(dO O))), dS summed per bucket and added atomically
-        batch_head = tl.program_id(0)
-        batch = batch_head // heads
-        head = batch_head % heads
+        # program (sample * head, BM queries, key split of TILES tiles): the probabilities of the split's keys from
+        # the rows' log-sum-exp (combined from every split's stats), dP = dO v^T and dS = P (dP - rowsum(dO O)).
+        # Most pairs lie in the two far buckets (those of offsets -reach and reach, which hold every offset beyond):
+        # summed per row in registers, added once per program. The others are added to their bucket atomically.
+        batch_head, split, splits = tl.program_id(0), tl.program_id(2), tl.num_programs(2)
+        batch, head = batch_head // heads, batch_head % heads
         rows = tl.program_id(1) * BM + tl.arange(0, BM)
         row_inside = rows < m
         query = _heavy_rows(q_ptr, q_strides, batch, head, rows, row_inside, D)
@@ -463,43 +504,70 @@ if triton is not None:
         q_position = tl.load(q_position_ptr + batch * m + rows, mask=row_inside, other=0)
         key_ptr = k_ptr + batch.to(tl.int64) * k_strides[0] + head * k_strides[1]
         value_ptr = v_ptr + batch.to(tl.int64) * v_strides[0] + head * v_strides[1]
-        kv_position_ptr += batch * m_kv
-        kv_valid_ptr += batch * m_kv
 
+        stats_ptr += batch_head * splits * 2 * m + rows
         row_max = tl.full((BM,), float("-inf"), tl.float32)
+        for other in range(splits):
+            row_max = tl.maximum(row_max, tl.load(stats_ptr + other * 2 * m, mask=row_inside, other=0.0))
         row_sum = tl.zeros((BM,), tl.float32)
-        for start in range(0, m_kv, BN):
-            scores, _, _ = _heavy_tile_scores(
-                query, key_ptr, k_strides[2], kv_position_ptr, kv_valid_ptr, q_position, start + tl.arange(0, BN),
-                m_kv, n, head, heads, offset_bucket_ptr, table_ptr, mask_value, D, PRECISION,
-            )
-            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(scores - new_max[:, None]), axis=1)
-            row_max = new_max
+        for other in range(splits):
+            split_max = tl.load(stats_ptr + other * 2 * m, mask=row_inside, other=0.0)
+            row_sum += tl.load(stats_ptr + other * 2 * m + m, mask=row_inside, other=1.0) * tl.exp(split_max - row_max)
         log_sum = row_max + tl.log(row_sum)
 
-        slots = tl.arange(0, BUCKETS)
-        totals = tl.zeros((BUCKETS,), tl.float32)
-        for start in range(0, m_kv, BN):
-            columns = start + tl.arange(0, BN)
+        far_low, far_high = tl.load(offset_bucket_ptr), tl.load(offset_bucket_ptr + 2 * reach)
+        low_sum = tl.zeros((BM,), tl.float32)
+        high_sum = tl.zeros((BM,), tl.float32)
+        for tile in range(TILES):
+            columns = (split * TILES + tile) * BN + tl.arange(0, BN)
             scores, bucket, valid = _heavy_tile_scores(
-                query, key_ptr, k_strides[2], kv_position_ptr, kv_valid_ptr, q_position, columns, m_kv, n, head,
-                heads, offset_bucket_ptr, table_ptr, mask_value, D, PRECISION,
+                query, key_ptr, k_strides[2], kv_position_ptr + batch * m_kv, kv_valid_ptr + batch * m_kv,
+                q_position, columns, m_kv, reach, far_low, far_high, head, heads, offset_bucket_ptr, table_ptr,
+                mask_value, D, PRECISION,
             )
             value = tl.load(value_ptr + columns[:, None] * v_strides[2] + tl.arange(0, D)[None, :],
                             mask=(columns < m_kv)[:, None], other=0.0)
             grad_probs = tl.dot(grad, tl.trans(value), input_precision=PRECISION)
             counted = row_inside[:, None] & valid[None, :]
             grad_scores = tl.where(counted, tl.exp(scores - log_sum[:, None]) * (grad_probs - delta[:, None]), 0.0)
-            # far from the diagonal a tile holds one bucket: one sum; near it, one masked sum per bucket present
-            low = tl.min(tl.where(counted, bucket, num_buckets))
-            high = tl.max(tl.where(counted, bucket, -1))
-            for present in range(low, high + 1):
-                total = tl.sum(tl.where(bucket == present, grad_scores, 0.0))
-                totals += tl.where(slots == present, total, 0.0)
-        tl.atomic_add(grad_table_ptr + slots * heads + head, totals, mask=slots < num_buckets)
+            is_low = bucket == far_low
+            is_high = (bucket == far_high) & (far_high != far_low)
+            low_sum += tl.sum(tl.where(is_low, grad_scores, 0.0), axis=1)
+            high_sum += tl.sum(tl.where(is_high, grad_scores, 0.0), axis=1)
+            near = counted & (bucket != far_low) & (bucket != far_high)
+            if tl.max(near.to(tl.int32)) > 0:
+                tl.atomic_add(grad_table_ptr + bucket * heads + head, grad_scores, mask=near)
+        tl.atomic_add(grad_table_ptr + far_low * heads + head, tl.sum(low_sum))
+        tl.atomic_add(grad_table_ptr + far_high * heads + head, tl.sum(high_sum))  # 0 if the same bucket
 
-    HEAVY_TILE = 64  # queries and keys per tile of the bias gradient kernel
+    HEAVY_TILE = 64  # queries and keys per tile of the bias gradient kernels
+    HEAVY_KEY_TILES = 4  # key tiles per program: at 16k tokens the 2048 routed keys in 8 splits
+
+    def launch_heavy_bias_gradient(query, key, value, out, grad_out, q_positions, kv_positions, kv_valid,
+                                   offset_bucket, table):
+        """heavy_bias_gradient_table's launches, on any device Triton runs on (its interpreter included)."""
+        b, heads, m, d = query.shape
+        m_kv, reach = key.shape[2], (offset_bucket.shape[0] - 1) // 2
+        query, key, value, out, grad_out = (t if t.stride(-1) == 1 else t.contiguous()
+                                            for t in (query, key, value, out, grad_out))
+        q_positions, kv_positions, kv_valid, offset_bucket, table = (
+            t.contiguous() for t in (q_positions, kv_positions, kv_valid, offset_bucket, table))
+        grid = (b * heads, triton.cdiv(m, HEAVY_TILE), triton.cdiv(m_kv, HEAVY_TILE * HEAVY_KEY_TILES))
+        stats = torch.empty(b * heads, grid[2], 2, m, dtype=torch.float32, device=query.device)
+        grad_table = torch.zeros(table.shape, dtype=torch.float32, device=query.device)
+        sizes = dict(D=d, BM=HEAVY_TILE, BN=HEAVY_TILE, TILES=HEAVY_KEY_TILES,
+                     PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+        mask = torch.finfo(query.dtype).min / 2
+        _heavy_row_stats[grid](
+            query, key, q_positions, kv_positions, kv_valid, offset_bucket, table, stats,
+            query.stride()[:3], key.stride()[:3], m, m_kv, reach, heads, mask, **sizes, num_warps=4,
+        )
+        _heavy_bias_gradient[grid](
+            query, key, value, out, grad_out, q_positions, kv_positions, kv_valid, offset_bucket, table, stats,
+            grad_table, *(t.stride()[:3] for t in (query, key, value, out, grad_out)), m, m_kv, reach, heads, mask,
+            **sizes, num_warps=4,
+        )
+        return grad_table
 
     @torch.library.custom_op(f"{OP_NAMESPACE}::heavy_bias_gradient", mutates_args=(), device_types="cuda")
     def heavy_bias_gradient_table(
@@ -510,24 +578,12 @@ if triton is not None:
         """The gradient (buckets, h) float32 of the bias table of softmax(q k^T + table[bucket(kv - q)]) v, mask_value
         at invalid keys, from the output's gradient. query, out, grad_out (b, h, m, d); key, value (b, h, m_kv, d);
         q_positions (b, m), kv_positions (b, m_kv) integer positions in [0, n); kv_valid (b, m_kv) bool;
-        offset_bucket (2n - 1,) int32, the bucket of offset kv - q at kv - q + n - 1; table (buckets, h), the bias
-        values the attention added (in its dtype)."""
-        b, heads, m, d = query.shape
-        m_kv, n = key.shape[2], (offset_bucket.shape[0] + 1) // 2
-        query, key, value, out, grad_out = (t if t.stride(-1) == 1 else t.contiguous()
-                                            for t in (query, key, value, out, grad_out))
-        grad_table = torch.zeros(table.shape, dtype=torch.float32, device=query.device)
-        precision = "ieee" if query.dtype == torch.float32 else "tf32"
+        offset_bucket (2 reach + 1,) int32, the bucket of offset kv - q at kv - q + reach for offsets -reach..reach,
+        every offset beyond taking the bucket at its end (T5 buckets with reach = max_distance); table (buckets, h),
+        the bias values the attention added (in its dtype)."""
         with torch.cuda.device(query.device):
-            _heavy_bias_gradient[(b * heads, triton.cdiv(m, HEAVY_TILE))](
-                query, key, value, out, grad_out, q_positions.contiguous(), kv_positions.contiguous(),
-                kv_valid.contiguous(), offset_bucket.contiguous(), table.contiguous(), grad_table,
-                *(t.stride()[:3] for t in (query, key, value, out, grad_out)),
-                m, m_kv, n, heads, table.shape[0], torch.finfo(query.dtype).min / 2,
-                D=d, BM=HEAVY_TILE, BN=HEAVY_TILE, BUCKETS=triton.next_power_of_2(table.shape[0]),
-                PRECISION=precision, num_warps=4,
-            )
-        return grad_table
+            return launch_heavy_bias_gradient(query, key, value, out, grad_out, q_positions, kv_positions, kv_valid,
+                                              offset_bucket, table)
 
     @heavy_bias_gradient_table.register_fake
     def _(query, key, value, out, grad_out, q_positions, kv_positions, kv_valid, offset_bucket, table):

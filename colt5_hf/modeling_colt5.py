@@ -286,10 +286,10 @@ class CoLT5HeavyAttention(nn.Module):
 
         out, probs = attend(query, key, value, bias, dropout, implementation)
         if bias_gradient_kernel:
-            offsets = torch.arange(1 - n, n, device=query.device, dtype=torch.int32)  # every kv - q, from 1 - n
+            reach = self.config.relative_attention_max_distance  # offsets beyond share the bucket at +-reach
             offset_bucket = relative_position_bucket(
-                offsets, bidirectional=True, num_buckets=num_buckets,
-                max_distance=self.config.relative_attention_max_distance,
+                torch.arange(-reach, reach + 1, device=query.device, dtype=torch.int32), bidirectional=True,
+                num_buckets=num_buckets, max_distance=reach,
             )
             out = HeavyBiasGradient.apply(
                 out, query, key, value, q_index, kv_index, kv_routing.valid[:, 0], weight, offset_bucket

@@ -206,9 +206,10 @@ def test_bucket_bias_matches_embedding(dtype):
 def test_heavy_bias_gradient_kernel_matches_autograd(dtype):
     """The bias table's gradient of softmax(q k^T + table[bucket(kv - q)]) v from the kernel, against autograd through
     the attention with the bias gathered per pair, in float64 from the same inputs. Query and key counts that are no
-    multiple of the kernel's tile, invalid keys (mask_value, no gradient), keys near and far (every bucket)."""
+    multiple of the kernel's tile, invalid keys (mask_value, no gradient), keys near and far (every bucket), the keys
+    in three splits of 256 (the last one ragged) whose row statistics the kernel combines."""
     generator = torch.Generator(device="cuda").manual_seed(0)
-    b, heads, m, m_kv, n, d, buckets = 2, 3, 150, 230, 3000, 64, 32
+    b, heads, m, m_kv, n, d, buckets = 2, 3, 150, 600, 3000, 64, 32
 
     def positions(count):
         return torch.stack([torch.randperm(n, generator=generator, device="cuda")[:count].sort().values
@@ -231,7 +232,7 @@ def test_heavy_bias_gradient_kernel_matches_autograd(dtype):
     (out * grad_out.double()).sum().backward()
     assert len(bucket.unique()) == buckets - 1  # every bucket but buckets // 2 (a positive offset of 0: none)
 
-    offsets = torch.arange(1 - n, n, dtype=torch.int32, device="cuda")
+    offsets = torch.arange(-128, 129, dtype=torch.int32, device="cuda")  # those beyond share the end buckets
     got = kernels.heavy_bias_gradient_table(
         query, key, value, out.detach().to(dtype), grad_out, q_positions, kv_positions, kv_valid,
         relative_position_bucket(offsets, True, buckets, 128), weight,
