@@ -19,6 +19,9 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
     kernel        SDPA with the bias detached (no (b, h, m, m_kv) bias gradient), the bias weights' gradient from
                   `kernels.HeavyBiasGradient` (the probabilities recomputed tile by tile, summed per bucket)
     kernel cudnn, kernel efficient   the same with SDPA held to its cuDNN or its memory-efficient kernels
+- the bias-gradient kernels alone (`kernels.launch_heavy_bias_gradient`: row statistics, then the gradient) in launch
+  variants (query/key tiles, keys per program, warps), beside SDPA's forward+backward with and without a bias
+  gradient (the old path also sums that gradient per bucket, `bucket_sums`, not in this row);
 
 - the light attention's band (4 heads x 64, radius 127) through flex attention, compiled, forward and
   forward+backward, to see what its score modification costs:
@@ -35,7 +38,7 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
 local variants with `model` (no-bias with a zero bias table), and the selection kernel with the sort-based reference.
 `--only` picks sections. Prints tables; writes parts.json to $OUT (or benchmarks/out).
 
-    python benchmarks/parts.py [--n 16384] [--check] [--only selection bias local]
+    python benchmarks/parts.py [--n 16384] [--check] [--only selection bias bias-kernel local]
 """
 
 import argparse
@@ -400,6 +403,43 @@ def time_bias(n, record):
         record["bias"].append(line)
 
 
+def time_bias_kernel(n, record):
+    """The bias-gradient kernels alone (row statistics, then the gradient), launch variants under CUDA-graph replay,
+    against what SDPA's forward+backward costs with and without a bias gradient."""
+    from colt5_hf.kernels import launch_heavy_bias_gradient
+    from colt5_hf.modeling_colt5 import relative_position_bucket
+
+    q_index, kv_index, (q, k, v, weight), upstream = heavy_inputs(n, n // 16, n // 8, 12, 64, "cuda", torch.bfloat16)
+    kv_valid = torch.ones_like(kv_index, dtype=torch.bool)
+    reach = torch.arange(-MAX_DISTANCE, MAX_DISTANCE + 1, device="cuda", dtype=torch.int32)
+    offset_bucket = relative_position_bucket(reach, True, NUM_BUCKETS, MAX_DISTANCE)
+    table, out = weight.to(q.dtype), torch.randn_like(q)
+    print(f"\n{'bias gradient kernels':24} {'graph ms':>9}  (n={n}, 1024 x 2048 x 12 heads x 64, bf16)")
+    for tile, key_tiles, warps in [(64, 4, 4), (64, 4, 8), (64, 2, 4), (64, 8, 4), (32, 8, 4), (128, 2, 8)]:
+        name = f"tile {tile} keys {tile * key_tiles} w{warps}"
+        line = {"variant": name}
+        try:
+            line["graph_ms"] = graph_ms(lambda: launch_heavy_bias_gradient(
+                q, k, v, out, upstream, q_index, kv_index, kv_valid, offset_bucket, table, tile, key_tiles, warps))
+            print(f"{name:24} {line['graph_ms']:>9.4f}")
+        except Exception as error:  # noqa: BLE001 - recorded (tiles that do not fit), the others go on
+            line["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            print(f"{name:24} failed: {line['error']}")
+        record["bias_kernel"].append(line)
+    bias = torch.randn(1, 12, n // 16, n // 8, device="cuda", dtype=q.dtype)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    for name, bias_grad in (("sdpa, bias gradient", True), ("sdpa, bias detached", False)):
+        leaves = [q, k, v] + ([bias.requires_grad_()] if bias_grad else [])
+
+        def step():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias if bias_grad else bias.detach(), scale=1.0)
+            torch.autograd.backward(out, upstream, inputs=leaves)
+
+        line = {"variant": name, "graph_ms": graph_ms(step)}
+        print(f"{name:24} {line['graph_ms']:>9.4f}")
+        record["bias_kernel"].append(line)
+
+
 def time_local(n, record):
     """The light attention's band through flex attention: what its score modification costs."""
     tensors, upstream = local_inputs(n, "cuda", torch.bfloat16)
@@ -435,15 +475,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--check", action="store_true", help="compare the variants at a small size, no timing")
-    parser.add_argument("--only", nargs="+", choices=["selection", "bias", "local"],
-                        default=["selection", "bias", "local"])
+    parser.add_argument("--only", nargs="+", choices=["selection", "bias", "bias-kernel", "local"],
+                        default=["selection", "bias", "bias-kernel", "local"])
     args = parser.parse_args()
     if args.check:
         return check("cuda" if torch.cuda.is_available() else "cpu")
-    record = {"environment": environment(), "selection": [], "bias": [], "local": []}
+    record = {"environment": environment(), "selection": [], "bias": [], "bias_kernel": [], "local": []}
     print(record["environment"])
     for section in args.only:
-        {"selection": time_selection, "bias": time_bias, "local": time_local}[section](args.n, record)
+        sections = {"selection": time_selection, "bias": time_bias, "bias-kernel": time_bias_kernel, "local": time_local}
+        sections[section](args.n, record)
     (out_dir() / "parts.json").write_text(json.dumps(record, indent=1))
 
 

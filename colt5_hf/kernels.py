@@ -421,25 +421,30 @@ if triton is not None:
         return grad.new_empty(num_buckets, grad.shape[0], dtype=torch.float32)
 
     @triton.jit
-    def _heavy_tile_scores(query, key_ptr, key_stride, kv_position_ptr, kv_valid_ptr, q_position, columns, m_kv,
-                           reach, far_low, far_high, head, heads, offset_bucket_ptr, table_ptr, mask_value,
-                           D: tl.constexpr, PRECISION: tl.constexpr):
+    def _heavy_tile_scores(query, key_ptr, key_stride, kv_position_ptr, kv_valid_ptr, q_position, q_first, q_last,
+                           columns, m_kv, reach, far_low, far_high, head, heads, offset_bucket_ptr, table_ptr,
+                           mask_value, D: tl.constexpr, PRECISION: tl.constexpr):
         # one tile of keys: scores q k^T + bias (BM, BN) float32 as the attention computed them (mask_value added at
-        # invalid keys, -inf past the last key), each pair's bucket, and which keys are valid. Only pairs nearer than
-        # `reach` read their bucket and bias (gathers); the others, most of them, take the far buckets' scalars.
+        # invalid keys, -inf past the last key), each pair's bucket, and which keys are valid. A tile whose every
+        # offset lies at or beyond +-reach from the rows' positions (q_first..q_last) has one bucket: its bias is one
+        # scalar. In the others only pairs nearer than `reach` read their bucket and bias (gathers).
         inside = columns < m_kv
         key = tl.load(key_ptr + columns[:, None] * key_stride + tl.arange(0, D)[None, :], mask=inside[:, None],
                       other=0.0)
         kv_position = tl.load(kv_position_ptr + columns, mask=inside, other=0)
         valid = (tl.load(kv_valid_ptr + columns, mask=inside, other=0) != 0) & inside
-        offset = kv_position[None, :] - q_position[:, None]
-        near = (offset > -reach) & (offset < reach)
-        bucket = tl.load(offset_bucket_ptr + offset + reach, mask=near, other=0)
-        bucket = tl.where(near, bucket, tl.where(offset > 0, far_high, far_low))
-        far_bias = tl.where(offset > 0, tl.load(table_ptr + far_high * heads + head).to(tl.float32),
-                            tl.load(table_ptr + far_low * heads + head).to(tl.float32))
-        bias = tl.where(near, tl.load(table_ptr + bucket * heads + head, mask=near, other=0.0).to(tl.float32),
-                        far_bias)
+        kv_first = tl.min(tl.where(inside, kv_position, 2147483647))
+        kv_last = tl.max(tl.where(inside, kv_position, -2147483647))
+        offset = kv_position[None, :] - q_position[:, None]  # (BM, BN) int32
+        if (kv_first - q_last >= reach) | (kv_last - q_first <= -reach):
+            side = tl.where(kv_first - q_last >= reach, far_high, far_low)
+            bucket = tl.zeros_like(offset) + side
+            bias = tl.zeros_like(offset).to(tl.float32) + tl.load(table_ptr + side * heads + head).to(tl.float32)
+        else:
+            near = (offset > -reach) & (offset < reach)
+            bucket = tl.load(offset_bucket_ptr + offset + reach, mask=near, other=0)
+            bucket = tl.where(near, bucket, tl.where(offset > 0, far_high, far_low))
+            bias = tl.load(table_ptr + bucket * heads + head).to(tl.float32)
         scores = tl.dot(query, tl.trans(key), input_precision=PRECISION) + tl.where(valid[None, :], bias, mask_value)
         return tl.where(inside[None, :], scores, float("-inf")), bucket, valid
 
@@ -463,6 +468,8 @@ if triton is not None:
         row_inside = rows < m
         query = _heavy_rows(q_ptr, q_strides, batch, head, rows, row_inside, D)
         q_position = tl.load(q_position_ptr + batch * m + rows, mask=row_inside, other=0)
+        q_first = tl.min(tl.where(row_inside, q_position, 2147483647))
+        q_last = tl.max(tl.where(row_inside, q_position, -2147483647))
         key_ptr = k_ptr + batch.to(tl.int64) * k_strides[0] + head * k_strides[1]
         far_low, far_high = tl.load(offset_bucket_ptr), tl.load(offset_bucket_ptr + 2 * reach)
         row_max = tl.full((BM,), float("-inf"), tl.float32)
@@ -471,8 +478,8 @@ if triton is not None:
             columns = (split * TILES + tile) * BN + tl.arange(0, BN)
             scores, _, _ = _heavy_tile_scores(
                 query, key_ptr, k_strides[2], kv_position_ptr + batch * m_kv, kv_valid_ptr + batch * m_kv,
-                q_position, columns, m_kv, reach, far_low, far_high, head, heads, offset_bucket_ptr, table_ptr,
-                mask_value, D, PRECISION,
+                q_position, q_first, q_last, columns, m_kv, reach, far_low, far_high, head, heads, offset_bucket_ptr,
+                table_ptr, mask_value, D, PRECISION,
             )
             new_max = tl.maximum(row_max, tl.max(scores, axis=1))
             row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(scores - new_max[:, None]), axis=1)
@@ -502,6 +509,8 @@ if triton is not None:
         out = _heavy_rows(out_ptr, out_strides, batch, head, rows, row_inside, D)
         delta = tl.sum(grad.to(tl.float32) * out.to(tl.float32), axis=1)  # (BM,)
         q_position = tl.load(q_position_ptr + batch * m + rows, mask=row_inside, other=0)
+        q_first = tl.min(tl.where(row_inside, q_position, 2147483647))
+        q_last = tl.max(tl.where(row_inside, q_position, -2147483647))
         key_ptr = k_ptr + batch.to(tl.int64) * k_strides[0] + head * k_strides[1]
         value_ptr = v_ptr + batch.to(tl.int64) * v_strides[0] + head * v_strides[1]
 
@@ -522,8 +531,8 @@ if triton is not None:
             columns = (split * TILES + tile) * BN + tl.arange(0, BN)
             scores, bucket, valid = _heavy_tile_scores(
                 query, key_ptr, k_strides[2], kv_position_ptr + batch * m_kv, kv_valid_ptr + batch * m_kv,
-                q_position, columns, m_kv, reach, far_low, far_high, head, heads, offset_bucket_ptr, table_ptr,
-                mask_value, D, PRECISION,
+                q_position, q_first, q_last, columns, m_kv, reach, far_low, far_high, head, heads, offset_bucket_ptr,
+                table_ptr, mask_value, D, PRECISION,
             )
             value = tl.load(value_ptr + columns[:, None] * v_strides[2] + tl.arange(0, D)[None, :],
                             mask=(columns < m_kv)[:, None], other=0.0)
@@ -544,28 +553,30 @@ if triton is not None:
     HEAVY_KEY_TILES = 4  # key tiles per program: at 16k tokens the 2048 routed keys in 8 splits
 
     def launch_heavy_bias_gradient(query, key, value, out, grad_out, q_positions, kv_positions, kv_valid,
-                                   offset_bucket, table):
-        """heavy_bias_gradient_table's launches, on any device Triton runs on (its interpreter included)."""
+                                   offset_bucket, table, tile=HEAVY_TILE, key_tiles=HEAVY_KEY_TILES, num_warps=4):
+        """heavy_bias_gradient_table's launches, on any device Triton runs on (its interpreter included); the tiles
+        and warps are arguments for benchmarks/parts.py."""
         b, heads, m, d = query.shape
         m_kv, reach = key.shape[2], (offset_bucket.shape[0] - 1) // 2
         query, key, value, out, grad_out = (t if t.stride(-1) == 1 else t.contiguous()
                                             for t in (query, key, value, out, grad_out))
-        q_positions, kv_positions, kv_valid, offset_bucket, table = (
-            t.contiguous() for t in (q_positions, kv_positions, kv_valid, offset_bucket, table))
-        grid = (b * heads, triton.cdiv(m, HEAVY_TILE), triton.cdiv(m_kv, HEAVY_TILE * HEAVY_KEY_TILES))
+        q_positions, kv_positions, offset_bucket = (t.to(torch.int32).contiguous()  # int32 offsets in the kernels
+                                                    for t in (q_positions, kv_positions, offset_bucket))
+        kv_valid, table = kv_valid.contiguous(), table.contiguous()
+        grid = (b * heads, triton.cdiv(m, tile), triton.cdiv(m_kv, tile * key_tiles))
         stats = torch.empty(b * heads, grid[2], 2, m, dtype=torch.float32, device=query.device)
         grad_table = torch.zeros(table.shape, dtype=torch.float32, device=query.device)
-        sizes = dict(D=d, BM=HEAVY_TILE, BN=HEAVY_TILE, TILES=HEAVY_KEY_TILES,
+        sizes = dict(D=d, BM=tile, BN=tile, TILES=key_tiles, num_warps=num_warps,
                      PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
         mask = torch.finfo(query.dtype).min / 2
         _heavy_row_stats[grid](
             query, key, q_positions, kv_positions, kv_valid, offset_bucket, table, stats,
-            query.stride()[:3], key.stride()[:3], m, m_kv, reach, heads, mask, **sizes, num_warps=4,
+            query.stride()[:3], key.stride()[:3], m, m_kv, reach, heads, mask, **sizes,
         )
         _heavy_bias_gradient[grid](
             query, key, value, out, grad_out, q_positions, kv_positions, kv_valid, offset_bucket, table, stats,
             grad_table, *(t.stride()[:3] for t in (query, key, value, out, grad_out)), m, m_kv, reach, heads, mask,
-            **sizes, num_warps=4,
+            **sizes,
         )
         return grad_table
 
