@@ -425,9 +425,10 @@ if triton is not None:
                            columns, m_kv, reach, far_low, far_high, head, heads, offset_bucket_ptr, table_ptr,
                            mask_value, D: tl.constexpr, PRECISION: tl.constexpr):
         # one tile of keys: scores q k^T + bias (BM, BN) float32 as the attention computed them (mask_value added at
-        # invalid keys, -inf past the last key), each pair's bucket, and which keys are valid. A tile whose every
-        # offset lies at or beyond +-reach from the rows' positions (q_first..q_last) has one bucket: its bias is one
-        # scalar. In the others only pairs nearer than `reach` read their bucket and bias (gathers).
+        # invalid keys, -inf past the last key), which keys are valid, and the buckets: a tile whose every offset lies
+        # at or beyond +-reach from the rows' positions (q_first..q_last) has one bucket, `side`, and one scalar bias
+        # (no per-pair bucket: `bucket` is then 0); in the others (side -1) each pair's bucket, read from the table
+        # for pairs nearer than `reach` (gathers), and its bias.
         inside = columns < m_kv
         key = tl.load(key_ptr + columns[:, None] * key_stride + tl.arange(0, D)[None, :], mask=inside[:, None],
                       other=0.0)
@@ -435,18 +436,19 @@ if triton is not None:
         valid = (tl.load(kv_valid_ptr + columns, mask=inside, other=0) != 0) & inside
         kv_first = tl.min(tl.where(inside, kv_position, 2147483647))
         kv_last = tl.max(tl.where(inside, kv_position, -2147483647))
-        offset = kv_position[None, :] - q_position[:, None]  # (BM, BN) int32
-        if (kv_first - q_last >= reach) | (kv_last - q_first <= -reach):
-            side = tl.where(kv_first - q_last >= reach, far_high, far_low)
-            bucket = tl.zeros_like(offset) + side
-            bias = tl.zeros_like(offset).to(tl.float32) + tl.load(table_ptr + side * heads + head).to(tl.float32)
+        scores = tl.dot(query, tl.trans(key), input_precision=PRECISION)  # (BM, BN) float32
+        side = tl.where(kv_first - q_last >= reach, far_high, tl.where(kv_last - q_first <= -reach, far_low, -1))
+        if side >= 0:
+            bucket = tl.zeros_like(scores).to(tl.int32)
+            bias = tl.zeros_like(scores) + tl.load(table_ptr + side * heads + head).to(tl.float32)
         else:
+            offset = kv_position[None, :] - q_position[:, None]  # (BM, BN) int32
             near = (offset > -reach) & (offset < reach)
             bucket = tl.load(offset_bucket_ptr + offset + reach, mask=near, other=0)
             bucket = tl.where(near, bucket, tl.where(offset > 0, far_high, far_low))
             bias = tl.load(table_ptr + bucket * heads + head).to(tl.float32)
-        scores = tl.dot(query, tl.trans(key), input_precision=PRECISION) + tl.where(valid[None, :], bias, mask_value)
-        return tl.where(inside[None, :], scores, float("-inf")), bucket, valid
+        scores += tl.where(valid[None, :], bias, mask_value)
+        return tl.where(inside[None, :], scores, float("-inf")), valid, bucket, side
 
     @triton.jit
     def _heavy_rows(ptr, strides, batch, head, rows, row_inside, D: tl.constexpr):
@@ -476,7 +478,7 @@ if triton is not None:
         row_sum = tl.zeros((BM,), tl.float32)
         for tile in range(TILES):  # a split's first tile holds a key, so row_max is finite after it
             columns = (split * TILES + tile) * BN + tl.arange(0, BN)
-            scores, _, _ = _heavy_tile_scores(
+            scores, _, _, _ = _heavy_tile_scores(
                 query, key_ptr, k_strides[2], kv_position_ptr + batch * m_kv, kv_valid_ptr + batch * m_kv,
                 q_position, q_first, q_last, columns, m_kv, reach, far_low, far_high, head, heads, offset_bucket_ptr,
                 table_ptr, mask_value, D, PRECISION,
@@ -529,7 +531,7 @@ if triton is not None:
         high_sum = tl.zeros((BM,), tl.float32)
         for tile in range(TILES):
             columns = (split * TILES + tile) * BN + tl.arange(0, BN)
-            scores, bucket, valid = _heavy_tile_scores(
+            scores, valid, bucket, side = _heavy_tile_scores(
                 query, key_ptr, k_strides[2], kv_position_ptr + batch * m_kv, kv_valid_ptr + batch * m_kv,
                 q_position, q_first, q_last, columns, m_kv, reach, far_low, far_high, head, heads, offset_bucket_ptr,
                 table_ptr, mask_value, D, PRECISION,
@@ -539,12 +541,16 @@ if triton is not None:
             grad_probs = tl.dot(grad, tl.trans(value), input_precision=PRECISION)
             counted = row_inside[:, None] & valid[None, :]
             grad_scores = tl.where(counted, tl.exp(scores - log_sum[:, None]) * (grad_probs - delta[:, None]), 0.0)
-            is_low = bucket == far_low
-            is_high = (bucket == far_high) & (far_high != far_low)
-            low_sum += tl.sum(tl.where(is_low, grad_scores, 0.0), axis=1)
-            high_sum += tl.sum(tl.where(is_high, grad_scores, 0.0), axis=1)
-            near = counted & (bucket != far_low) & (bucket != far_high)
-            if tl.max(near.to(tl.int32)) > 0:
+            if side >= 0:  # one bucket, a far one
+                row_total = tl.sum(grad_scores, axis=1)
+                low_sum += tl.where(side == far_low, row_total, 0.0)
+                high_sum += tl.where(side == far_low, 0.0, row_total)
+            else:
+                is_low = bucket == far_low
+                is_high = (bucket == far_high) & (far_high != far_low)
+                low_sum += tl.sum(tl.where(is_low, grad_scores, 0.0), axis=1)
+                high_sum += tl.sum(tl.where(is_high, grad_scores, 0.0), axis=1)
+                near = counted & (bucket != far_low) & (bucket != far_high)
                 tl.atomic_add(grad_table_ptr + bucket * heads + head, grad_scores, mask=near)
         tl.atomic_add(grad_table_ptr + far_low * heads + head, tl.sum(low_sum))
         tl.atomic_add(grad_table_ptr + far_high * heads + head, tl.sum(high_sum))  # 0 if the same bucket
