@@ -414,17 +414,23 @@ def time_bias_kernel(n, record):
     reach = torch.arange(-MAX_DISTANCE, MAX_DISTANCE + 1, device="cuda", dtype=torch.int32)
     offset_bucket = relative_position_bucket(reach, True, NUM_BUCKETS, MAX_DISTANCE)
     table, out = weight.to(q.dtype), torch.randn_like(q)
-    print(f"\n{'bias gradient kernels':24} {'graph ms':>9}  (n={n}, 1024 x 2048 x 12 heads x 64, bf16)")
-    for tile, key_tiles, warps in [(64, 4, 4), (64, 4, 8), (64, 2, 4), (64, 8, 4), (32, 8, 4), (128, 2, 8)]:
-        name = f"tile {tile} keys {tile * key_tiles} w{warps}"
+    print(f"\n{'bias gradient kernels':30} {'graph ms':>9}  (n={n}, 1024 x 2048 x 12 heads x 64, bf16)")
+    # (query tile, key tile, key tiles per program, warps, stages, maxnreg). Offline sm_90a compiles (ptxas -v) of the
+    # first: 255 registers and 80 KB of shared memory, 2 programs (8 warps) per SM; the others reach 16 warps per SM
+    # (a few bytes spilled under maxnreg 128)
+    variants = [(64, 64, 4, 4, None, None), (64, 64, 4, 4, 1, None), (64, 32, 8, 4, 1, 128), (64, 64, 4, 8, 1, 128),
+                (32, 32, 8, 4, 1, 128), (64, 64, 4, 4, 1, 128), (32, 64, 4, 4, 1, 128), (64, 32, 8, 4, 2, 128)]
+    for query_tile, key_tile, key_tiles, warps, stages, maxnreg in variants:
+        name = f"{query_tile}x{key_tile} keys {key_tile * key_tiles} w{warps} s{stages or '-'} r{maxnreg or '-'}"
         line = {"variant": name}
         try:
             line["graph_ms"] = graph_ms(lambda: launch_heavy_bias_gradient(
-                q, k, v, out, upstream, q_index, kv_index, kv_valid, offset_bucket, table, tile, key_tiles, warps))
-            print(f"{name:24} {line['graph_ms']:>9.4f}")
+                q, k, v, out, upstream, q_index, kv_index, kv_valid, offset_bucket, table, query_tile, key_tile,
+                key_tiles, warps, stages, maxnreg))
+            print(f"{name:30} {line['graph_ms']:>9.4f}")
         except Exception as error:  # noqa: BLE001 - recorded (tiles that do not fit), the others go on
             line["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-            print(f"{name:24} failed: {line['error']}")
+            print(f"{name:30} failed: {line['error']}")
         record["bias_kernel"].append(line)
     bias = torch.randn(1, 12, n // 16, n // 8, device="cuda", dtype=q.dtype)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
@@ -436,7 +442,7 @@ def time_bias_kernel(n, record):
             torch.autograd.backward(out, upstream, inputs=leaves)
 
         line = {"variant": name, "graph_ms": graph_ms(step)}
-        print(f"{name:24} {line['graph_ms']:>9.4f}")
+        print(f"{name:30} {line['graph_ms']:>9.4f}")
         record["bias_kernel"].append(line)
 
 
@@ -483,7 +489,8 @@ def main():
     record = {"environment": environment(), "selection": [], "bias": [], "bias_kernel": [], "local": []}
     print(record["environment"])
     for section in args.only:
-        sections = {"selection": time_selection, "bias": time_bias, "bias-kernel": time_bias_kernel, "local": time_local}
+        sections = {"selection": time_selection, "bias": time_bias, "bias-kernel": time_bias_kernel,
+                    "local": time_local}
         sections[section](args.n, record)
     (out_dir() / "parts.json").write_text(json.dumps(record, indent=1))
 

@@ -559,9 +559,10 @@ if triton is not None:
     HEAVY_KEY_TILES = 4  # key tiles per program: at 16k tokens the 2048 routed keys in 8 splits
 
     def launch_heavy_bias_gradient(query, key, value, out, grad_out, q_positions, kv_positions, kv_valid,
-                                   offset_bucket, table, tile=HEAVY_TILE, key_tiles=HEAVY_KEY_TILES, num_warps=4):
+                                   offset_bucket, table, query_tile=HEAVY_TILE, key_tile=HEAVY_TILE,
+                                   key_tiles=HEAVY_KEY_TILES, num_warps=4, num_stages=None, maxnreg=None):
         """heavy_bias_gradient_table's launches, on any device Triton runs on (its interpreter included); the tiles
-        and warps are arguments for benchmarks/parts.py."""
+        and launch options are arguments for benchmarks/parts.py (None: Triton's default)."""
         b, heads, m, d = query.shape
         m_kv, reach = key.shape[2], (offset_bucket.shape[0] - 1) // 2
         query, key, value, out, grad_out = (t if t.stride(-1) == 1 else t.contiguous()
@@ -569,10 +570,11 @@ if triton is not None:
         q_positions, kv_positions, offset_bucket = (t.to(torch.int32).contiguous()  # int32 offsets in the kernels
                                                     for t in (q_positions, kv_positions, offset_bucket))
         kv_valid, table = kv_valid.contiguous(), table.contiguous()
-        grid = (b * heads, triton.cdiv(m, tile), triton.cdiv(m_kv, tile * key_tiles))
+        grid = (b * heads, triton.cdiv(m, query_tile), triton.cdiv(m_kv, key_tile * key_tiles))
         stats = torch.empty(b * heads, grid[2], 2, m, dtype=torch.float32, device=query.device)
         grad_table = torch.zeros(table.shape, dtype=torch.float32, device=query.device)
-        sizes = dict(D=d, BM=tile, BN=tile, TILES=key_tiles, num_warps=num_warps,
+        options = {name: value for name, value in (("num_stages", num_stages), ("maxnreg", maxnreg)) if value}
+        sizes = dict(D=d, BM=query_tile, BN=key_tile, TILES=key_tiles, num_warps=num_warps, **options,
                      PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
         mask = torch.finfo(query.dtype).min / 2
         _heavy_row_stats[grid](
