@@ -20,8 +20,9 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
                   `kernels.HeavyBiasGradient` (the probabilities recomputed tile by tile, summed per bucket)
     kernel cudnn, kernel efficient   the same with SDPA held to its cuDNN or its memory-efficient kernels
 - the bias-gradient kernels alone (`kernels.launch_heavy_bias_gradient`: row statistics, then the gradient) in launch
-  variants (query/key tiles, keys per program, warps), beside SDPA's forward+backward with and without a bias
-  gradient (the old path also sums that gradient per bucket, `bucket_sums`, not in this row);
+  variants (query/key tiles, keys per program, warps, stages, register limit), beside SDPA's forward+backward with and
+  without a bias gradient (the old path also sums that gradient per bucket, `bucket_sums`, not in this row); and a
+  probe: do SDPA's cuDNN and memory-efficient ops return the rows' log-sum-exp (the statistics launch's result)?
 
 - the light attention's band (4 heads x 64, radius 127) through flex attention, compiled, forward and
   forward+backward, to see what its score modification costs:
@@ -433,6 +434,17 @@ def time_bias_kernel(n, record):
             print(f"{name:30} failed: {line['error']}")
         record["bias_kernel"].append(line)
     bias = torch.randn(1, 12, n // 16, n // 8, device="cuda", dtype=q.dtype)
+    # could the row statistics come from SDPA? Its private ops return each row's log-sum-exp with the output
+    lse = (q.float() @ k.float().transpose(-1, -2) + bias.float()).logsumexp(-1)  # (1, h, m)
+    for name, attention in (("cudnn", "_scaled_dot_product_cudnn_attention"),
+                            ("efficient", "_scaled_dot_product_efficient_attention")):
+        try:
+            returned = getattr(torch.ops.aten, attention)(q, k, v, bias, True, scale=1.0)[1]
+            error = (returned.float()[..., :lse.shape[-1]] - lse).abs().max().item()
+            print(f"sdpa {name} log-sum-exp: shape {tuple(returned.shape)}, largest difference {error:.2e}")
+            record["bias_kernel"].append({"variant": f"lse {name}", "shape": list(returned.shape), "error": error})
+        except Exception as error:  # noqa: BLE001 - a probe: recorded, the others go on
+            print(f"sdpa {name} log-sum-exp: failed {type(error).__name__}: {str(error)[:200]}")
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     for name, bias_grad in (("sdpa, bias gradient", True), ("sdpa, bias detached", False)):
         leaves = [q, k, v] + ([bias.requires_grad_()] if bias_grad else [])
