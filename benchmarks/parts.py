@@ -282,6 +282,10 @@ def local_inputs(n, device, dtype, heads=4, d=64, seed=0):
     return (q, k, v, torch.ones(1, n, dtype=torch.bool, device=device), bias_table), upstream
 
 
+def relative_difference(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
 def heavy_inputs(n, m, m_kv, heads, d, device, dtype, seed=0):
     generator = torch.Generator(device=device).manual_seed(seed)
     q_index = torch.randperm(n, device=device, generator=generator)[:m].sort().values[None]
@@ -311,7 +315,7 @@ def check(device):
         results[name] = [out.detach()] + [t.grad for t in leaves]
     for name, values in results.items():
         pairs = [(a, b) for a, b in zip(values, results["head"]) if a is not None]
-        error = max(((a - b).norm() / b.norm()).item() for a, b in pairs)
+        error = max(relative_difference(a, b) for a, b in pairs)
         print(f"bias variant {name:13s} max relative difference from head {error:.1e}")
         assert error < 1e-5, name
     n = 4 * LOCAL_BLOCK
@@ -320,12 +324,12 @@ def check(device):
     with torch.no_grad():
         expected = variants["model"](q, k, v, key_mask, bias_table)
         for name in (name for name in variants if name.startswith(("model ", "one-table", "no-mask"))):
-            error = ((variants[name](q, k, v, key_mask, bias_table) - expected).norm() / expected.norm()).item()
+            error = relative_difference(variants[name](q, k, v, key_mask, bias_table), expected)
             print(f"local variant {name:18s} max relative difference from model {error:.1e}")
             assert error < 1e-5, name
         zero = torch.zeros_like(bias_table)
         expected = variants["model"](q, k, v, key_mask, zero)
-        error = ((variants["no-bias"](q, k, v, key_mask, zero) - expected).norm() / expected.norm()).item()
+        error = relative_difference(variants["no-bias"](q, k, v, key_mask, zero), expected)
         print(f"local variant no-bias   max relative difference from model (zero bias) {error:.1e}")
         assert error < 1e-5, "no-bias"
     if device == "cuda":
@@ -379,7 +383,7 @@ def time_bias(n, record):
             compiled(*leaves[:3], *prepare(leaves[3])).backward(upstream)
             grads = [leaf.grad.float() for leaf in leaves]
             reference = reference or grads
-            line["grad_diff"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, reference))
+            line["grad_diff"] = max(relative_difference(a, b) for a, b in zip(grads, reference))
             # timing: the tables as ready inputs, the backward stopping at them
             q, k, v, weight = (t.clone().requires_grad_() for t in tensors)
             with torch.no_grad():
