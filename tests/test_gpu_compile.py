@@ -73,17 +73,17 @@ def test_compiled_encoder_matches_eager(implementation, dtype):
 
 def test_compiled_training_with_the_heavy_bias_gradient_kernel_matches_eager(monkeypatch):
     """At n = 2000 the heavy attention routes 125 queries: the compiled encoder runs it through SDPA with the bias
-    detached and the bias table's gradient from kernels.HeavyBiasGradient, in one graph (the Triton kernel launched
-    once per layer, counted at run time inside the custom op); outputs and gradients equal the eager
+    detached and the bias table's gradient from kernels.HeavyBiasGradient, in one graph (its second Triton kernel
+    launched once per layer, counted at run time inside the custom op); outputs and gradients equal the eager
     implementation's."""
-    launches, kernel = [], kernels._heavy_bias_gradient
+    launches, kernel = [], kernels._heavy_near_sums
 
     class CountedKernel:
         def __getitem__(self, grid):
             launches.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(kernels, "_heavy_bias_gradient", CountedKernel())
+    monkeypatch.setattr(kernels, "_heavy_near_sums", CountedKernel())
     encoder = small_encoder(torch.float32).train()
     encoder.config._attn_implementation = "flex_attention"
     reference = copy.deepcopy(encoder)
