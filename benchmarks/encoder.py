@@ -17,6 +17,10 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
                            instead of added into the residual in place (`RoutedSum.add_to` replaced)
   colt5-hf/<kind>-flex_attention+inductor-local-tiles   the light attention's flex attention with inductor's
                            default tiles instead of `kernels.LOCAL_KERNEL_OPTIONS`
+  colt5-hf/<kind>-flex_attention+sdpa-bias-gradient   the heavy attention's bias gradient from SDPA (its memory-
+                           efficient kernel writes a (b, h, m, m_kv) gradient, summed per bucket by `bucket_sums`)
+                           instead of `kernels.HeavyBiasGradient` (SDPA without a bias gradient, the table's gradient
+                           recomputed tile by tile)
   colt5-hf/compiled-<impl> every block compiled, block.compile(fullgraph=True, dynamic=False): one compiled graph that
                            all layers run (impl flex_attention or sdpa); a new n compiles again (static shapes)
   colt5-hf/cudagraphs-<impl>  the same under mode="reduce-overhead": CUDA graphs for the forward and for the
@@ -61,7 +65,8 @@ OTHER_MODELS = ["colt5-hf/eager", "colt5-hf/flex+eager-cd", "colt5-hf/cudagraphs
                 "colt5-hf/cudagraphs-flex_attention+separate-selection",
                 "colt5-hf/cudagraphs-flex_attention+one-hot-gradient",
                 "colt5-hf/cudagraphs-flex_attention+dense-scatter",
-                "colt5-hf/cudagraphs-flex_attention+inductor-local-tiles", "colt5-hf/autotuned-flex_attention",
+                "colt5-hf/cudagraphs-flex_attention+inductor-local-tiles",
+                "colt5-hf/cudagraphs-flex_attention+sdpa-bias-gradient", "colt5-hf/autotuned-flex_attention",
                 "colt5-hf/autotuned-sdpa"]
 T5_MAX_LENGTH = 16384
 T5_LAYERS = 2
@@ -107,6 +112,7 @@ def build(name, layers):
                         "flex_attention+inductor-local-tiles": (
                             modeling_colt5, "flex_local_attention",
                             functools.partial(kernels.flex_local_attention, kernel_options={})),
+                        "flex_attention+sdpa-bias-gradient": (modeling_colt5, "heavy_bias_gradient_table", None),
                         }.get(implementation)
         if switched_off:
             implementation = "flex_attention"

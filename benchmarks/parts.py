@@ -15,6 +15,14 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
                   (a per-sample count, passed in); the table's gradient by flex attention's atomic adds
     flex-count    the same with the count computed inside the graph from a key mask (session 10's run G failed to
                   lower such a score modification in no-grad graphs)
+  and the model's path in training without dropout:
+    kernel        SDPA with the bias detached (no (b, h, m, m_kv) bias gradient), the bias weights' gradient from
+                  `kernels.HeavyBiasGradient` (the probabilities recomputed tile by tile, summed per bucket)
+    kernel cudnn, kernel efficient   the same with SDPA held to its cuDNN or its memory-efficient kernels
+- the bias-gradient kernels alone (`kernels.launch_heavy_bias_gradient`: the far sums with the row statistics, then the
+  near pairs) in launch variants (query/key tiles, keys per split, warps, stages, register limit), beside SDPA's
+  forward+backward with and without a bias gradient (the old path also sums that gradient per bucket, `bucket_sums`,
+  not in this row).
 
 - the light attention's band (4 heads x 64, radius 127) through flex attention, compiled, forward and
   forward+backward, to see what its score modification costs:
@@ -31,10 +39,11 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
 local variants with `model` (no-bias with a zero bias table), and the selection kernel with the sort-based reference.
 `--only` picks sections. Prints tables; writes parts.json to $OUT (or benchmarks/out).
 
-    python benchmarks/parts.py [--n 16384] [--check] [--only selection bias local]
+    python benchmarks/parts.py [--n 16384] [--check] [--only selection bias bias-kernel local]
 """
 
 import argparse
+import contextlib
 import functools
 import json
 
@@ -120,8 +129,10 @@ def heavy_variants(n, q_index, kv_index):
     eagerly, as the encoder would once per forward outside the compiled blocks (a table built inside the graph would be
     inlined into its consumer, recomputing the bucket arithmetic per pair); `attend(q, k, v, *tables)` is the part
     that gets compiled. Every variant computes softmax(q k^T + bias) v over the routed pairs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
+    from colt5_hf.kernels import HeavyBiasGradient
     from colt5_hf.kernels import bucket_bias as heads_first_bias
     from colt5_hf.modeling_colt5 import relative_position_bucket
 
@@ -177,8 +188,15 @@ def heavy_variants(n, q_index, kv_index):
     def bias_by_head(weight):
         return (F.embedding(bucket_table(weight).long(), weight).t(),)
 
+    def kernel(q, k, v, offset_bucket, weight, backends=None):  # the model in training without dropout
+        relative = kv_index.int()[:, None, :] - q_index.int()[:, :, None]
+        bias = bucket_bias(bucket(relative), weight.detach())
+        with contextlib.nullcontext() if backends is None else sdpa_kernel(backends):
+            out = sdpa(q, k, v, bias)
+        return HeavyBiasGradient.apply(out, q, k, v, q_index, kv_index, kv_mask, weight.to(q.dtype), offset_bucket)
+
     same = lambda weight: (weight,)  # noqa: E731
-    return {
+    variants = {
         "head": (same, head),
         "int32": (same, int32),
         "offset-table": (lambda weight: (bucket_table(weight), weight), offset_table),
@@ -187,6 +205,14 @@ def heavy_variants(n, q_index, kv_index):
         "flex": (bias_by_head, flex),
         "flex-count": (bias_by_head, flex_count),
     }
+    if q_index.is_cuda:  # a CUDA custom op
+        reach = torch.arange(-MAX_DISTANCE, MAX_DISTANCE + 1, device=q_index.device, dtype=torch.int32)
+        offset_bucket = lambda weight: (bucket(reach), weight)  # noqa: E731 - offsets beyond share the end buckets
+        variants["kernel"] = (offset_bucket, kernel)
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            variants[f"kernel {backend.name.split('_')[0].lower()}"] = (
+                offset_bucket, functools.partial(kernel, backends=[backend]))
+    return variants
 
 
 LOCAL_RADIUS, LOCAL_BLOCK = 127, 128
@@ -195,6 +221,7 @@ LOCAL_RADIUS, LOCAL_BLOCK = 127, 128
 def local_variants(n, device):
     """name -> attend(q, k, v, key_mask, bias_table): softmax(q k^T + bias) v over the band |i - j| <= LOCAL_RADIUS,
     unscaled, q, k, v (1, h, n, d) with n a multiple of LOCAL_BLOCK, key_mask (1, n), bias_table (h, 2 radius + 1)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
     from colt5_hf.kernels import LOCAL_KERNEL_OPTIONS, band_block_mask, flex_local_attention
@@ -274,9 +301,12 @@ def check(device):
     from colt5_hf import routing
 
     n, m, m_kv, heads = 300, 40, 70, 3
-    q_index, kv_index, tensors, upstream = heavy_inputs(n, m, m_kv, heads, 8, device, torch.float32)
+    # head dim 16: the smallest the bias gradient kernel takes (tl.dot)
+    q_index, kv_index, tensors, upstream = heavy_inputs(n, m, m_kv, heads, 16, device, torch.float32)
     results = {}
     for name, (prepare, attend) in heavy_variants(n, q_index, kv_index).items():
+        if name.startswith("kernel "):  # one SDPA backend held: cuDNN takes no float32 (timed in bf16 only)
+            continue
         # flex attention has no backward on the CPU for q, k, v: there only the bias weights' gradient is compared
         q_grad = device != "cpu" or not name.startswith("flex")
         leaves = [t.clone().requires_grad_(q_grad) for t in tensors[:3]] + [tensors[3].clone().requires_grad_()]
@@ -378,6 +408,47 @@ def time_bias(n, record):
         record["bias"].append(line)
 
 
+def time_bias_kernel(n, record):
+    """The bias-gradient kernels alone (far sums with the row statistics, then the near pairs), launch variants under
+    CUDA-graph replay, against what SDPA's forward+backward costs with and without a bias gradient."""
+    from colt5_hf.kernels import launch_heavy_bias_gradient
+    from colt5_hf.modeling_colt5 import relative_position_bucket
+
+    q_index, kv_index, (q, k, v, weight), upstream = heavy_inputs(n, n // 16, n // 8, 12, 64, "cuda", torch.bfloat16)
+    kv_valid = torch.ones_like(kv_index, dtype=torch.bool)
+    reach = torch.arange(-MAX_DISTANCE, MAX_DISTANCE + 1, device="cuda", dtype=torch.int32)
+    offset_bucket = relative_position_bucket(reach, True, NUM_BUCKETS, MAX_DISTANCE)
+    table, out = weight.to(q.dtype), torch.randn_like(q)
+    print(f"\n{'bias gradient kernels':30} {'graph ms':>9}  (n={n}, 1024 x 2048 x 12 heads x 64, bf16)")
+    # (query tile, key tile, key tiles per split, warps, stages, maxnreg); the model's launch first (run N)
+    variants = [(64, 32, 8, 4, 1, 128), (64, 64, 4, 4, 1, 128), (64, 32, 8, 4, 2, 128), (32, 32, 8, 4, 1, 128),
+                (64, 32, 8, 8, 1, 128), (64, 32, 4, 4, 1, 128), (64, 32, 16, 4, 1, 128), (64, 32, 8, 4, 1, 255)]
+    for query_tile, key_tile, key_tiles, warps, stages, maxnreg in variants:
+        name = f"{query_tile}x{key_tile} keys {key_tile * key_tiles} w{warps} s{stages} r{maxnreg}"
+        line = {"variant": name}
+        try:
+            line["graph_ms"] = graph_ms(lambda: launch_heavy_bias_gradient(
+                q, k, v, out, upstream, q_index, kv_index, kv_valid, offset_bucket, table, query_tile, key_tile,
+                key_tiles, num_warps=warps, num_stages=stages, maxnreg=maxnreg))
+            print(f"{name:30} {line['graph_ms']:>9.4f}")
+        except Exception as error:  # noqa: BLE001 - recorded (tiles that do not fit), the others go on
+            line["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            print(f"{name:30} failed: {line['error']}")
+        record["bias_kernel"].append(line)
+    bias = torch.randn(1, 12, n // 16, n // 8, device="cuda", dtype=q.dtype)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    for name, bias_grad in (("sdpa, bias gradient", True), ("sdpa, bias detached", False)):
+        leaves = [q, k, v] + ([bias.requires_grad_()] if bias_grad else [])
+
+        def step():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias if bias_grad else bias.detach(), scale=1.0)
+            torch.autograd.backward(out, upstream, inputs=leaves)
+
+        line = {"variant": name, "graph_ms": graph_ms(step)}
+        print(f"{name:30} {line['graph_ms']:>9.4f}")
+        record["bias_kernel"].append(line)
+
+
 def time_local(n, record):
     """The light attention's band through flex attention: what its score modification costs."""
     tensors, upstream = local_inputs(n, "cuda", torch.bfloat16)
@@ -413,15 +484,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--check", action="store_true", help="compare the variants at a small size, no timing")
-    parser.add_argument("--only", nargs="+", choices=["selection", "bias", "local"],
-                        default=["selection", "bias", "local"])
+    parser.add_argument("--only", nargs="+", choices=["selection", "bias", "bias-kernel", "local"],
+                        default=["selection", "bias", "bias-kernel", "local"])
     args = parser.parse_args()
     if args.check:
         return check("cuda" if torch.cuda.is_available() else "cpu")
-    record = {"environment": environment(), "selection": [], "bias": [], "local": []}
+    record = {"environment": environment(), "selection": [], "bias": [], "bias_kernel": [], "local": []}
     print(record["environment"])
     for section in args.only:
-        {"selection": time_selection, "bias": time_bias, "local": time_local}[section](args.n, record)
+        sections = {"selection": time_selection, "bias": time_bias, "bias-kernel": time_bias_kernel,
+                    "local": time_local}
+        sections[section](args.n, record)
     (out_dir() / "parts.json").write_text(json.dumps(record, indent=1))
 
 

@@ -31,9 +31,9 @@ from .routing import CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, 
 
 
 try:  # CUDA fast paths: flex attention for the light attention, a quick gradient for the heavy attention's bias
-    from .kernels import bucket_bias, flex_local_attention
+    from .kernels import HeavyBiasGradient, bucket_bias, flex_local_attention, heavy_bias_gradient_table
 except ImportError:
-    flex_local_attention = None
+    flex_local_attention = heavy_bias_gradient_table = None
 
     def bucket_bias(bucket, weight):  # kernels.bucket_bias without its fast backward
         return weight.t()[:, bucket]
@@ -272,12 +272,28 @@ class CoLT5HeavyAttention(nn.Module):
             max_distance=self.config.relative_attention_max_distance,
         )  # (b, m, m_kv) int32
         bucket = bucket.masked_fill(~kv_routing.valid[:, 0, None, :], num_buckets)  # invalid keys: the table's last row
+        weight = bias_weight.to(dtype)
+        dropout = self.config.dropout_rate if self.training else 0.0
+        # the bias table's gradient from its own kernel, the attention run without one (see kernels.HeavyBiasGradient)
+        bias_gradient_kernel = (
+            heavy_bias_gradient_table is not None and query.is_cuda and implementation != "eager" and dropout == 0.0
+            and weight.requires_grad and torch.is_grad_enabled() and query.shape[-2] >= SDPA_MIN_QUERIES
+            and self.config.d_kv in (16, 32, 64, 128)
+        )
         mask_row = bias_weight.new_full((1, self.num_heads), mask_value(dtype), dtype=dtype)
-        table = torch.cat([bias_weight.to(dtype), mask_row])  # (buckets + 1, h)
+        table = torch.cat([weight.detach() if bias_gradient_kernel else weight, mask_row])  # (buckets + 1, h)
         bias = bucket_bias(bucket, table).transpose(0, 1)  # (h, b, m, m_kv) gathered -> (b, h, m, m_kv)
 
-        dropout = self.config.dropout_rate if self.training else 0.0
         out, probs = attend(query, key, value, bias, dropout, implementation)
+        if bias_gradient_kernel:
+            reach = self.config.relative_attention_max_distance  # offsets beyond share the bucket at +-reach
+            offset_bucket = relative_position_bucket(
+                torch.arange(-reach, reach + 1, device=query.device, dtype=torch.int32), bidirectional=True,
+                num_buckets=num_buckets, max_distance=reach,
+            )
+            out = HeavyBiasGradient.apply(
+                out, query, key, value, q_index, kv_index, kv_routing.valid[:, 0], weight, offset_bucket
+            )
         out = self.o(out.transpose(1, 2).reshape(b, -1, self.num_heads * self.config.d_kv))
         out = out * q_routing.weights[:, 0, :, None].to(out.dtype)
         weights = None

@@ -5,16 +5,19 @@
 - the routers' top-k selection on CUDA (the Triton kernel up to 16k tokens, the sort beyond) against the sort on the
   CPU, with ties (-0 and +0 among them), masks, k = 0 and k = every real token;
 - the flex-attention light attention against the blocked eager light attention;
-- the heavy attention's bias lookup (heads first; gradient by the `bucket_sums` kernel) against F.embedding;
-- whole encoders under each attn_implementation against the eager one, and with the fused routing against the same
-  model with the eager coordinate-descent loop.
+- the heavy attention's bias lookup (heads first; gradient by the `bucket_sums` kernel) against F.embedding, and its
+  bias table's gradient recomputed tile by tile (`heavy_bias_gradient_table`) against autograd in float64;
+- whole encoders under each attn_implementation against the eager one (also with 64 or more routed queries, where the
+  heavy attention's bias gradient comes from its kernel), and with the fused routing against the same model with the
+  eager coordinate-descent loop.
 """
 
 import pytest
 import torch
 
 from colt5_hf import CoLT5Config, CoLT5EncoderModel, routing
-from colt5_hf.modeling_colt5 import CoLT5LocalAttention
+from colt5_hf import kernels
+from colt5_hf.modeling_colt5 import CoLT5LocalAttention, mask_value, relative_position_bucket
 from tiny import relative_error
 
 
@@ -197,6 +200,72 @@ def test_bucket_bias_matches_embedding(dtype):
     (out * upstream).sum().backward()
     assert torch.equal(out.double(), expected.detach())
     assert relative_error(weight.grad, reference_weight.grad) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_heavy_bias_gradient_kernel_matches_autograd(dtype):
+    """The bias table's gradient of softmax(q k^T + table[bucket(kv - q)]) v from the kernel, against autograd through
+    the attention with the bias gathered per pair, in float64 from the same inputs. Query and key counts that are no
+    multiple of the kernel's tile, invalid keys (mask_value, no gradient), keys near and far (every bucket), the keys
+    in three splits of 256 (the last one ragged) whose row statistics the kernel combines."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    b, heads, m, m_kv, n, d, buckets = 2, 3, 150, 600, 3000, 64, 32
+
+    def positions(count):
+        return torch.stack([torch.randperm(n, generator=generator, device="cuda")[:count].sort().values
+                            for _ in range(b)])
+
+    q_positions, kv_positions = positions(m), positions(m_kv)
+    kv_valid = torch.ones(b, m_kv, dtype=torch.bool, device="cuda")
+    kv_valid[1, -20:] = False
+    # (b, length, h, d) memory seen as (b, h, length, d), as the model's head views: the kernel reads strided rows
+    query, key, value = (torch.randn(b, length, heads, d, generator=generator, device="cuda").to(dtype).transpose(1, 2)
+                         for length in (m, m_kv, m_kv))
+    weight = torch.randn(buckets, heads, generator=generator, device="cuda").to(dtype)
+    grad_out = torch.randn(b, m, heads, d, generator=generator, device="cuda").to(dtype).transpose(1, 2)
+
+    reference_weight = weight.double().requires_grad_()
+    bucket = relative_position_bucket((kv_positions[:, None, :] - q_positions[:, :, None]).int(), True, buckets, 128)
+    bias = reference_weight.t()[:, bucket].transpose(0, 1)  # (b, h, m, m_kv)
+    bias = torch.where(kv_valid[:, None, None, :], bias, mask_value(dtype))
+    out = (query.double() @ key.double().transpose(-1, -2) + bias).softmax(-1) @ value.double()
+    (out * grad_out.double()).sum().backward()
+    assert len(bucket.unique()) == buckets - 1  # every bucket but buckets // 2 (a positive offset of 0: none)
+
+    offsets = torch.arange(-128, 129, dtype=torch.int32, device="cuda")  # those beyond share the end buckets
+    got = kernels.heavy_bias_gradient_table(
+        query, key, value, out.detach().to(dtype), grad_out, q_positions, kv_positions, kv_valid,
+        relative_position_bucket(offsets, True, buckets, 128), weight,
+    )
+    assert relative_error(got, reference_weight.grad) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "flex_attention"])
+def test_encoder_heavy_bias_gradient_kernel_matches_eager(implementation, monkeypatch):
+    """At n = 2000 the heavy attention routes 125 queries (SDPA's range): without dropout the fast paths detach its
+    bias and take the bias table's gradient from the kernel (counted: once per layer); outputs and every gradient
+    equal the eager path's."""
+    calls, kernel = [], kernels.heavy_bias_gradient_table
+    monkeypatch.setattr(kernels, "heavy_bias_gradient_table", lambda *args: calls.append(1) or kernel(*args))
+    torch.manual_seed(0)
+    config = small_config(31)
+    model = CoLT5EncoderModel(config).cuda()
+    n = 2000
+    inputs = torch.randint(2, config.vocab_size, (2, n), device="cuda")
+    mask = torch.ones(2, n, dtype=torch.long, device="cuda")
+    mask[1, 1500:] = 0
+    upstream = torch.randn(2, n, config.d_model, device="cuda") * mask[..., None]
+    model.config._attn_implementation = "eager"
+    eager_out, eager_grads = encoder_outputs(model, inputs, mask, upstream)
+    assert calls == []
+    model.config._attn_implementation = implementation
+    fast_out, fast_grads = encoder_outputs(model, inputs, mask, upstream)
+    assert len(calls) == config.num_layers
+    real = mask.bool().cpu()
+    assert relative_error(fast_out[real], eager_out[real]) < 1e-4
+    assert eager_grads.keys() == fast_grads.keys()
+    for name in eager_grads:
+        assert relative_error(fast_grads[name], eager_grads[name]) < 1e-3, name
 
 
 def test_encoder_fused_routing_matches_eager_loop(monkeypatch):

@@ -1,6 +1,6 @@
 """torch.compile of the CoLT5 encoder on CUDA: the fused Triton coordinate descent (custom ops colt5::coordinate_descent
-and colt5::coordinate_descent_backward), flex attention with its block mask and the heavy attention's bias lookup in
-one graph (fullgraph=True), equal to eager; forward and training steps under CUDA graphs (mode="reduce-overhead").
+and colt5::coordinate_descent_backward), flex attention with its block mask and the heavy attention's bias lookup (and,
+with 64 or more routed queries, its bias gradient kernel) in one graph (fullgraph=True), equal to eager; forward and training steps under CUDA graphs (mode="reduce-overhead").
 Skipped without a CUDA GPU. The CPU counterparts are in test_compile.py.
 """
 
@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from colt5_hf import CoLT5Config, CoLT5EncoderModel
+from colt5_hf import CoLT5Config, CoLT5EncoderModel, kernels
 from tiny import CountingBackend, relative_error
 
 
@@ -69,6 +69,39 @@ def test_compiled_encoder_matches_eager(implementation, dtype):
     for name in grads:
         assert eager_grads[name].norm() > 0 and relative_error(grads[name], eager_grads[name]) < grad_tolerance, name
     assert backend.graphs == 1
+
+
+def test_compiled_training_with_the_heavy_bias_gradient_kernel_matches_eager(monkeypatch):
+    """At n = 2000 the heavy attention routes 125 queries: the compiled encoder runs it through SDPA with the bias
+    detached and the bias table's gradient from kernels.HeavyBiasGradient, in one graph (its second Triton kernel
+    launched once per layer, counted at run time inside the custom op); outputs and gradients equal the eager
+    implementation's."""
+    launches, kernel = [], kernels._heavy_near_sums
+
+    class CountedKernel:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(kernels, "_heavy_near_sums", CountedKernel())
+    encoder = small_encoder(torch.float32).train()
+    encoder.config._attn_implementation = "flex_attention"
+    reference = copy.deepcopy(encoder)
+    reference.config._attn_implementation = "eager"
+    backend = CountingBackend()
+    torch._dynamo.reset()
+    compiled = torch.compile(encoder, fullgraph=True, dynamic=False, backend=backend)
+    input_ids, attention_mask, upstream = batch(2000)
+    # padded positions' outputs are arbitrary and differ between implementations: no gradient flows from them
+    inputs = input_ids, attention_mask, upstream * attention_mask[..., None]
+    out, grads = outputs(compiled, *inputs)
+    eager_out, eager_grads = outputs(reference, *inputs)
+    assert relative_error(out, eager_out) < 1e-4
+    assert grads.keys() == eager_grads.keys()
+    for name in grads:
+        assert eager_grads[name].norm() > 0 and relative_error(grads[name], eager_grads[name]) < 1e-3, name
+    assert backend.graphs == 1
+    assert len(launches) == encoder.config.num_layers
 
 
 @pytest.mark.parametrize("implementation", ["flex_attention", "sdpa"])
