@@ -165,18 +165,20 @@ def encoder_outputs(model, inputs, mask, upstream):
     return out.detach().float().cpu(), grads
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "flex_attention"])
-def test_encoder_fast_paths_match_eager(implementation):
+def assert_fast_path_matches_eager(implementation, n, padded_from, after_eager=lambda: None):
+    """A small encoder's outputs and every parameter gradient under `implementation` equal the eager path's, two
+    samples of n tokens, the second padded from `padded_from` (upstream gradient zero at padding). `after_eager` runs
+    between the two passes."""
     torch.manual_seed(0)
     config = small_config(31)
     model = CoLT5EncoderModel(config).cuda()
-    n = 700
     inputs = torch.randint(2, config.vocab_size, (2, n), device="cuda")
     mask = torch.ones(2, n, dtype=torch.long, device="cuda")
-    mask[1, 500:] = 0
+    mask[1, padded_from:] = 0
     upstream = torch.randn(2, n, config.d_model, device="cuda") * mask[..., None]
     model.config._attn_implementation = "eager"
     eager_out, eager_grads = encoder_outputs(model, inputs, mask, upstream)
+    after_eager()
     model.config._attn_implementation = implementation
     fast_out, fast_grads = encoder_outputs(model, inputs, mask, upstream)
     real = mask.bool().cpu()
@@ -184,6 +186,12 @@ def test_encoder_fast_paths_match_eager(implementation):
     assert eager_grads.keys() == fast_grads.keys()
     for name in eager_grads:
         assert relative_error(fast_grads[name], eager_grads[name]) < 1e-3, name
+    return config
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "flex_attention"])
+def test_encoder_fast_paths_match_eager(implementation):
+    assert_fast_path_matches_eager(implementation, 700, 500)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -254,25 +262,12 @@ def test_encoder_heavy_bias_gradient_kernel_matches_eager(implementation, monkey
     equal the eager path's."""
     calls, kernel = [], kernels.heavy_bias_gradient_table
     monkeypatch.setattr(kernels, "heavy_bias_gradient_table", lambda *args: calls.append(1) or kernel(*args))
-    torch.manual_seed(0)
-    config = small_config(31)
-    model = CoLT5EncoderModel(config).cuda()
-    n = 2000
-    inputs = torch.randint(2, config.vocab_size, (2, n), device="cuda")
-    mask = torch.ones(2, n, dtype=torch.long, device="cuda")
-    mask[1, 1500:] = 0
-    upstream = torch.randn(2, n, config.d_model, device="cuda") * mask[..., None]
-    model.config._attn_implementation = "eager"
-    eager_out, eager_grads = encoder_outputs(model, inputs, mask, upstream)
-    assert calls == []
-    model.config._attn_implementation = implementation
-    fast_out, fast_grads = encoder_outputs(model, inputs, mask, upstream)
+
+    def no_kernel_calls():
+        assert calls == []
+
+    config = assert_fast_path_matches_eager(implementation, 2000, 1500, after_eager=no_kernel_calls)
     assert len(calls) == config.num_layers
-    real = mask.bool().cpu()
-    assert relative_error(fast_out[real], eager_out[real]) < 1e-4
-    assert eager_grads.keys() == fast_grads.keys()
-    for name in eager_grads:
-        assert relative_error(fast_grads[name], eager_grads[name]) < 1e-3, name
 
 
 def test_encoder_fused_routing_matches_eager_loop(monkeypatch):
