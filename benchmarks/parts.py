@@ -494,9 +494,8 @@ def main():
         return check("cuda" if torch.cuda.is_available() else "cpu")
     record = {"environment": environment(), "selection": [], "bias": [], "bias_kernel": [], "local": []}
     print(record["environment"])
+    sections = {"selection": time_selection, "bias": time_bias, "bias-kernel": time_bias_kernel, "local": time_local}
     for section in args.only:
-        sections = {"selection": time_selection, "bias": time_bias, "bias-kernel": time_bias_kernel,
-                    "local": time_local}
         sections[section](args.n, record)
     (out_dir() / "parts.json").write_text(json.dumps(record, indent=1))
 

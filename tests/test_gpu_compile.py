@@ -1,6 +1,7 @@
 """torch.compile of the CoLT5 encoder on CUDA: the fused Triton coordinate descent (custom ops colt5::coordinate_descent
 and colt5::coordinate_descent_backward), flex attention with its block mask and the heavy attention's bias lookup (and,
-with 64 or more routed queries, its bias gradient kernel) in one graph (fullgraph=True), equal to eager; forward and training steps under CUDA graphs (mode="reduce-overhead").
+with 64 or more routed queries, its bias gradient kernel) in one graph (fullgraph=True), equal to eager; forward and
+training steps under CUDA graphs (mode="reduce-overhead").
 Skipped without a CUDA GPU. The CPU counterparts are in test_compile.py.
 """
 
