@@ -1,10 +1,11 @@
 """Where a CoLT5-Large encoder layer spends its time: torch.profiler over a 6-layer stack (flex_attention, fused
 routing) at one length, forward and forward+backward. Prints the CUDA kernels by total time, the number of kernel
 launches per layer and the summed kernel time against the wall time (the gap is launch/CPU overhead), then every
-kernel by name with its time per layer. --compile profiles the compiled path of benchmarks/encoder.py (every block
-`block.compile(fullgraph=True, dynamic=False)`), --compile reduce-overhead the same under CUDA graphs,
---compile max-autotune-no-cudagraphs with inductor's timed choice of matmul kernels (minutes of compiling). Writes
-profile.txt (profile-compiled.txt, profile-reduce-overhead.txt) to $OUT (or benchmarks/out).
+kernel by name with its time per layer, then the GPU's idle time between kernels by the pair of kernels around each
+gap. --compile profiles the compiled path of benchmarks/encoder.py (every block `block.compile(fullgraph=True,
+dynamic=False)`), --compile reduce-overhead the same under CUDA graphs, --compile max-autotune-no-cudagraphs with
+inductor's timed choice of matmul kernels (minutes of compiling). Writes profile.txt (profile-compiled.txt,
+profile-reduce-overhead.txt) to $OUT (or benchmarks/out).
 
     python benchmarks/profile_encoder.py [--n 16384] [--implementation flex_attention] [--compile [reduce-overhead]]
 """
@@ -27,6 +28,24 @@ def kernel_table(kernels, layers):
     lines = [f"{'us/layer':>9} {'calls':>5} {'share':>6}  kernel"]
     for name, total in sorted(totals.items(), key=lambda item: -item[1]):
         lines.append(f"{total / layers:9.1f} {counts[name] / layers:5.1f} {100 * total / busy:5.1f}%  {name[:150]}")
+    return "\n".join(lines)
+
+
+def gap_table(kernels, layers, rows=25):
+    """The GPU's idle time between consecutive kernels (each gap from the latest end so far to the next start), in all
+    and by the pair of kernels around it: under CUDA graphs it is what the launches cost beyond the kernels."""
+    kernels = sorted(kernels, key=lambda event: event.time_range.start)
+    totals, counts, end, idle = {}, {}, kernels[0].time_range.end, 0.0
+    for before, after in zip(kernels, kernels[1:]):
+        gap = max(after.time_range.start - end, 0.0)
+        end = max(end, after.time_range.end)
+        pair = (before.name[:60], after.name[:60])
+        totals[pair], counts[pair] = totals.get(pair, 0.0) + gap, counts.get(pair, 0) + 1
+        idle += gap
+    lines = [f"idle between kernels: {idle / layers:.1f} us/layer over {len(kernels) / layers:.0f} launches/layer",
+             f"{'us/layer':>9} {'gaps':>5}  before -> after"]
+    for (before, after), total in sorted(totals.items(), key=lambda item: -item[1])[:rows]:
+        lines.append(f"{total / layers:9.1f} {counts[before, after] / layers:5.1f}  {before} -> {after}")
     return "\n".join(lines)
 
 
@@ -83,6 +102,7 @@ def main():
         )
         report.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
         report.append(kernel_table(kernels, args.layers))
+        report.append(gap_table(kernels, args.layers))
     text = "\n".join(report)
     name = {None: "profile", "default": "profile-compiled"}.get(args.compile, f"profile-{args.compile}")
     (out_dir() / f"{name}.txt").write_text(text)
