@@ -620,11 +620,12 @@ if triton is not None:
     # tiles of the bias gradient kernels: 64 queries x 32 keys, 8 key tiles per split of _heavy_far_sums (at 16k
     # tokens the 2048 routed keys in 8 splits), 4 warps, 1 stage, at most 128 registers a thread (RESULTS.md run N;
     # offline sm_90a compiles: 111 registers, none spilled, 4 programs per SM; float32 keeps its registers, 128 would
-    # spill 1.8 KB). _heavy_near_sums: 64 queries a program, 4 warps (run N; its registers as they come, 255: 128 would
-    # spill); its query tile need not be the far sums'.
+    # spill 1.8 KB). _heavy_near_sums: 32 queries a program, 2 warps, its registers as they come (255, none spilled):
+    # 0.120 ms for both launches against 0.142 with 64 queries and 4 warps (RESULTS.md run O, H100); its query tile
+    # need not be the far sums'.
     HEAVY_QUERY_TILE, HEAVY_KEY_TILE, HEAVY_KEY_TILES = 64, 32, 8
     HEAVY_FAR_OPTIONS = dict(num_warps=4, num_stages=1, maxnreg=128)
-    HEAVY_NEAR_QUERY_TILE, HEAVY_NEAR_WARPS = 64, 4
+    HEAVY_NEAR_QUERY_TILE, HEAVY_NEAR_WARPS = 32, 2
 
     def launch_heavy_bias_gradient(query, key, value, out, grad_out, q_positions, kv_positions, kv_valid,
                                    offset_bucket, table, query_tile=HEAVY_QUERY_TILE, key_tile=HEAVY_KEY_TILE,
