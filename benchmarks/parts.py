@@ -20,9 +20,9 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
                   `kernels.HeavyBiasGradient` (the probabilities recomputed tile by tile, summed per bucket)
     kernel cudnn, kernel efficient   the same with SDPA held to its cuDNN or its memory-efficient kernels
 - the bias-gradient kernels alone (`kernels.launch_heavy_bias_gradient`: the far sums with the row statistics, then the
-  near pairs) in launch variants (query/key tiles, keys per split, warps, stages, register limit), beside SDPA's
-  forward+backward with and without a bias gradient (the old path also sums that gradient per bucket, `bucket_sums`,
-  not in this row).
+  near pairs) in launch variants (query/key tiles, keys per split, warps, stages, register limit; the near sums' query
+  tile and warps), beside SDPA's forward+backward with and without a bias gradient (the old path also sums that
+  gradient per bucket, `bucket_sums`, not in this row).
 
 - the light attention's band (4 heads x 64, radius 127) through flex attention, compiled, forward and
   forward+backward, to see what its score modification costs:
@@ -419,21 +419,24 @@ def time_bias_kernel(n, record):
     reach = torch.arange(-MAX_DISTANCE, MAX_DISTANCE + 1, device="cuda", dtype=torch.int32)
     offset_bucket = relative_position_bucket(reach, True, NUM_BUCKETS, MAX_DISTANCE)
     table, out = weight.to(q.dtype), torch.randn_like(q)
-    print(f"\n{'bias gradient kernels':30} {'graph ms':>9}  (n={n}, 1024 x 2048 x 12 heads x 64, bf16)")
-    # (query tile, key tile, key tiles per split, warps, stages, maxnreg); the model's launch first (run N)
-    variants = [(64, 32, 8, 4, 1, 128), (64, 64, 4, 4, 1, 128), (64, 32, 8, 4, 2, 128), (32, 32, 8, 4, 1, 128),
-                (64, 32, 8, 8, 1, 128), (64, 32, 4, 4, 1, 128), (64, 32, 16, 4, 1, 128), (64, 32, 8, 4, 1, 255)]
-    for query_tile, key_tile, key_tiles, warps, stages, maxnreg in variants:
-        name = f"{query_tile}x{key_tile} keys {key_tile * key_tiles} w{warps} s{stages} r{maxnreg}"
+    print(f"\n{'bias gradient kernels':42} {'graph ms':>9}  (n={n}, 1024 x 2048 x 12 heads x 64, bf16)")
+    # (query tile, key tile, key tiles per split, warps, stages, maxnreg) of the far sums, (query tile, warps) of the
+    # near sums; the model's launch first (run N)
+    variants = [(64, 32, 8, 4, 1, 128, 64, 4), (64, 32, 8, 4, 1, 128, 32, 4), (64, 32, 8, 4, 1, 128, 32, 2),
+                (64, 32, 8, 4, 1, 128, 16, 4), (64, 32, 8, 4, 1, 128, 16, 2), (64, 64, 4, 4, 1, 128, 16, 4),
+                (64, 32, 8, 4, 2, 128, 16, 4), (64, 32, 4, 4, 1, 128, 16, 4)]
+    for query_tile, key_tile, key_tiles, warps, stages, maxnreg, near_tile, near_warps in variants:
+        name = (f"{query_tile}x{key_tile} keys {key_tile * key_tiles} w{warps} s{stages} r{maxnreg}, "
+                f"near {near_tile} w{near_warps}")
         line = {"variant": name}
         try:
             line["graph_ms"] = graph_ms(lambda: launch_heavy_bias_gradient(
                 q, k, v, out, upstream, q_index, kv_index, kv_valid, offset_bucket, table, query_tile, key_tile,
-                key_tiles, num_warps=warps, num_stages=stages, maxnreg=maxnreg))
-            print(f"{name:30} {line['graph_ms']:>9.4f}")
+                key_tiles, near_tile, near_warps, num_warps=warps, num_stages=stages, maxnreg=maxnreg))
+            print(f"{name:42} {line['graph_ms']:>9.4f}")
         except Exception as error:  # noqa: BLE001 - recorded (tiles that do not fit), the others go on
             line["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-            print(f"{name:30} failed: {line['error']}")
+            print(f"{name:42} failed: {line['error']}")
         record["bias_kernel"].append(line)
     bias = torch.randn(1, 12, n // 16, n // 8, device="cuda", dtype=q.dtype)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
@@ -445,7 +448,7 @@ def time_bias_kernel(n, record):
             torch.autograd.backward(out, upstream, inputs=leaves)
 
         line = {"variant": name, "graph_ms": graph_ms(step)}
-        print(f"{name:30} {line['graph_ms']:>9.4f}")
+        print(f"{name:42} {line['graph_ms']:>9.4f}")
         record["bias_kernel"].append(line)
 
 

@@ -81,6 +81,7 @@ def main():
         torch.compiler.cudagraph_mark_step_begin()
         model.encoder(inputs_embeds=x.requires_grad_()).last_hidden_state.backward(upstream)
         model.zero_grad(set_to_none=True)
+        x.grad = None  # under CUDA graphs the last step's gradient is overwritten: accumulating into it would fail
 
     model.train()
     for label, step in (("forward", forward), ("forward+backward", forward_backward)):

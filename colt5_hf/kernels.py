@@ -40,12 +40,13 @@ The heavy attention's bias table gradient without a (b, h, m, m_kv) gradient (He
 `heavy_bias_gradient_table`): the attention runs with its bias detached, and the probabilities are recomputed tile by
 tile as the flash-attention backward does. Buckets come from a table over offsets -reach..reach (T5: reach =
 max_distance), every offset beyond sharing the bucket at its end, so most key tiles (at 16k tokens about 90%) lie
-wholly in one far bucket. With dS = P (dP - rowsum(dO O)), dP = dO v^T, a row's sum of dS over such tiles needs no
+wholly in one far bucket. With dS = P (dP - rowsum(dO O)), dP = dO v^T, a row's sum of dS over such pairs needs no
 normalised P: one launch over a grid of (sample * head, 64 queries, a split of 256 keys) keeps each row's running max
-m and sum of exp(s - m) over its split (online softmax) and, in the one-bucket tiles, the far bucket's running sum of
-exp(s - m) (dP - rowsum(dO O)). A second launch, one program per 64 queries, combines the splits into the rows'
-log-sum-exp and far sums and recomputes P and dS in the few tiles with more than one bucket (those near the rows'
-positions), summing dS per row and bucket in registers; each program adds its per-bucket sums once, atomically.
+m and sum of exp(s - m) over its split (online softmax) and the far buckets' running sums of exp(s - m) (dP -
+rowsum(dO O)) over the pairs at or beyond +-reach (whole tiles where the tile has one bucket, pair by pair in the few
+others). A second launch, one program per query tile, combines the splits into the rows' log-sum-exp and far sums and
+recomputes P and dS for the pairs nearer than reach (in the few key tiles that hold such pairs), summing them per row
+and bucket in registers; each program adds its per-bucket sums once, atomically.
 """
 
 import functools
@@ -492,10 +493,11 @@ if triton is not None:
         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # program (sample * head, BM queries, key split of TILES tiles of BN keys), one pass over the split's keys:
-        # each row's running max of the scores, the sum of exp(scores - max) and, over the one-bucket (far) tiles,
-        # the sums of exp(scores - max) (dP - rowsum(dO O)) with dP = dO v^T per far bucket, unnormalised dS, stored to
-        # stats (b * h, splits, 4, m). The first query block of each sample's first head records every key tile's
-        # first and last position to tile_bounds (b, key tiles, 2) for _heavy_near_sums.
+        # each row's running max of the scores, the sum of exp(scores - max) and, over the far pairs (offsets at or
+        # beyond +-reach: whole one-bucket tiles, pair by pair elsewhere), the sums of exp(scores - max) (dP -
+        # rowsum(dO O)) with dP = dO v^T per far bucket, unnormalised dS, stored to stats (b * h, splits, 4, m). The
+        # first query block of each sample's first head records every key tile's first and last position to
+        # tile_bounds (b, key tiles, 2) for _heavy_near_sums.
         batch, head, rows, row_inside, query, grad, delta, q_position, q_first, q_last = _heavy_query_block(
             q_ptr, out_ptr, grad_ptr, q_position_ptr, q_strides, out_strides, grad_strides, m, heads, D, BM)
         split = tl.program_id(2)
@@ -526,13 +528,18 @@ if triton is not None:
             low_sum *= rescale
             high_sum *= rescale
             row_max = new_max
+            value = tl.load(value_ptr + columns[:, None] * v_strides[2] + tl.arange(0, D)[None, :],
+                            mask=(columns < m_kv)[:, None], other=0.0)
+            grad_probs = tl.dot(grad, tl.trans(value), input_precision=PRECISION)
+            grad_scores = tl.where(valid[None, :], probs * (grad_probs - delta[:, None]), 0.0)  # unnormalised dS
             if side >= 0:  # one bucket, a far one
-                value = tl.load(value_ptr + columns[:, None] * v_strides[2] + tl.arange(0, D)[None, :],
-                                mask=(columns < m_kv)[:, None], other=0.0)
-                grad_probs = tl.dot(grad, tl.trans(value), input_precision=PRECISION)
-                row_total = tl.sum(tl.where(valid[None, :], probs * (grad_probs - delta[:, None]), 0.0), axis=1)
+                row_total = tl.sum(grad_scores, axis=1)
                 low_sum += tl.where(side == far_low, row_total, 0.0)
                 high_sum += tl.where(side == far_low, 0.0, row_total)
+            else:  # its far pairs
+                offset = kv_position[None, :] - q_position[:, None]
+                low_sum += tl.sum(tl.where(offset <= -reach, grad_scores, 0.0), axis=1)
+                high_sum += tl.sum(tl.where(offset >= reach, grad_scores, 0.0), axis=1)
         stats_ptr += (tl.program_id(0) * tl.num_programs(2) + split) * 4 * m + rows
         tl.store(stats_ptr, row_max, mask=row_inside)
         tl.store(stats_ptr + m, row_sum, mask=row_inside)
@@ -548,10 +555,11 @@ if triton is not None:
         BUCKETS: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # program (sample * head, BM queries): the rows' log-sum-exp and far sums combined from every split's stats,
-        # then, in the key tiles with more than one bucket (found from tile_bounds, visited from the first to the
-        # last of them: a few when the positions are sorted), P, dP = dO v^T and dS = P (dP - rowsum(dO O)) summed
-        # per row and bucket in registers; the program adds its sums per bucket atomically at the end (one add per
-        # pair took 136 us at 16k tokens on an H100, RESULTS.md run N: every program adds to the same few lines)
+        # then, in the key tiles holding pairs nearer than reach (found from tile_bounds, visited from the first to
+        # the last of them: a few when the positions are sorted), P, dP = dO v^T and dS = P (dP - rowsum(dO O)) of
+        # those pairs summed per row and bucket in registers; the program adds its sums per bucket atomically at the
+        # end (one add per pair took 136 us at 16k tokens on an H100, RESULTS.md run N: every program adds to the same
+        # few lines)
         batch, head, rows, row_inside, query, grad, delta, q_position, q_first, q_last = _heavy_query_block(
             q_ptr, out_ptr, grad_ptr, q_position_ptr, q_strides, out_strides, grad_strides, m, heads, D, BM)
         key_ptr = k_ptr + batch.to(tl.int64) * k_strides[0] + head * k_strides[1]
@@ -598,8 +606,9 @@ if triton is not None:
                 value = tl.load(value_ptr + columns[:, None] * v_strides[2] + tl.arange(0, D)[None, :],
                                 mask=(columns < m_kv)[:, None], other=0.0)
                 grad_probs = tl.dot(grad, tl.trans(value), input_precision=PRECISION)
-                counted = row_inside[:, None] & valid[None, :]
-                grad_scores = tl.where(counted, tl.exp(scores - log_sum[:, None]) * (grad_probs - delta[:, None]), 0.0)
+                offset = kv_position[None, :] - q_position[:, None]
+                near = row_inside[:, None] & valid[None, :] & (offset > -reach) & (offset < reach)
+                grad_scores = tl.where(near, tl.exp(scores - log_sum[:, None]) * (grad_probs - delta[:, None]), 0.0)
                 for index in tl.static_range(BUCKETS):  # each row's sum per bucket: no atomics per pair
                     row_total = tl.sum(tl.where(bucket == index, grad_scores, 0.0), axis=1)
                     bucket_sums = tl.where(buckets[None, :] == index, bucket_sums + row_total[:, None], bucket_sums)
@@ -611,16 +620,20 @@ if triton is not None:
     # tiles of the bias gradient kernels: 64 queries x 32 keys, 8 key tiles per split of _heavy_far_sums (at 16k
     # tokens the 2048 routed keys in 8 splits), 4 warps, 1 stage, at most 128 registers a thread (RESULTS.md run N;
     # offline sm_90a compiles: 111 registers, none spilled, 4 programs per SM; float32 keeps its registers, 128 would
-    # spill 1.8 KB). _heavy_near_sums, one program per 64 queries, keeps its registers (128 would spill).
+    # spill 1.8 KB). _heavy_near_sums: 32 queries a program, 2 warps, its registers as they come (255, none spilled):
+    # 0.120 ms for both launches against 0.142 with 64 queries and 4 warps (RESULTS.md run O, H100); its query tile
+    # need not be the far sums'.
     HEAVY_QUERY_TILE, HEAVY_KEY_TILE, HEAVY_KEY_TILES = 64, 32, 8
     HEAVY_FAR_OPTIONS = dict(num_warps=4, num_stages=1, maxnreg=128)
+    HEAVY_NEAR_QUERY_TILE, HEAVY_NEAR_WARPS = 32, 2
 
     def launch_heavy_bias_gradient(query, key, value, out, grad_out, q_positions, kv_positions, kv_valid,
                                    offset_bucket, table, query_tile=HEAVY_QUERY_TILE, key_tile=HEAVY_KEY_TILE,
-                                   key_tiles=HEAVY_KEY_TILES, **options):
+                                   key_tiles=HEAVY_KEY_TILES, near_query_tile=HEAVY_NEAR_QUERY_TILE,
+                                   near_warps=HEAVY_NEAR_WARPS, **options):
         """heavy_bias_gradient_table's two launches, on any device Triton runs on (its interpreter included); the
-        tiles and the far sums' launch options (num_warps, num_stages, maxnreg) are arguments for benchmarks/parts.py.
-        """
+        tiles, the far sums' launch options (num_warps, num_stages, maxnreg) and the near sums' query tile and warps are
+        arguments for benchmarks/parts.py."""
         b, heads, m, d = query.shape
         m_kv, reach = key.shape[2], (offset_bucket.shape[0] - 1) // 2
         query, key, value, out, grad_out = (t if t.stride(-1) == 1 else t.contiguous()
@@ -632,17 +645,20 @@ if triton is not None:
         stats = torch.empty(b * heads, grid[2], 4, m, dtype=torch.float32, device=query.device)
         tile_bounds = torch.empty(b, triton.cdiv(m_kv, key_tile), 2, dtype=torch.int32, device=query.device)
         grad_table = torch.zeros(table.shape, dtype=torch.float32, device=query.device)
-        sizes = dict(D=d, BM=query_tile, BN=key_tile, PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+        sizes = dict(D=d, BN=key_tile, PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
         mask = torch.finfo(query.dtype).min / 2
         tensors = (query, key, value, out, grad_out, q_positions, kv_positions, kv_valid, offset_bucket, table, stats,
                    tile_bounds)
         strides = [t.stride()[:3] for t in (query, key, value, out, grad_out)]
         far_options = {name: value for name, value in (HEAVY_FAR_OPTIONS | options).items()
                        if not (name == "maxnreg" and query.element_size() > 2)}  # float32 keeps its registers
-        _heavy_far_sums[grid](*tensors, *strides, m, m_kv, reach, heads, mask, TILES=key_tiles, **sizes, **far_options)
-        _heavy_near_sums[grid[:2]](*tensors, grad_table, *strides, m, m_kv, reach, heads, grid[2], table.shape[0], mask,
-                                   KEY_TILES=triton.next_power_of_2(tile_bounds.shape[1]),
-                                   BUCKETS=triton.next_power_of_2(table.shape[0]), **sizes, num_warps=4, num_stages=1)
+        _heavy_far_sums[grid](*tensors, *strides, m, m_kv, reach, heads, mask, BM=query_tile, TILES=key_tiles, **sizes,
+                              **far_options)
+        _heavy_near_sums[(b * heads, triton.cdiv(m, near_query_tile))](
+            *tensors, grad_table, *strides, m, m_kv, reach, heads, grid[2], table.shape[0], mask, BM=near_query_tile,
+            KEY_TILES=triton.next_power_of_2(tile_bounds.shape[1]), BUCKETS=triton.next_power_of_2(table.shape[0]),
+            **sizes, num_warps=near_warps, num_stages=1,
+        )
         return grad_table
 
     @torch.library.custom_op(f"{OP_NAMESPACE}::heavy_bias_gradient", mutates_args=(), device_types="cuda")

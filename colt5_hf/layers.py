@@ -30,6 +30,7 @@ from .modeling_colt5 import (
     CoLT5LocalAttention,
     CoLT5PreTrainedModel,
     attend,
+    bias_table_rows,
     branch_bias_tables,
     check_implementation,
     check_mask,
@@ -137,6 +138,7 @@ class ConditionalRoutedAttention(nn.Module):
         self.kv_router = CoLT5Router(self.config, num_heavy_tokens_kv)
         self.relative_attention_bias = nn.Embedding(self.config.relative_attention_num_buckets,
                                                     light_heads + heavy_heads)
+        self.bias_rows = nn.Buffer(bias_table_rows(self.config), persistent=False)
         init_weights(self)
         init.normal_(self.relative_attention_bias.weight, mean=0.0, std=dim**-0.5)  # T5's, as the encoder's table
 
@@ -144,7 +146,7 @@ class ConditionalRoutedAttention(nn.Module):
         # x: (b, n, dim); mask: (b, n), True/1 at real tokens
         config, mask = self.config, input_mask(x, mask)
         hidden_states = self.norm(x)
-        light_bias_table, heavy_bias_weight = branch_bias_tables(config, self.relative_attention_bias, x.device)
+        light_bias_table, heavy_bias_weight = branch_bias_tables(config, self.relative_attention_bias, self.bias_rows)
         implementation = config._attn_implementation
         light, _ = self.light_attention(hidden_states, mask, light_bias_table, implementation)
         q_routing, kv_routing = route_together(

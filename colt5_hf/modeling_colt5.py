@@ -517,17 +517,26 @@ def check_mask(attention_mask, shape, name, device):
     return attention_mask.bool().to(device)
 
 
-def branch_bias_tables(config, relative_attention_bias, device):
-    """The encoder's relative position bias split between the branches: (light heads, 2 * radius + 1), the light
-    attention's bias at offsets -radius..radius, and (buckets, heavy heads), the heavy attention's bucket table."""
-    radius = config.local_radius
-    offsets = torch.arange(-radius, radius + 1, device=device)
+def bias_table_rows(config):
+    """The rows of the encoder's relative position bias table that the branches read, as one index (made once, a
+    buffer: built per call, its dozen small eager kernels held back the first block by 0.7 ms on an H100, RESULTS.md
+    run O): every bucket (the heavy attention's table), then the bucket of each offset -radius..radius (the light
+    attention's)."""
+    offsets = torch.arange(-config.local_radius, config.local_radius + 1)
     buckets = relative_position_bucket(
         offsets, True, config.relative_attention_num_buckets, config.relative_attention_max_distance
     )
-    # a module call rather than `.weight`, so that accelerate's offload hooks load the table
-    bias_weight = relative_attention_bias(torch.arange(config.relative_attention_num_buckets, device=device))
-    return bias_weight[buckets, : config.num_light_heads].t(), bias_weight[:, config.num_light_heads :]
+    return torch.cat([torch.arange(config.relative_attention_num_buckets), buckets])
+
+
+def branch_bias_tables(config, relative_attention_bias, bias_rows):
+    """The encoder's relative position bias split between the branches: (light heads, 2 * radius + 1), the light
+    attention's bias at offsets -radius..radius, and (buckets, heavy heads), the heavy attention's bucket table.
+    `bias_rows` is `bias_table_rows(config)`."""
+    # a module call rather than indexing `.weight`, so that accelerate's offload hooks load the table
+    rows = relative_attention_bias(bias_rows)  # (buckets + 2 * radius + 1, light + heavy heads)
+    num_buckets, light = config.relative_attention_num_buckets, config.num_light_heads
+    return rows[num_buckets:, :light].t(), rows[:num_buckets, light:]
 
 
 class CoLT5Encoder(nn.Module):
@@ -544,6 +553,7 @@ class CoLT5Encoder(nn.Module):
         self.relative_attention_bias = nn.Embedding(
             config.relative_attention_num_buckets, config.num_light_heads + config.num_heavy_heads
         )
+        self.bias_rows = nn.Buffer(bias_table_rows(config), persistent=False)
         self.block = nn.ModuleList([CoLT5EncoderBlock(config) for _ in range(config.num_layers)])
         self.final_layer_norm = CoLT5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
@@ -564,9 +574,7 @@ class CoLT5Encoder(nn.Module):
             )
         implementation = check_implementation(config, output_attentions)
         mask = check_mask(attention_mask, (b, n), "attention_mask", inputs_embeds.device)
-        light_bias_table, heavy_bias_weight = branch_bias_tables(
-            config, self.relative_attention_bias, inputs_embeds.device
-        )
+        light_bias_table, heavy_bias_weight = branch_bias_tables(config, self.relative_attention_bias, self.bias_rows)
 
         hidden_states = self.dropout(inputs_embeds)
         all_hidden_states, all_attentions = (), ()
@@ -716,6 +724,7 @@ class CoLT5PreTrainedModel(PreTrainedModel):
             init.normal_(module.relative_attention_bias.weight, mean=0.0, std=factor * d_model**-0.5)
             if isinstance(module, CoLT5Encoder):
                 init.normal_(module.embed_tokens.weight, mean=0.0, std=factor)
+                init.copy_(module.bias_rows, bias_table_rows(self.config))
         elif isinstance(module, CoLT5Router):
             init.normal_(module.weight, mean=0.0, std=factor * d_model**-0.5)
 

@@ -210,12 +210,15 @@ def test_bucket_bias_matches_embedding(dtype):
     assert relative_error(weight.grad, reference_weight.grad) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_heavy_bias_gradient_kernel_matches_autograd(dtype):
+@pytest.mark.parametrize("dtype, launch", [(torch.float32, "model"), (torch.bfloat16, "model"),
+                                           (torch.float32, "near tile 16, shuffled keys")])
+def test_heavy_bias_gradient_kernel_matches_autograd(dtype, launch):
     """The bias table's gradient of softmax(q k^T + table[bucket(kv - q)]) v from the kernel, against autograd through
     the attention with the bias gathered per pair, in float64 from the same inputs. Query and key counts that are no
     multiple of the kernel's tile, invalid keys (mask_value, no gradient), keys near and far (every bucket), the keys
-    in three splits of 256 (the last one ragged) whose row statistics the kernel combines."""
+    in three splits of 256 (the last one ragged) whose row statistics the kernel combines. The model's launch (the
+    custom op), and one whose near sums take 16 queries a program (the far sums 64) with the keys' positions out of
+    order (the kernels assume neither tiles in common nor sorted positions)."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     b, heads, m, m_kv, n, d, buckets = 2, 3, 150, 600, 3000, 64, 32
 
@@ -224,6 +227,8 @@ def test_heavy_bias_gradient_kernel_matches_autograd(dtype):
                             for _ in range(b)])
 
     q_positions, kv_positions = positions(m), positions(m_kv)
+    if launch != "model":
+        kv_positions = kv_positions[:, torch.randperm(m_kv, generator=generator, device="cuda")]
     kv_valid = torch.ones(b, m_kv, dtype=torch.bool, device="cuda")
     kv_valid[1, -20:] = False
     # (b, length, h, d) memory seen as (b, h, length, d), as the model's head views: the kernel reads strided rows
@@ -241,10 +246,12 @@ def test_heavy_bias_gradient_kernel_matches_autograd(dtype):
     assert len(bucket.unique()) == buckets - 1  # every bucket but buckets // 2 (a positive offset of 0: none)
 
     offsets = torch.arange(-128, 129, dtype=torch.int32, device="cuda")  # those beyond share the end buckets
-    got = kernels.heavy_bias_gradient_table(
-        query, key, value, out.detach().to(dtype), grad_out, q_positions, kv_positions, kv_valid,
-        relative_position_bucket(offsets, True, buckets, 128), weight,
-    )
+    arguments = (query, key, value, out.detach().to(dtype), grad_out, q_positions, kv_positions, kv_valid,
+                 relative_position_bucket(offsets, True, buckets, 128), weight)
+    if launch == "model":
+        got = kernels.heavy_bias_gradient_table(*arguments)
+    else:
+        got = kernels.launch_heavy_bias_gradient(*arguments, near_query_tile=16)
     assert relative_error(got, reference_weight.grad) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 

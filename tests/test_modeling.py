@@ -174,7 +174,7 @@ def expected_init(name, shape, config):
 @pytest.mark.parametrize("factor", [1.0, 3.0])
 def test_every_parameter_is_initialised_as_t5(factor):
     model = build(initializer_factor=factor, **ROUTED_CROSS_ATTENTION)
-    assert list(model.buffers()) == []
+    assert [name for name, _ in model.named_buffers()] == ["encoder.bias_rows"]  # indices, tested below
     for name, parameter in model.named_parameters():
         kind, value = expected_init(name, parameter.shape, model.config)
         values = parameter.detach().double().flatten()
@@ -184,6 +184,20 @@ def test_every_parameter_is_initialised_as_t5(factor):
         sampling_error = 5 / math.sqrt(2 * values.numel())  # relative error of a sample std, 5 sigma
         assert abs(values.std().item() / value - 1) < sampling_error, (name, values.std().item(), value)
         assert abs(values.mean().item()) < 5 * value / math.sqrt(values.numel()), name
+
+
+def test_encoder_bias_rows_follow_t5_bucketing_after_loading(tmp_path):
+    """The encoder's one buffer, the rows of its bias table the branches read (every bucket, then the bucket of each
+    local offset), is not saved: a model loaded on the meta device rebuilds it, and it matches T5's bucketing."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    build(local_radius=5, relative_attention_num_buckets=8, relative_attention_max_distance=12).save_pretrained(tmp_path)
+    model = CoLT5Model.from_pretrained(tmp_path)
+    config = model.config
+    offsets = torch.arange(-5, 6)
+    expected = torch.cat([torch.arange(8), T5Attention._relative_position_bucket(offsets, True, 8, 12)])
+    assert torch.equal(model.encoder.bias_rows, expected)
+    assert config.local_radius == 5 and "encoder.bias_rows" not in model.state_dict()
 
 
 @torch.no_grad()
