@@ -421,7 +421,7 @@ def time_bias_kernel(n, record):
     table, out = weight.to(q.dtype), torch.randn_like(q)
     print(f"\n{'bias gradient kernels':42} {'graph ms':>9}  (n={n}, 1024 x 2048 x 12 heads x 64, bf16)")
     # (query tile, key tile, key tiles per split, warps, stages, maxnreg) of the far sums, (query tile, warps) of the
-    # near sums; the model's launch first (run N)
+    # near sums; run N's launch first, the model's since run O third
     variants = [(64, 32, 8, 4, 1, 128, 64, 4), (64, 32, 8, 4, 1, 128, 32, 4), (64, 32, 8, 4, 1, 128, 32, 2),
                 (64, 32, 8, 4, 1, 128, 16, 4), (64, 32, 8, 4, 1, 128, 16, 2), (64, 64, 4, 4, 1, 128, 16, 4),
                 (64, 32, 8, 4, 2, 128, 16, 4), (64, 32, 4, 4, 1, 128, 16, 4)]
