@@ -7,7 +7,7 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks")
-from common import colt5_large_config  # noqa: E402
+from common import colt5_large_config, cuda_time  # noqa: E402
 
 from colt5_hf import CoLT5EncoderModel, modeling_colt5  # noqa: E402
 
@@ -37,16 +37,8 @@ def blocks_only():
     return encoder.final_layer_norm(h)
 
 
-def event_ms(step, reps=20):
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def event_ms(step):  # the benchmarks' timing, 20 repeats, no warm-up (the loop below warms up)
+    return cuda_time(step, warmup=0, min_reps=20, max_reps=20)
 
 
 with torch.no_grad():
