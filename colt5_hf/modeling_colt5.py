@@ -76,6 +76,7 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
 
 
 SDPA_MIN_QUERIES = 64
+CHUNKED_MIN_KEYS = 1024  # fewer keys: one product over all of them is as fast (H200, a decoding step)
 
 
 def attend(query, key, value, bias, dropout: float, implementation: str):
@@ -85,12 +86,18 @@ def attend(query, key, value, bias, dropout: float, implementation: str):
     holding the relative position bias and `mask_value` at masked keys. Returns the output (b, ..., q, d) and, for the
     eager implementation, the attention probabilities (b, ..., q, k). "flex_attention" runs dense attention through SDPA
     too (flex attention serves the banded light attention). Fewer than `SDPA_MIN_QUERIES` queries (a decoding step)
-    take the two matmuls of the eager path under every implementation: SDPA's kernels give each (batch, head) one
-    thread block per 64-128 queries, so one SM would read all of a 16k-token cross-attention cache, and on Hopper its
-    cuDNN backend builds a new plan for every new key length (measured on an H200: 236 us per cross-attention call,
-    over 100 ms per step of a growing cache).
+    stay off SDPA: its kernels give each (batch, head) one thread block per 64-128 queries, so one SM would read all of
+    a 16k-token cross-attention cache, and on Hopper its cuDNN backend builds a new plan for every new key length
+    (measured on an H200: 236 us per cross-attention call, over 100 ms per step of a growing cache). They take
+    `chunked_attention` from `CHUNKED_MIN_KEYS` keys on (without dropout, where `key_chunks` finds chunks), else the
+    eager path's two matmuls.
     """
-    if implementation in ("sdpa", "flex_attention") and query.shape[-2] >= SDPA_MIN_QUERIES:
+    fast = implementation in ("sdpa", "flex_attention")
+    if fast and query.shape[-2] < SDPA_MIN_QUERIES:
+        chunks = key_chunks(key.shape[-2]) if key.shape[-2] >= CHUNKED_MIN_KEYS and not dropout else 1
+        if chunks > 1:
+            return chunked_attention(query, key, value, bias, chunks), None
+    elif fast:
         shape, k_len = query.shape, key.shape[-2]
         q, k, v = (t.reshape(shape[0], -1, *t.shape[-2:]) for t in (query, key, value))
         bias = bias.expand(*shape[:-1], k_len).reshape(shape[0], -1, shape[-2], k_len).to(query.dtype)
@@ -101,6 +108,36 @@ def attend(query, key, value, bias, dropout: float, implementation: str):
     probs = scores.softmax(-1).to(value.dtype)
     out = torch.matmul(F.dropout(probs, p=dropout), value)
     return out, (probs if implementation == "eager" else None)
+
+
+def key_chunks(keys: int) -> int:
+    """How many equal chunks `chunked_attention` splits `keys` keys into: the divisor of `keys` nearest sqrt(keys / 16),
+    within a factor of two of it and at least 2 (32 chunks of 512 keys at 16k, 64 of 1024 at 64k: the fastest of
+    256-2048 keys a chunk for a decoding step's cross-attention on an H200); 1 where `keys` has no such divisor."""
+    target = max(2, round(math.sqrt(keys / 16)))
+    divisors = [c for c in range(max(2, target // 2), 2 * target + 1) if keys % c == 0]
+    return min(divisors, key=lambda c: abs(c - target), default=1)
+
+
+def chunked_attention(query, key, value, bias, chunks: int):
+    """`attend`'s softmax(q k^T + bias) v (no dropout) over `chunks` equal chunks of the keys (flash-decoding): per chunk
+    the row maximum, the sum of exponentials and their product with the values, then the chunks combined exactly. A
+    decoding step's few queries against a long cross-attention cache then run as (batch x heads x chunks) small
+    matmuls, where one product per (batch, head) over every key keeps most of the GPU's SMs idle. Shapes as `attend`'s.
+    """
+    precision = torch.promote_types(query.dtype, torch.float32)
+
+    def split(t):  # (b, ..., k, d) -> (b, ..., c, k / c, d)
+        return t.unflatten(-2, (chunks, -1))
+
+    bias = bias.expand(*bias.shape[:-1], key.shape[-2]).unflatten(-1, (chunks, -1)).transpose(-3, -2)
+    scores = torch.matmul(query.unsqueeze(-3), split(key).transpose(-1, -2)).to(precision)  # (b, ..., c, q, k / c)
+    scores = scores + bias.to(precision)
+    maximum = scores.amax(-1, keepdim=True)  # (b, ..., c, q, 1)
+    weights = torch.exp(scores - maximum)
+    out = torch.matmul(weights.to(value.dtype), split(value))  # (b, ..., c, q, d)
+    share = torch.exp(maximum - maximum.amax(-3, keepdim=True))  # each chunk's scale against the row's maximum
+    return ((out.to(precision) * share).sum(-3) / (weights.sum(-1, keepdim=True) * share).sum(-3)).to(value.dtype)
 
 
 def check_implementation(config, output_attentions):

@@ -410,13 +410,25 @@ def test_inputs_embeds_equal_input_ids():
     )
 
 
-@pytest.mark.parametrize("sdpa_min_queries", [1, modeling_colt5.SDPA_MIN_QUERIES], ids=["sdpa-everywhere", "default"])
+@pytest.mark.parametrize(
+    "sdpa_min_queries, chunked_min_keys",
+    [(1, modeling_colt5.CHUNKED_MIN_KEYS), (modeling_colt5.SDPA_MIN_QUERIES, modeling_colt5.CHUNKED_MIN_KEYS),
+     (modeling_colt5.SDPA_MIN_QUERIES, 2)],
+    ids=["sdpa-everywhere", "default", "chunked-keys"],
+)
 @pytest.mark.parametrize("cross_attention", ["one-route-all-tokens", "gqa-two-routes"])
 @torch.no_grad()
-def test_eager_and_sdpa_give_the_same_outputs(cross_attention, sdpa_min_queries, tmp_path, monkeypatch):
-    # by default the tiny model's attention calls have too few queries for SDPA (they take the matmul path, as a
-    # decoding step does): with the threshold at 1 every call goes through SDPA's kernels
+def test_eager_and_sdpa_give_the_same_outputs(cross_attention, sdpa_min_queries, chunked_min_keys, tmp_path,
+                                              monkeypatch):
+    # by default the tiny model's attention calls have too few queries for SDPA and too few keys for chunks (they take
+    # the matmul path): with the threshold at 1 every call goes through SDPA's kernels; with chunks from 2 keys on the
+    # decoding steps' cross-attention (and the heavy attention's few routed queries) take chunked_attention
     monkeypatch.setattr(modeling_colt5, "SDPA_MIN_QUERIES", sdpa_min_queries)
+    monkeypatch.setattr(modeling_colt5, "CHUNKED_MIN_KEYS", chunked_min_keys)
+    chunked_calls = []
+    chunked = modeling_colt5.chunked_attention
+    monkeypatch.setattr(modeling_colt5, "chunked_attention",
+                        lambda *args: chunked_calls.append(args[-1]) or chunked(*args))
     sdpa_calls = []
     sdpa_kernel = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
@@ -438,6 +450,34 @@ def test_eager_and_sdpa_give_the_same_outputs(cross_attention, sdpa_min_queries,
     generate = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(sdpa.generate(**generate), eager.generate(**generate))
     assert (len(sdpa_calls) > 0) == (sdpa_min_queries == 1)
+    assert (len(chunked_calls) > 0) == (chunked_min_keys == 2)
+
+
+def test_key_chunks_divide_the_keys_near_the_square_root_of_a_sixteenth():
+    assert [modeling_colt5.key_chunks(keys) for keys in (16384, 65536, 16000, 2600, 4099)] == [32, 64, 32, 13, 1]
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_chunked_attention_equals_softmax_attention(dtype, atol):
+    """chunked_attention against softmax(q k^T + bias) v in float64: a sample whose first chunks are all masked, a
+    fully masked row, and a per-head, per-query bias (a decoding step's self-attention shape) beside a per-sample key
+    mask (the cross-attention's)."""
+    torch.manual_seed(0)
+    keys, masked = 60, modeling_colt5.mask_value(dtype)
+    query = torch.randn(2, 4, 3, 8, dtype=dtype)
+    key, value = torch.randn(2, 4, keys, 8, dtype=dtype), torch.randn(2, 4, keys, 8, dtype=dtype)
+    keep = torch.rand(2, keys) < 0.6
+    keep[1, :25] = False
+    key_mask = torch.zeros(2, 1, 1, keys, dtype=dtype).masked_fill(~keep[:, None, None], masked)
+    position_bias = torch.randn(1, 4, 3, keys, dtype=dtype)
+    position_bias[0, :, 2] = masked  # the last query sees no key
+    for bias in (key_mask, position_bias):
+        scores = query.double() @ key.double().transpose(-1, -2) + bias.double()
+        expected = torch.softmax(scores, -1) @ value.double()
+        for chunks in (2, 6, 12):  # chunks of 30, 10 and 5 keys
+            out = modeling_colt5.chunked_attention(query, key, value, bias, chunks)
+            assert out.dtype == dtype and out.shape == expected.shape
+            torch.testing.assert_close(out.double(), expected, atol=atol, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------------------ loss
