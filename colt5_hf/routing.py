@@ -110,9 +110,9 @@ def top_k_positions(scores, mask, k, k_max: int):
     order = scores.float().masked_fill(~mask, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
     positions = torch.arange(n, device=scores.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(-1, order, positions)  # 0 for the best score
-    taken = rank < k[..., None]
-    slot = torch.where(taken, taken.cumsum(-1), k[..., None] + (~taken).cumsum(-1)) - 1
-    return torch.empty_like(order).scatter_(-1, slot, positions)[..., :k_max]
+    not_taken = (rank >= k[..., None]).to(torch.uint8)
+    # a stable sort puts the taken positions first, each group in increasing order
+    return not_taken.sort(dim=-1, stable=True).indices[..., :k_max]
 
 
 def logistic_noise(like):

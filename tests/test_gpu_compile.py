@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from colt5_hf import CoLT5Config, CoLT5EncoderModel, kernels
+from colt5_hf import CoLT5Config, CoLT5EncoderModel, kernels, routing
 from tiny import CountingBackend, relative_error
 
 
@@ -69,6 +69,26 @@ def test_compiled_encoder_matches_eager(implementation, dtype):
     assert grads.keys() == eager_grads.keys()
     for name in grads:
         assert eager_grads[name].norm() > 0 and relative_error(grads[name], eager_grads[name]) < grad_tolerance, name
+    assert backend.graphs == 1
+
+
+def test_compiled_encoder_beyond_the_selection_kernels_rows_matches_eager():
+    """At 20000 tokens, more than the Triton selection kernel holds (routing.RESIDENT_ROW), the routers select through
+    top_k_positions' sorts, traced into the graph: it compiles (run P, H200: inductor failed to generate code for the
+    earlier scatter-and-cumsum version at 32768 tokens) and equals eager, outputs and gradients."""
+    assert routing.RESIDENT_ROW < 20000
+    encoder = small_encoder(torch.float32).train()
+    encoder.config._attn_implementation = "flex_attention"
+    reference = copy.deepcopy(encoder)
+    backend = CountingBackend()
+    torch._dynamo.reset()
+    compiled = torch.compile(encoder, fullgraph=True, dynamic=False, backend=backend)
+    inputs = batch(20000)
+    out, grads = outputs(compiled, *inputs)
+    eager_out, eager_grads = outputs(reference, *inputs)
+    assert relative_error(out, eager_out) < 1e-4
+    for name in grads:
+        assert eager_grads[name].norm() > 0 and relative_error(grads[name], eager_grads[name]) < 1e-3, name
     assert backend.graphs == 1
 
 
