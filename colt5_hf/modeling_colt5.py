@@ -76,7 +76,7 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
 
 
 SDPA_MIN_QUERIES = 64
-CHUNKED_MIN_KEYS = 1024  # fewer keys: one product over all of them is as fast (H200, a decoding step)
+CHUNKED_MIN_KEYS = 1024  # from this many keys on, few queries take chunked_attention (measured at 16k and 64k keys)
 
 
 def attend(query, key, value, bias, dropout: float, implementation: str):
