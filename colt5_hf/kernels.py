@@ -462,6 +462,13 @@ if triton is not None:
         return tl.where(inside[None, :], scores, float("-inf")), bucket
 
     @triton.jit
+    def _heavy_grad_probs(grad, value_ptr, value_stride, columns, m_kv, D: tl.constexpr, PRECISION: tl.constexpr):
+        # dP = dO v^T (BM, BN) float32 for one tile of keys
+        value = tl.load(value_ptr + columns[:, None] * value_stride + tl.arange(0, D)[None, :],
+                        mask=(columns < m_kv)[:, None], other=0.0)
+        return tl.dot(grad, tl.trans(value), input_precision=PRECISION)
+
+    @triton.jit
     def _heavy_rows(ptr, strides, batch, head, rows, row_inside, D: tl.constexpr):
         # rows (BM,) of one (sample, head) of a (b, h, rows, D) tensor with strides (batch, head, row) and a dense D
         offsets = batch.to(tl.int64) * strides[0] + head * strides[1] + rows[:, None] * strides[2]
@@ -528,9 +535,7 @@ if triton is not None:
             low_sum *= rescale
             high_sum *= rescale
             row_max = new_max
-            value = tl.load(value_ptr + columns[:, None] * v_strides[2] + tl.arange(0, D)[None, :],
-                            mask=(columns < m_kv)[:, None], other=0.0)
-            grad_probs = tl.dot(grad, tl.trans(value), input_precision=PRECISION)
+            grad_probs = _heavy_grad_probs(grad, value_ptr, v_strides[2], columns, m_kv, D, PRECISION)
             grad_scores = tl.where(valid[None, :], probs * (grad_probs - delta[:, None]), 0.0)  # unnormalised dS
             if side >= 0:  # one bucket, a far one
                 row_total = tl.sum(grad_scores, axis=1)
@@ -603,9 +608,7 @@ if triton is not None:
                     query, key_ptr, k_strides[2], columns, m_kv, kv_position, valid, side, q_position, reach, far_low,
                     far_high, head, heads, offset_bucket_ptr, table_ptr, mask_value, D, PRECISION,
                 )
-                value = tl.load(value_ptr + columns[:, None] * v_strides[2] + tl.arange(0, D)[None, :],
-                                mask=(columns < m_kv)[:, None], other=0.0)
-                grad_probs = tl.dot(grad, tl.trans(value), input_precision=PRECISION)
+                grad_probs = _heavy_grad_probs(grad, value_ptr, v_strides[2], columns, m_kv, D, PRECISION)
                 offset = kv_position[None, :] - q_position[:, None]
                 near = row_inside[:, None] & valid[None, :] & (offset > -reach) & (offset < reach)
                 grad_scores = tl.where(near, tl.exp(scores - log_sum[:, None]) * (grad_probs - delta[:, None]), 0.0)
