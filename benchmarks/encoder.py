@@ -25,6 +25,10 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
                            all layers run (impl flex_attention or sdpa); a new n compiles again (static shapes)
   colt5-hf/cudagraphs-<impl>  the same under mode="reduce-overhead": CUDA graphs for the forward and for the
                               forward+backward (the record counts the graphs that fell back to no CUDA graphs)
+  colt5-hf/cudagraphs-stack-<impl>  the whole stack compiled as one graph, torch.compile(encoder, fullgraph=True,
+                              dynamic=False, mode="reduce-overhead"): one CUDA graph for the forward and one for the
+                              backward instead of one per block (no host time and no input copies between the
+                              blocks; compiles the 6 blocks, not one)
   colt5-hf/autotuned-<impl>   the same under mode="max-autotune": CUDA graphs, and inductor choosing each matmul
                               between cuBLAS and its Triton templates (which can take the elementwise work that
                               follows into their epilogue) by timing them; compiles for minutes (run L, H100: forward
@@ -55,7 +59,7 @@ from torch._dynamo.utils import counters
 from common import LARGE, colt5_large_config, cuda_time, environment, error_text, free_memory, out_dir
 
 
-# The default rows, CUDA graphs last (their memory pool outlives the stack); the whole list runs in about 5 minutes on
+# The default rows, CUDA graphs last (their memory pool outlives the stack); the whole list runs in about 7 minutes on
 # an H200, most of it compiling (each compiled row compiles a forward and a forward+backward graph per n).
 # colt5-hf/eager and colt5-hf/flex+eager-cd (the eager paths, measured in run A) run when named in --models.
 MODELS = ["colt5-hf/flex_attention", "colt5-hf/compiled-flex_attention", "longt5-local", "colt5-hf/compiled-sdpa",
@@ -67,7 +71,7 @@ OTHER_MODELS = ["colt5-hf/eager", "colt5-hf/flex+eager-cd", "colt5-hf/cudagraphs
                 "colt5-hf/cudagraphs-flex_attention+dense-scatter",
                 "colt5-hf/cudagraphs-flex_attention+inductor-local-tiles",
                 "colt5-hf/cudagraphs-flex_attention+sdpa-bias-gradient", "colt5-hf/autotuned-flex_attention",
-                "colt5-hf/autotuned-sdpa"]
+                "colt5-hf/autotuned-sdpa", "colt5-hf/cudagraphs-stack-flex_attention"]
 T5_MAX_LENGTH = 16384
 T5_LAYERS = 2
 
@@ -90,6 +94,8 @@ def build(name, layers):
         context, mode = None, None
         if implementation.startswith(("compiled-", "cudagraphs-", "autotuned-")):
             kind, implementation = implementation.split("-", 1)
+            whole_stack = implementation.startswith("stack-")
+            implementation = implementation.removeprefix("stack-")
             mode = {"compiled": "default", "cudagraphs": "reduce-overhead", "autotuned": "max-autotune"}[kind]
         from colt5_hf import kernels, modeling_colt5
 
@@ -134,15 +140,19 @@ def build(name, layers):
         encoder = model.encoder
         if mode is None:
             return Stack(name, encoder, lambda x, n: encoder(inputs_embeds=x).last_hidden_state, layers, context)
-        for block in encoder.block:  # the same compiled code for every block (Dynamo's cache is per code object)
-            block.compile(fullgraph=True, dynamic=False, mode=mode)
+        if whole_stack:
+            compiled = torch.compile(encoder, fullgraph=True, dynamic=False, mode=mode)
+        else:
+            compiled = encoder
+            for block in encoder.block:  # the same compiled code for every block (Dynamo's cache is per code object)
+                block.compile(fullgraph=True, dynamic=False, mode=mode)
 
         cuda_graphs = mode in ("reduce-overhead", "max-autotune")
 
         def run(x, n):
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier outputs may be overwritten
-            return encoder(inputs_embeds=x).last_hidden_state
+            return compiled(inputs_embeds=x).last_hidden_state
 
         return Stack(name, encoder, run, layers, context, compiled=True, cuda_graphs=cuda_graphs)
     if name.startswith("longt5"):

@@ -162,10 +162,12 @@ def test_encoder_forward_under_cuda_graphs_matches_eager(implementation):
     assert counters["inductor"]["cudagraph_skips"] == 0  # the graph ran under CUDA graphs
 
 
+@pytest.mark.parametrize("compiled_unit", ["blocks", "encoder"])
 @pytest.mark.parametrize("implementation", ["flex_attention", "sdpa"])
-def test_encoder_training_steps_under_cuda_graphs_match_eager(implementation):
-    """Blocks compiled with mode="reduce-overhead" (benchmarks/encoder.py's cudagraphs rows): forward and backward
-    replay CUDA graphs and give eager's outputs and gradients, step after step with new inputs of the same shape."""
+def test_encoder_training_steps_under_cuda_graphs_match_eager(implementation, compiled_unit):
+    """Blocks, or the whole encoder, compiled with mode="reduce-overhead" (benchmarks/encoder.py's cudagraphs and
+    cudagraphs-stack rows): forward and backward replay CUDA graphs and give eager's outputs and gradients, step after
+    step with new inputs of the same shape."""
     from torch._dynamo.utils import counters
 
     encoder = small_encoder(torch.float32).train()
@@ -173,12 +175,16 @@ def test_encoder_training_steps_under_cuda_graphs_match_eager(implementation):
     reference = copy.deepcopy(encoder)
     torch._dynamo.reset()
     counters.clear()
-    for block in encoder.block:
-        block.compile(fullgraph=True, dynamic=False, mode="reduce-overhead")
+    compiled = encoder
+    if compiled_unit == "encoder":
+        compiled = torch.compile(encoder, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    else:
+        for block in encoder.block:
+            block.compile(fullgraph=True, dynamic=False, mode="reduce-overhead")
     for seed in (0, 1, 2, 3):  # warm-up, recording, then replays
         inputs = batch(seed=seed)
         torch.compiler.cudagraph_mark_step_begin()
-        out, grads = outputs(encoder, *inputs)
+        out, grads = outputs(compiled, *inputs)
         eager_out, eager_grads = outputs(reference, *inputs)
         assert relative_error(out, eager_out) < 1e-4, seed
         for name in grads:
