@@ -25,14 +25,14 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
                            all layers run (impl flex_attention or sdpa); a new n compiles again (static shapes)
   colt5-hf/cudagraphs-<impl>  the same under mode="reduce-overhead": CUDA graphs for the forward and for the
                               forward+backward (the record counts the graphs that fell back to no CUDA graphs)
-  colt5-hf/cudagraphs-stack-<impl>  the whole stack compiled as one graph, torch.compile(encoder, fullgraph=True,
-                              dynamic=False, mode="reduce-overhead"): one CUDA graph for the forward and one for the
-                              backward instead of one per block (no host time and no input copies between the
-                              blocks; compiles the 6 blocks, not one)
   colt5-hf/autotuned-<impl>   the same under mode="max-autotune": CUDA graphs, and inductor choosing each matmul
                               between cuBLAS and its Triton templates (which can take the elementwise work that
                               follows into their epilogue) by timing them; compiles for minutes (run L, H100: forward
                               slower than reduce-overhead, forward+backward failed while autotuning)
+  colt5-hf/cudagraphs-stack-<impl>  the whole stack compiled as one graph, torch.compile(encoder, fullgraph=True,
+                              dynamic=False, mode="reduce-overhead"): one CUDA graph for the forward and one for the
+                              backward instead of one per block (no host time and no input copies between the
+                              blocks; compiles the 6 blocks, not one)
   longt5-local, longt5-tglobal   transformers' LongT5 encoder (local / transient-global attention, radius 127)
   t5                       transformers' T5 encoder (full attention), 2 layers, n <= 16384
   reference                colt5-attention 0.2.2 ConditionalRoutedTransformerBlock x layers (light heads 4, heavy
