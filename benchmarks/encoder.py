@@ -4,8 +4,12 @@ One process, one GPU, bf16 weights and activations, batch 1, a stack of `--layer
 shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; random weights and random inputs
 (inputs_embeds ~ N(0, 1), upstream gradient ~ N(0, 1)); dropout off. Models:
 
-  colt5-hf/<impl>          this package's CoLT5EncoderModel encoder, attn_implementation eager, sdpa, flex_attention
-                           (routing by the fused Triton coordinate descent on CUDA)
+  colt5-hf/default-<impl>  the model as a user gets it: `encoder_compile="auto"` (the default), the blocks compiled by
+                           the model itself for the input's length bucket (impl sdpa, the default attention, or
+                           flex_attention)
+  colt5-hf/fast-<impl>     the same with `encoder_compile="cuda_graphs"`: CUDA graphs, through the model's own path
+  colt5-hf/<impl>          this package's CoLT5EncoderModel encoder, attn_implementation eager, sdpa, flex_attention,
+                           uncompiled (`encoder_compile="off"`; routing by the fused Triton coordinate descent on CUDA)
   colt5-hf/flex+eager-cd   flex_attention with the eager coordinate-descent loop (the fused kernels switched off)
   colt5-hf/<kind>-flex_attention+sort   flex_attention with the routers' top-k selection by the stable sort (the
                            Triton selection kernel switched off)
@@ -64,7 +68,8 @@ from common import LARGE, colt5_large_config, cuda_time, environment, error_text
 # colt5-hf/eager and colt5-hf/flex+eager-cd (the eager paths, measured in run A) run when named in --models.
 MODELS = ["colt5-hf/flex_attention", "colt5-hf/compiled-flex_attention", "longt5-local", "colt5-hf/compiled-sdpa",
           "reference", "longt5-tglobal", "colt5-hf/sdpa", "t5", "colt5-hf/cudagraphs-flex_attention"]
-OTHER_MODELS = ["colt5-hf/eager", "colt5-hf/flex+eager-cd", "colt5-hf/cudagraphs-sdpa",
+OTHER_MODELS = ["colt5-hf/default-sdpa", "colt5-hf/default-flex_attention", "colt5-hf/fast-sdpa",
+                "colt5-hf/fast-flex_attention", "colt5-hf/eager", "colt5-hf/flex+eager-cd", "colt5-hf/cudagraphs-sdpa",
                 "colt5-hf/cudagraphs-flex_attention+sort", "colt5-hf/compiled-flex_attention+sort",
                 "colt5-hf/cudagraphs-flex_attention+separate-selection",
                 "colt5-hf/cudagraphs-flex_attention+one-hot-gradient",
@@ -91,7 +96,10 @@ def build(name, layers):
         from colt5_hf import CoLT5EncoderModel, routing
 
         implementation = name.split("/")[1]
-        context, mode = None, None
+        context, mode, encoder_compile = None, None, "off"
+        if implementation.startswith(("default-", "fast-")):
+            setting, implementation = implementation.split("-", 1)
+            encoder_compile = {"default": "auto", "fast": "cuda_graphs"}[setting]
         if implementation.startswith(("compiled-", "cudagraphs-", "autotuned-")):
             kind, implementation = implementation.split("-", 1)
             whole_stack = implementation.startswith("stack-")
@@ -133,13 +141,14 @@ def build(name, layers):
                     setattr(module, attribute, self.saved)
 
             context = SwitchedOff
-        config = colt5_large_config(num_layers=layers)
+        config = colt5_large_config(num_layers=layers, encoder_compile=encoder_compile)
         with torch.device(device):
             model = CoLT5EncoderModel(config).to(dtype)
         model.config._attn_implementation = implementation
         encoder = model.encoder
         if mode is None:
-            return Stack(name, encoder, lambda x, n: encoder(inputs_embeds=x).last_hidden_state, layers, context)
+            return Stack(name, encoder, lambda x, n: encoder(inputs_embeds=x).last_hidden_state, layers, context,
+                         compiled=encoder_compile != "off", cuda_graphs=encoder_compile == "cuda_graphs")
         if whole_stack:
             compiled = torch.compile(encoder, fullgraph=True, dynamic=False, mode=mode)
         else:

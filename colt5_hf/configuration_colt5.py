@@ -6,6 +6,8 @@ import math
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
+from .fast_path import ENCODER_COMPILE_MODES
+
 
 ROUTER_TYPES = ("coor_descent", "cum_softmax", "sinkhorn")
 
@@ -46,6 +48,11 @@ class CoLT5Config(PreTrainedConfig):
             own subset of encoder tokens.
         cross_attention_fraction: share of the encoder's real tokens each route sees (1.0 = all, no router).
         num_cross_attention_kv_heads: key/value heads per route (1 = multi-query attention, the paper's setting).
+
+    Speed:
+        encoder_compile: "auto" (on CUDA, inputs of 2048 tokens or more run the encoder blocks under torch.compile,
+            padded to a length bucket: one compilation per bucket), "cuda_graphs" (the same under CUDA graphs: the
+            fastest, for training with gradient accumulation too) or "off" (eager). See `fast_path.py`.
     """
 
     model_type = "colt5"
@@ -85,6 +92,7 @@ class CoLT5Config(PreTrainedConfig):
     num_cross_attention_routes: int = 1
     cross_attention_fraction: float = 1.0
     num_cross_attention_kv_heads: int = 1
+    encoder_compile: str = "auto"
     dropout_rate: float = 0.1
     layer_norm_epsilon: float = 1e-6
     initializer_factor: float = 1.0
@@ -136,6 +144,10 @@ class CoLT5Config(PreTrainedConfig):
                 raise ValueError(f"CoLT5Config: `{name}` must be a positive number, got {value!r}")
         if not (isinstance(self.router_fetch_ratio, (int, float)) and self.router_fetch_ratio >= 1):
             raise ValueError(f"CoLT5Config: `router_fetch_ratio` must be >= 1, got {self.router_fetch_ratio!r}")
+        if self.encoder_compile not in ENCODER_COMPILE_MODES:
+            raise ValueError(
+                f"CoLT5Config: `encoder_compile` must be one of {ENCODER_COMPILE_MODES}, got {self.encoder_compile!r}"
+            )
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"CoLT5Config: `router_type` must be one of {ROUTER_TYPES}, got {self.router_type!r}")
         if not (isinstance(self.dropout_rate, (int, float)) and 0 <= self.dropout_rate < 1):

@@ -27,6 +27,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_colt5 import CoLT5Config
+from .fast_path import CompileReport, compiled_encoder_layer, encoder_compile_mode, length_bucket, own_gradients
 from .routing import CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together
 
 
@@ -380,7 +381,14 @@ class CoLT5EncoderBlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, hidden_states, mask, light_bias_table, heavy_bias_weight, implementation="eager",
-                output_attentions=False):
+                output_attentions=False, compile_mode=None):
+        # compile_mode: None (eager) or the torch.compile mode the layer runs under (`fast_path.encoder_compile_mode`)
+        if compile_mode is not None:
+            layer = compiled_encoder_layer(CoLT5EncoderBlock.layer, compile_mode)
+            return layer(self, hidden_states, mask, light_bias_table, heavy_bias_weight, implementation)
+        return self.layer(hidden_states, mask, light_bias_table, heavy_bias_weight, implementation, output_attentions)
+
+    def layer(self, hidden_states, mask, light_bias_table, heavy_bias_weight, implementation, output_attentions=False):
         attention, weights = self.attention(
             self.attention_layer_norm(hidden_states),
             mask,
@@ -594,6 +602,7 @@ class CoLT5Encoder(nn.Module):
         self.block = nn.ModuleList([CoLT5EncoderBlock(config) for _ in range(config.num_layers)])
         self.final_layer_norm = CoLT5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
+        self.compile_report = CompileReport()
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, **kwargs):
@@ -614,16 +623,31 @@ class CoLT5Encoder(nn.Module):
         light_bias_table, heavy_bias_weight = branch_bias_tables(config, self.relative_attention_bias, self.bias_rows)
 
         hidden_states = self.dropout(inputs_embeds)
+        checkpointing = self.training and any(block.gradient_checkpointing for block in self.block)
+        compile_mode = encoder_compile_mode(config, hidden_states, output_attentions, checkpointing)
+        if compile_mode is not None:  # padded to its length bucket: one compilation serves every length in it
+            bucket = length_bucket(n)
+            hidden_states = F.pad(hidden_states, (0, 0, 0, bucket - n))  # (b, bucket, d)
+            mask = F.pad(mask, (0, bucket - n), value=False)
+            if compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: the graphs' earlier outputs are spent
+                if torch.is_grad_enabled():
+                    own_gradients(self.block)
+        compiling = self.compile_report.start(compile_mode, hidden_states, self.training) if compile_mode else None
+
         all_hidden_states, all_attentions = (), ()
         for block in self.block:
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+                # compiled: a copy of the real tokens' rows (a CUDA graph's output is overwritten by its next replay)
+                all_hidden_states += (hidden_states if compile_mode is None else hidden_states[:, :n].clone(),)
             hidden_states, weights = block(
-                hidden_states, mask, light_bias_table, heavy_bias_weight, implementation, output_attentions
+                hidden_states, mask, light_bias_table, heavy_bias_weight, implementation, output_attentions,
+                compile_mode=compile_mode,
             )
             if output_attentions:
                 all_attentions += (weights,)
-        hidden_states = self.dropout(self.final_layer_norm(hidden_states))
+        self.compile_report.finish(compiling, hidden_states)
+        hidden_states = self.dropout(self.final_layer_norm(hidden_states[:, :n]))
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         outputs = BaseModelOutput(
@@ -960,6 +984,35 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
 
     def prepare_decoder_input_ids_from_labels(self, labels):
         return self._shift_right(labels)
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate`, on the fast path where the encoder compiles (`config.encoder_compile`, CUDA, long
+        inputs): the input is padded to its length bucket (the mask hides the padding: the same tokens come out), so
+        that the encoder and the decoding step compile once per bucket, and greedy or sampled decoding takes the
+        static cache, whose step Transformers compiles into CUDA graphs. A cache or `cache_implementation` of the
+        caller's, beam search, or `encoder_compile="off"` leave generate as it is."""
+        input_ids = kwargs.get("input_ids", inputs)
+        if (
+            input_ids is None
+            or kwargs.get("encoder_outputs") is not None
+            or encoder_compile_mode(self.config, input_ids, False, False) is None
+        ):
+            return super().generate(inputs, generation_config, **kwargs)
+        n = input_ids.shape[-1]
+        pad = length_bucket(n) - n
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs["attention_mask"] = F.pad(attention_mask, (0, pad), value=0)
+        kwargs["input_ids"] = F.pad(input_ids, (0, pad), value=self.config.pad_token_id or 0)
+        chosen = generation_config or self.generation_config
+        if (
+            not any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "cache_implementation"))
+            and chosen.cache_implementation is None
+            and kwargs.get("num_beams", chosen.num_beams) == 1
+        ):
+            kwargs["cache_implementation"] = "static"
+        return super().generate(None, generation_config, **kwargs)
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
         """`generate`'s hook for the decoder mask with a static cache (Transformers would build a 4D causal mask). The

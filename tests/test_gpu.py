@@ -120,9 +120,11 @@ def test_top_k_positions_on_cuda_match_the_sort(n, ties):
 
 
 def small_config(radius, **kwargs):
+    """Eager encoder blocks (encoder_compile="off"): these tests compare the eager fast paths with the reference."""
     return CoLT5Config(
         vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, num_light_heads=2,
-        num_heavy_heads=2, local_radius=radius, min_routed_tokens=4, router_iterations=20, dropout_rate=0.0, **kwargs
+        num_heavy_heads=2, local_radius=radius, min_routed_tokens=4, router_iterations=20, dropout_rate=0.0,
+        **{"encoder_compile": "off", **kwargs},
     )
 
 

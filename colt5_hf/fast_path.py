@@ -1,0 +1,123 @@
+"""The encoder's compiled path: which calls take it, the length buckets that bound how often it compiles, the compiled
+layer, and what CUDA graphs need from training (gradient accumulation).
+
+Eagerly, a CoLT5 layer is bound by kernel launches (routers, gathers, bias tables, two attentions: hundreds of small
+kernels), so the uncompiled encoder is slower than LongT5's on a GPU. Compiled, one graph per layer serves every layer
+(the blocks share their code; Dynamo lifts the parameters to inputs), and under CUDA graphs the host launches each
+layer's kernels in one call.
+
+`CoLT5Config.encoder_compile` picks the path:
+    "auto"        on CUDA, inputs of at least COMPILE_MIN_LENGTH tokens run their encoder blocks compiled (static
+                  shapes, no CUDA graphs); shorter inputs, other devices and `output_attentions` run eagerly
+    "cuda_graphs" the same under CUDA graphs (torch.compile mode "reduce-overhead"): the fastest, also for training with
+                  gradient accumulation; with gradient checkpointing the blocks run compiled without graphs (a
+                  checkpoint replays the forward inside the backward, which a recorded graph cannot)
+    "off"         never compiles
+A compiled call pads its input to a length bucket (the mask hides the padding, and every router counts a sample's real
+tokens, so the real tokens' outputs are those of the unpadded input) and compiles once per bucket, batch size and
+mode (training or not, gradients or not); inductor's on-disk caches make later processes compile faster.
+"""
+
+import math
+import time
+
+import torch
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+ENCODER_COMPILE_MODES = ("auto", "cuda_graphs", "off")
+COMPILE_MIN_LENGTH = 2048  # shorter inputs run eagerly: a compilation (seconds) outweighs what a short input saves
+COMPILE_DEVICES = ("cuda",)
+COMPILE_BACKEND = "inductor"
+RECOMPILE_LIMIT = 64  # compiled variants of the layer's code kept before Dynamo falls back to eager (its default: 8)
+
+
+def length_bucket(length: int) -> int:
+    """The padded length a compiled encoder runs `length` tokens at: the smallest multiple of 2^(p - 2) that holds
+    them, where 2^p <= length < 2^(p + 1), i.e. 4, 5, 6, 7 or 8 times 2^(p - 2). Four buckets an octave: at most 1/4
+    more tokens than the input (just above a power of two), about 1/10 on average; 2048-16384 tokens take 13 buckets."""
+    if length < 8:
+        return length
+    step = 2 ** (length.bit_length() - 3)
+    return math.ceil(length / step) * step
+
+
+def encoder_compile_mode(config, hidden_states, output_attentions: bool, gradient_checkpointing: bool):
+    """The torch.compile mode ("default" or "reduce-overhead") the encoder blocks run under for this call, or None to
+    run them eagerly. `config._attn_implementation` "eager" is the reference path (it returns attention weights) and
+    stays eager; inside a caller's own torch.compile the blocks are traced into the caller's graph."""
+    setting = config.encoder_compile
+    if (
+        setting == "off"
+        or output_attentions
+        or config._attn_implementation == "eager"
+        or hidden_states.device.type not in COMPILE_DEVICES
+        or hidden_states.shape[1] < COMPILE_MIN_LENGTH
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    if setting == "cuda_graphs" and not (gradient_checkpointing and torch.is_grad_enabled()):
+        return "reduce-overhead"
+    return "default"
+
+
+_compiled_layers = {}
+
+
+def compiled_encoder_layer(layer, mode: str):
+    """torch.compile of `layer` (CoLT5EncoderBlock.layer, called with the block as its first argument) with static
+    shapes, one per mode and backend."""
+    key = (layer, mode, COMPILE_BACKEND)
+    if key not in _compiled_layers:
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
+        options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
+        _compiled_layers[key] = torch.compile(layer, backend=COMPILE_BACKEND, dynamic=False, **options)
+    return _compiled_layers[key]
+
+
+class CompileReport:
+    """Logs how long the first call of each compiled variant took (its compilation), once per variant."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def start(self, mode, hidden_states, training):
+        """Called before the blocks run; returns the time to hand to `finish`, or None for a variant seen before."""
+        variant = (mode, tuple(hidden_states.shape[:2]), training, torch.is_grad_enabled())
+        if variant in self.seen:
+            return None
+        self.seen.add(variant)
+        if hidden_states.is_cuda:
+            torch.cuda.synchronize()
+        return variant, time.perf_counter()
+
+    @staticmethod
+    def finish(started, hidden_states):
+        if started is None:
+            return
+        if hidden_states.is_cuda:
+            torch.cuda.synchronize()
+        (mode, (batch, length), training, gradients), start = started
+        logger.warning(
+            f"CoLT5 encoder: compiled its layer for {length}-token inputs (batch {batch}, "
+            f"{'training' if training else 'inference'}{'' if gradients else ', no gradients'}, mode {mode}) in "
+            f"{time.perf_counter() - start:.1f} s. Each length bucket compiles once; encoder_compile='off' runs "
+            "eagerly instead."
+        )
+
+
+def own_gradients(module):
+    """Under CUDA graphs, a parameter's gradient is written into the graph's memory, which the next replay
+    overwrites. Autograd keeps the first gradient of a parameter without a `.grad` as its `.grad` (no copy) and adds
+    later ones into it, so a second micro-step of gradient accumulation would read and write overwritten memory. A hook
+    copies each parameter's gradient out of the graph when it has no `.grad` yet (once per optimizer step; later
+    micro-steps add into the copy). Installed once per parameter, also on parameters added later (adapters)."""
+    for parameter in module.parameters():
+        if parameter.requires_grad and not getattr(parameter, "_colt5_owns_gradient", False):
+            parameter.register_hook(
+                lambda gradient, parameter=parameter: gradient.clone() if parameter.grad is None else gradient
+            )
+            parameter._colt5_owns_gradient = True

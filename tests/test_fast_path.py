@@ -1,0 +1,169 @@
+"""The encoder's compiled path (`colt5_hf/fast_path.py`) on the CPU: which calls take it, the length buckets, and that
+the bucketed, compiled path computes what the eager path does (outputs, accumulated gradients, generated tokens).
+
+On the CPU the path is off (COMPILE_DEVICES); the tests switch it on for the CPU and compile with Dynamo and the eager
+backend (a graph counter): what they check is the padding, the dispatch, the gradient handling and how often the
+layer compiles, not inductor's code. tests/test_gpu_compile.py runs the path on CUDA with inductor and CUDA graphs.
+"""
+
+import pytest
+import torch
+
+from colt5_hf import CoLT5EncoderModel, CoLT5ForConditionalGeneration, fast_path
+from colt5_hf.fast_path import encoder_compile_mode, length_bucket
+from tiny import CountingBackend, build, tiny_config
+
+
+MIN_LENGTH = 24  # the tiny tests' stand-in for COMPILE_MIN_LENGTH
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """The compiled path switched on for CPU inputs of MIN_LENGTH tokens or more; yields the graph counter."""
+    backend = CountingBackend("eager")
+    monkeypatch.setattr(fast_path, "COMPILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(fast_path, "COMPILE_MIN_LENGTH", MIN_LENGTH)
+    monkeypatch.setattr(fast_path, "COMPILE_BACKEND", backend)
+    torch._dynamo.reset()
+    yield backend
+    torch._dynamo.reset()
+
+
+def test_length_buckets_hold_the_input_with_at_most_a_quarter_more():
+    lengths = range(8, 70000, 7)
+    buckets = [length_bucket(n) for n in lengths]
+    assert all(n <= bucket <= n * 1.25 for n, bucket in zip(lengths, buckets))
+    assert buckets == sorted(buckets)
+    assert all(length_bucket(bucket) == bucket for bucket in buckets)  # a bucket's length is its own bucket
+    assert len({length_bucket(n) for n in range(2048, 16385)}) == 13
+    assert [length_bucket(n) for n in (2048, 2049, 16384, 16385)] == [2048, 2560, 16384, 20480]
+    assert all(length_bucket(n) % 512 == 0 for n in range(2048, 70000, 97))
+
+
+def test_which_calls_compile(monkeypatch):
+    monkeypatch.setattr(fast_path, "COMPILE_DEVICES", ("cpu",))
+    long, short = torch.zeros(1, fast_path.COMPILE_MIN_LENGTH), torch.zeros(1, fast_path.COMPILE_MIN_LENGTH - 1)
+
+    def mode(hidden_states=long, output_attentions=False, checkpointing=False, implementation="sdpa", **overrides):
+        config = tiny_config(**overrides)
+        config._attn_implementation = implementation
+        return encoder_compile_mode(config, hidden_states, output_attentions, checkpointing)
+
+    assert mode() == "default"
+    assert mode(encoder_compile="cuda_graphs") == "reduce-overhead"
+    assert mode(encoder_compile="cuda_graphs", checkpointing=True) == "default"  # a checkpoint replays in backward
+    with torch.no_grad():
+        assert mode(encoder_compile="cuda_graphs", checkpointing=True) == "reduce-overhead"
+    assert mode(encoder_compile="off") is None
+    assert mode(hidden_states=short) is None
+    assert mode(output_attentions=True) is None
+    assert mode(implementation="eager") is None
+    monkeypatch.setattr(fast_path, "COMPILE_DEVICES", ("cuda",))
+    assert mode() is None  # CPU inputs: off by default
+
+
+def test_encoder_compile_is_validated_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="encoder_compile"):
+        tiny_config(encoder_compile="always")
+    build(encoder_compile="cuda_graphs").save_pretrained(tmp_path)
+    assert CoLT5ForConditionalGeneration.from_pretrained(tmp_path).config.encoder_compile == "cuda_graphs"
+    assert CoLT5ForConditionalGeneration.from_pretrained(tmp_path, encoder_compile="off").config.encoder_compile == "off"
+
+
+def encoder_inputs(length, seed=0):
+    """Two samples: the second padded from two thirds of `length` on."""
+    generator = torch.Generator().manual_seed(seed + length)
+    input_ids = torch.randint(2, 384, (2, length), generator=generator)
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    attention_mask[1, 2 * length // 3 :] = 0
+    return input_ids, attention_mask
+
+
+def accumulated(model, steps):
+    """Encoder outputs of each micro-step and the parameter gradients accumulated over all of them (no zeroing in
+    between, as under gradient accumulation)."""
+    model.zero_grad(set_to_none=True)
+    outputs = []
+    for input_ids, attention_mask in steps:
+        out = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        (out * attention_mask[..., None] * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        outputs.append(out.detach())
+    return outputs, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("setting", ["auto", "cuda_graphs"])
+def test_compiled_path_with_gradient_accumulation_equals_eager(on_cpu, setting):
+    """Three micro-steps of different lengths, gradients accumulated: the bucketed, compiled encoder gives the eager
+    encoder's outputs and gradients; under "cuda_graphs" the gradients go through the hook that copies them out of a
+    graph's memory."""
+    torch.manual_seed(0)
+    model = CoLT5EncoderModel(tiny_config(num_layers=3, encoder_compile=setting)).train()
+    steps = [encoder_inputs(length, seed) for seed, length in enumerate((40, 29, 53))]
+    compiled_outputs, compiled_grads = accumulated(model, steps)
+    assert on_cpu.graphs >= 1
+    model.config.encoder_compile = "off"
+    eager_outputs, eager_grads = accumulated(model, steps)
+    for compiled, eager, (_, attention_mask) in zip(compiled_outputs, eager_outputs, steps):
+        assert compiled.shape == eager.shape  # the bucket's padding is cut off again
+        real = attention_mask.bool()  # a padding position's output depends on the padding after it
+        torch.testing.assert_close(compiled[real], eager[real], rtol=1e-5, atol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) == len(list(model.parameters()))
+    for name, grad in compiled_grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_variable_length_epoch_compiles_once_per_bucket(on_cpu):
+    """Every block shares the compiled layer, and every length in a bucket reuses its graph: an epoch over 30
+    different lengths compiles no more graphs than it meets buckets (for training and inference each)."""
+    torch.manual_seed(0)
+    model = CoLT5EncoderModel(tiny_config(num_layers=3)).train()
+    lengths = list(range(MIN_LENGTH, MIN_LENGTH + 60, 2))
+    for length in lengths:
+        input_ids, attention_mask = encoder_inputs(length)
+        model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.sum().backward()
+    buckets = {length_bucket(n) for n in lengths}
+    assert len(buckets) < len(lengths) and on_cpu.graphs <= len(buckets)
+    graphs = on_cpu.graphs
+    with torch.no_grad():
+        model.eval()
+        for length in lengths:
+            model(*encoder_inputs(length))
+    assert on_cpu.graphs - graphs <= len(buckets)
+
+
+def test_short_inputs_and_attention_weights_stay_eager(on_cpu):
+    model = CoLT5EncoderModel(tiny_config()).eval()
+    with torch.no_grad():
+        model(*encoder_inputs(MIN_LENGTH - 1))
+        assert on_cpu.graphs == 0
+        model.config._attn_implementation = "eager"
+        weights = model(*encoder_inputs(MIN_LENGTH + 5), output_attentions=True).attentions
+    assert on_cpu.graphs == 0 and weights[0].shape[-1] == MIN_LENGTH + 5
+
+
+def test_hidden_states_of_the_compiled_path_are_the_real_tokens_rows(on_cpu):
+    model = CoLT5EncoderModel(tiny_config()).eval()
+    input_ids, attention_mask = encoder_inputs(MIN_LENGTH + 5)
+    with torch.no_grad():
+        compiled = model(input_ids, attention_mask, output_hidden_states=True).hidden_states
+        model.config.encoder_compile = "off"
+        eager = model(input_ids, attention_mask, output_hidden_states=True).hidden_states
+    assert len(compiled) == len(eager)
+    real = attention_mask.bool()
+    for ours, reference in zip(compiled, eager):
+        assert ours.shape == reference.shape
+        torch.testing.assert_close(ours[real], reference[real], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_on_the_fast_path_gives_the_eager_tokens(on_cpu):
+    """generate pads the input to its bucket and takes the static cache: the same tokens as the dynamic cache on the
+    unpadded input, with the compiled encoder."""
+    model = build()
+    input_ids, attention_mask = encoder_inputs(MIN_LENGTH + 7)
+    options = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        fast = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+        assert on_cpu.graphs >= 1
+        model.config.encoder_compile = "off"
+        eager = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+    torch.testing.assert_close(fast, eager, rtol=0, atol=0)

@@ -1,0 +1,117 @@
+"""The default fast path on CUDA (`CoLT5Config.encoder_compile`, colt5_hf/fast_path.py) with inductor: training with
+gradient accumulation and optimizer steps equals the eager model, with and without CUDA graphs; a variable-length epoch
+compiles once per length bucket; generate takes the static cache and the compiled encoder and gives the eager tokens.
+Skipped without a CUDA GPU; the CPU counterparts (Dynamo with the eager backend) are in test_fast_path.py.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from colt5_hf import CoLT5Config, CoLT5ForConditionalGeneration, fast_path
+from colt5_hf.fast_path import length_bucket
+from tiny import CountingBackend, relative_error
+
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+MIN_LENGTH = 512  # COMPILE_MIN_LENGTH for these tests: small models at short lengths compile fast
+
+
+@pytest.fixture(autouse=True)
+def short_inputs_compile(monkeypatch):
+    monkeypatch.setattr(fast_path, "COMPILE_MIN_LENGTH", MIN_LENGTH)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def small_model(setting, implementation="flex_attention", seed=0):
+    torch.manual_seed(seed)
+    config = CoLT5Config(
+        vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_decoder_layers=2, num_heads=4,
+        num_light_heads=2, num_heavy_heads=2, local_radius=31, min_routed_tokens=4, router_iterations=20,
+        dropout_rate=0.0, encoder_compile=setting,
+    )
+    model = CoLT5ForConditionalGeneration(config).cuda()
+    model.config._attn_implementation = implementation
+    return model
+
+
+def micro_batch(n, seed):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    input_ids = torch.randint(2, 128, (2, n), device="cuda", generator=generator)
+    attention_mask = torch.ones(2, n, dtype=torch.long, device="cuda")
+    attention_mask[1, n // 2 :] = 0
+    labels = torch.randint(2, 128, (2, 9), device="cuda", generator=generator)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def train(model, steps, accumulation):
+    """What Trainer does: per optimizer step, `accumulation` micro-batches' losses backward without zeroing in between,
+    then AdamW and zero_grad(set_to_none=True). Returns the losses and the gradients of the last step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    losses, lengths = [], (600, 900, 700, 1000)
+    for step in range(steps):
+        for micro in range(accumulation):
+            inputs = micro_batch(lengths[(step * accumulation + micro) % len(lengths)], seed=step * 10 + micro)
+            loss = model(**inputs).loss / accumulation
+            loss.backward()
+            losses.append(loss.item())
+        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses, gradients
+
+
+@pytest.mark.parametrize("setting, implementation", [("auto", "flex_attention"), ("auto", "sdpa"),
+                                                     ("cuda_graphs", "flex_attention")])
+def test_training_with_gradient_accumulation_equals_eager(setting, implementation):
+    """Two optimizer steps of three accumulated micro-batches of different lengths (so different buckets): the
+    losses and the last step's accumulated gradients of the fast path are the eager model's. Under CUDA graphs the
+    second micro-step's backward would read a first gradient that a replay overwrote, unless it is copied out."""
+    model = small_model(setting, implementation)
+    reference = copy.deepcopy(model)
+    reference.config.encoder_compile = "off"
+    losses, gradients = train(model, steps=2, accumulation=3)
+    eager_losses, eager_gradients = train(reference, steps=2, accumulation=3)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-5)
+    assert gradients.keys() == eager_gradients.keys()
+    for name, gradient in gradients.items():
+        assert relative_error(gradient, eager_gradients[name]) < 1e-3, name
+    for (name, parameter), eager_parameter in zip(model.named_parameters(), reference.parameters()):
+        assert relative_error(parameter.detach(), eager_parameter.detach()) < 1e-4, name
+
+
+def test_a_variable_length_epoch_compiles_once_per_bucket(monkeypatch):
+    """Twenty lengths in three buckets, training steps: the layer compiles once per bucket (every block shares it)."""
+    backend = CountingBackend()
+    monkeypatch.setattr(fast_path, "COMPILE_BACKEND", backend)
+    model = small_model("auto")
+    lengths = list(range(520, 1020, 25))
+    buckets = {length_bucket(n) for n in lengths}
+    assert len(buckets) == 3
+    train_model = model.train()
+    for seed, n in enumerate(lengths):
+        train_model(**micro_batch(n, seed)).loss.backward()
+    assert backend.graphs == len(buckets)
+
+
+@pytest.mark.parametrize("implementation", ["flex_attention", "sdpa"])
+def test_generate_takes_the_fast_path_and_gives_the_eager_tokens(implementation):
+    """model.generate with no options: the input padded to its bucket, the encoder compiled, the static cache whose
+    decoding step Transformers compiles; the tokens of the eager model with the dynamic cache (float32: no near ties)."""
+    model = small_model("auto", implementation).eval()
+    reference = copy.deepcopy(model)
+    reference.config.encoder_compile = "off"
+    inputs = micro_batch(700, seed=5)
+    inputs.pop("labels")
+    with torch.no_grad():
+        fast = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        assert hasattr(model, "_compiled_call")  # the decoding step went through torch.compile
+        assert model.encoder.compile_report.seen  # and the encoder's layer too
+        eager = reference.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert not hasattr(reference, "_compiled_call")
+    torch.testing.assert_close(fast, eager, rtol=0, atol=0)
