@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from colt5_hf import CoLT5Config, CoLT5EncoderModel, CoLT5ForConditionalGeneration, CoLT5Model, RouterOutput
 from colt5_hf import modeling_colt5
-from tiny import build, tiny_config
+from tiny import REORDERED_FLOAT32, build, tiny_config
 
 
 LENGTHS = (97, 70, 41)
@@ -277,7 +277,7 @@ def test_decoder_full_forward_equals_cached_step_by_step_decoding(cross_attentio
             ).logits
         )
     assert cache.get_seq_length() == 8
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, **REORDERED_FLOAT32)
 
 
 # ----------------------------------------------------------------------------------------------------- outputs
@@ -444,9 +444,9 @@ def test_eager_and_sdpa_give_the_same_outputs(cross_attention, sdpa_min_queries,
     for i, length in enumerate(LENGTHS):  # padded encoder positions are garbage in both: compare real tokens
         torch.testing.assert_close(
             sdpa_out.encoder_last_hidden_state[i, :length], eager_out.encoder_last_hidden_state[i, :length],
-            atol=1e-5, rtol=1e-5,
+            **REORDERED_FLOAT32,
         )
-    torch.testing.assert_close(sdpa_out.logits, eager_out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa_out.logits, eager_out.logits, **REORDERED_FLOAT32)
     generate = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(sdpa.generate(**generate), eager.generate(**generate))
     assert (len(sdpa_calls) > 0) == (sdpa_min_queries == 1)
