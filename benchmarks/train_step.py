@@ -28,7 +28,8 @@ one step = one optimizer step = `--accumulation` forward+backward passes, the cl
 batches' loading happens before on_step_begin and is not counted), so the first step (compilation included for
 compiled rows) and the steady steps come out of one train() call: `--warmup-steps` (1) untimed steps, then `--steps`
 (3) timed ones. Reported: `step_s` the median steady step; `tokens_per_s` = (n + target length) * batch *
-accumulation / step_s, `input_tokens_per_s` the same with n alone; `first_step_s`; `peak_gib` / `reserved_gib`
+accumulation / step_s, `input_tokens_per_s` the same with n alone; `speedup_vs_longt5_local` (tokens/s over
+longt5-local's at the same n, when both ran); `first_step_s`; `peak_gib` / `reserved_gib`
 torch.cuda.max_memory_allocated / max_memory_reserved over the row (the peak statistics reset before its model is
 built: weights, gradients, AdamW's state and activations included); `graphs_compiled` by Dynamo during the run and
 during the timed steps (`graphs_compiled_timed`, 0 expected). `encoder_compile_known` says whether this CoLT5Config
@@ -342,7 +343,11 @@ def main():
                     torch._dynamo.reset()  # drops the compiled code, its CUDA graphs and what they hold
                 free_memory()
                 record["row_s"] = time.time() - row_started
+                if device == "cuda":  # what the row left allocated (0 expected: a leak would shrink later rows)
+                    record["left_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
             records.append(record)
+            for (model, length), ratio in speedups(records).items():  # the baseline may come after a row
+                next(r for r in records if (r["model"], r["n"]) == (model, length))["speedup_vs_longt5_local"] = ratio
             print(json.dumps(record), flush=True)
             (out / f"{args.name}.json").write_text(json.dumps({"environment": info, "records": records}, indent=1))
     print(table(records))
