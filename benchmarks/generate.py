@@ -8,7 +8,12 @@ Models: `colt5-hf/<attn_implementation>` decodes with the default dynamic cache 
 dynamic=False)`) and `cache_implementation="static"`, whose decoding step Transformers compiles on CUDA
 (torch.compile, mode "reduce-overhead": CUDA graphs). Its warm-up is a generate() of the same shapes and length (the
 static cache is sized by max_new_tokens), so compilation happens there and the timed call reuses the compiled step;
-the record counts the graphs compiled during the timed call (0 expected).
+the record counts the graphs compiled during the timed call (0 expected). `colt5-hf/user` is what a user's call
+gives: `model.generate(input_ids=..., attention_mask=..., max_new_tokens=..., min_new_tokens=...)` with no
+`cache_implementation`, no compile of our own and the attention implementation the model picks, so it measures
+whatever the model and generate() choose by default (the config's `encoder_compile`, the cache); its warm-up is its
+first call, a generate() of the timed call's shapes (`first_call_s`, compilation included), and the record names the
+cache that call used.
 
 --profile writes generate_profile.txt to $OUT: torch.profiler tables (by device time and by CPU time) of 5 decoding
 steps in the middle of a generate() call, per model and batch.
@@ -27,7 +32,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from common import LARGE, colt5_large_config, environment, error_text, free_memory, out_dir
 
 
-MODELS = ["colt5-hf/flex_attention/static", "colt5-hf/flex_attention", "longt5-tglobal"]
+MODELS = ["colt5-hf/user", "colt5-hf/flex_attention/static", "colt5-hf/flex_attention", "longt5-tglobal"]
 PROFILE_STEPS = (8, 13)  # decoding steps [first, last) under the profiler
 
 
@@ -38,6 +43,8 @@ def build(name):
         config = colt5_large_config(num_layers=24, num_decoder_layers=24)
         with torch.device("cuda"):
             model = CoLT5ForConditionalGeneration(config).to(torch.bfloat16)
+        if name == "colt5-hf/user":  # the model's own choices
+            return model
         model.config._attn_implementation = name.split("/")[1]
         if name.endswith("/static"):  # the whole fast path: compiled encoder blocks too (see README, Performance)
             for block in model.encoder.block:
@@ -88,6 +95,14 @@ def profile_decoding(model, generate, title):
     return "\n".join(lines)
 
 
+def cache_name(output):
+    """The class of the decoder's self-attention cache in generate()'s output (the field is `cache`, or
+    `past_key_values` in older Transformers)."""
+    cache = output["cache"] if "cache" in output else output.get("past_key_values")
+    cache = getattr(cache, "self_attention_cache", cache)
+    return type(cache).__name__ if cache is not None else None
+
+
 def timed(function):
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -107,22 +122,31 @@ def main():
     args = parser.parse_args()
     if args.no_cudnn_sdp:
         torch.backends.cuda.enable_cudnn_sdp(False)
-    torch._dynamo.config.cache_size_limit = 64
-    # every batch size gets its own graph with static shapes (CUDA graphs), rather than a dynamic-shape recompilation
-    torch._dynamo.config.automatic_dynamic_shapes = False
+    # every batch size gets its own graph with static shapes (CUDA graphs), rather than a dynamic-shape recompilation;
+    # the user row keeps Dynamo's defaults
+    ours = dict(cache_size_limit=64, automatic_dynamic_shapes=False)
+    defaults = {key: getattr(torch._dynamo.config, key) for key in ours}
     profiles = []
     info = dict(environment(), cudnn_sdp=torch.backends.cuda.cudnn_sdp_enabled())
     print(json.dumps(info), flush=True)
     records = []
     for name in args.models:
         model = build(name).eval()
+        user = name == "colt5-hf/user"
+        for key, value in (defaults if user else ours).items():
+            setattr(torch._dynamo.config, key, value)
         for batch in args.batches:
-            record = {"model": name, "batch": batch, "length": args.length, "new_tokens": args.new_tokens}
+            record = {"model": name, "batch": batch, "length": args.length, "new_tokens": args.new_tokens,
+                      "device": info["device"]}
+            if name.startswith("colt5-hf"):
+                record.update(attn_implementation=model.config._attn_implementation,
+                              encoder_compile=getattr(model.config, "encoder_compile", None))
             generator = torch.Generator(device="cuda").manual_seed(batch)
             input_ids = torch.randint(2, LARGE["vocab_size"], (batch, args.length), device="cuda", generator=generator)
             attention_mask = torch.ones_like(input_ids)
-            options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                           num_beams=1)
+            options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+            if not user:
+                options.update(do_sample=False, num_beams=1)
             static = name.endswith("/static")
             if static:
                 options["cache_implementation"] = "static"
@@ -133,8 +157,15 @@ def main():
             try:
                 with torch.no_grad():
                     # warm-up: the encoder's compilation; for the static cache the decoding step's compilation and
-                    # CUDA graph capture, at the timed call's shapes (same batch, length and max_new_tokens)
-                    warm_s, _ = timed(lambda: generate() if static else generate(max_new_tokens=4, min_new_tokens=4))
+                    # CUDA graph capture, at the timed call's shapes (same batch, length and max_new_tokens). The
+                    # user row's is its first call, whose outputs name the cache that generate() chose.
+                    if user:
+                        warm_s, first = timed(lambda: generate(return_dict_in_generate=True))
+                        record.update(first_call_s=warm_s, cache=cache_name(first))
+                        del first
+                    else:
+                        warm_s, _ = timed(lambda: generate() if static else generate(max_new_tokens=4,
+                                                                                     min_new_tokens=4))
                     encoder_s, _ = timed(lambda: model.get_encoder()(input_ids=input_ids,
                                                                      attention_mask=attention_mask))
                     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -156,7 +187,7 @@ def main():
         model = None  # frees its memory (the generate closure reads the same variable)
         free_memory()
     print(f"{'model':32s} {'batch':>5s} {'s/sample':>9s} {'total s':>8s} {'encoder s':>9s} {'decode ms/token':>15s} "
-          f"{'warm-up s':>9s}")
+          f"{'warm-up s':>9s}  (colt5-hf/user: warm-up = its first call)")
     for r in records:
         if "error" in r:
             print(f"{r['model']:32s} {r['batch']:5d} {r['error']}")
