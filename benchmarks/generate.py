@@ -40,10 +40,11 @@ def build(name):
     if name.startswith("colt5-hf"):
         from colt5_hf import CoLT5ForConditionalGeneration
 
-        config = colt5_large_config(num_layers=24, num_decoder_layers=24)
+        user = name == "colt5-hf/user"  # the model's own choices; the other rows choose by hand, without its compiling
+        config = colt5_large_config(num_layers=24, num_decoder_layers=24, encoder_compile="auto" if user else "off")
         with torch.device("cuda"):
             model = CoLT5ForConditionalGeneration(config).to(torch.bfloat16)
-        if name == "colt5-hf/user":  # the model's own choices
+        if user:
             return model
         model.config._attn_implementation = name.split("/")[1]
         if name.endswith("/static"):  # the whole fast path: compiled encoder blocks too (see README, Performance)
