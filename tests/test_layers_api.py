@@ -302,8 +302,8 @@ def test_routed_attention_matches_reference_one_route(implementation):
 # ------------------------------------------------------------- where 0.2.2 is broken: its failures, and ours vs dense
 
 
-def test_reference_bugs_that_the_readme_names():
-    """The README's claims about colt5-attention 0.2.2, checked on the installed 0.2.2."""
+def test_reference_bugs_that_the_docs_name():
+    """The bugs docs/colt5-attention.md lists for colt5-attention 0.2.2, checked on the installed 0.2.2."""
     dim = 16
     torch.manual_seed(8)
     generator = torch.Generator().manual_seed(9)
