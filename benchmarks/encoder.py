@@ -31,8 +31,8 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
                               forward+backward (the record counts the graphs that fell back to no CUDA graphs)
   colt5-hf/autotuned-<impl>   the same under mode="max-autotune": CUDA graphs, and inductor choosing each matmul
                               between cuBLAS and its Triton templates (which can take the elementwise work that
-                              follows into their epilogue) by timing them; compiles for minutes (run L, H100: forward
-                              slower than reduce-overhead, forward+backward failed while autotuning)
+                              follows into their epilogue) by timing them; compiles for minutes (H100, torch 2.11:
+                              forward slower than reduce-overhead, forward+backward failed while autotuning)
   colt5-hf/cudagraphs-stack-<impl>  the whole stack compiled as one graph, torch.compile(encoder, fullgraph=True,
                               dynamic=False, mode="reduce-overhead"): one CUDA graph for the forward and one for the
                               backward instead of one per block (no host time and no input copies between the
@@ -65,7 +65,7 @@ from common import LARGE, colt5_large_config, cuda_time, environment, error_text
 
 # The default rows, CUDA graphs last (their memory pool outlives the stack); the whole list runs in about 7 minutes on
 # an H200, most of it compiling (each compiled row compiles a forward and a forward+backward graph per n).
-# colt5-hf/eager and colt5-hf/flex+eager-cd (the eager paths, measured in run A) run when named in --models.
+# colt5-hf/eager and colt5-hf/flex+eager-cd (the eager reference paths) run when named in --models.
 MODELS = ["colt5-hf/flex_attention", "colt5-hf/compiled-flex_attention", "longt5-local", "colt5-hf/compiled-sdpa",
           "reference", "longt5-tglobal", "colt5-hf/sdpa", "t5", "colt5-hf/cudagraphs-flex_attention"]
 OTHER_MODELS = ["colt5-hf/default-sdpa", "colt5-hf/default-flex_attention", "colt5-hf/fast-sdpa",

@@ -4,7 +4,7 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
 - a router's top-k selection: the stable sort (main's routers), topk (timing only: another tie rule), and the Triton kernel
   behind `routing.top_k_positions`; under CUDA graph replay (launches excluded) and eagerly;
 - the heavy attention's relative-position bias with SDPA, compiled, forward and forward+backward:
-    head          bucket arithmetic per (query, key) pair in int64, one-hot product for the gradient (run I's model)
+    head          bucket arithmetic per (query, key) pair in int64, one-hot product for the gradient (the baseline)
     int32         the same arithmetic in int32
     offset-table  one bucket per offset (an int8 table of 2n - 1 entries) gathered per pair, one-hot gradient
     index-add     one bias row per offset gathered per pair; gradient by atomic adds into the offset table
@@ -13,8 +13,8 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
   and through flex attention instead of SDPA, no (b, h, m, m_kv) bias tensor at all:
     flex          the score modification adds a bias-per-offset table (h, 2n - 1) entry, -inf at invalid key slots
                   (a per-sample count, passed in); the table's gradient by flex attention's atomic adds
-    flex-count    the same with the count computed inside the graph from a key mask (session 10's run G failed to
-                  lower such a score modification in no-grad graphs)
+    flex-count    the same with the count computed inside the graph from a key mask (inductor in torch 2.11 could
+                  not lower a score modification reading per-sample counts in no-grad graphs)
   and the model's path in training without dropout:
     kernel        SDPA with the bias detached (no (b, h, m, m_kv) bias gradient), the bias weights' gradient from
                   `kernels.HeavyBiasGradient` (the probabilities recomputed tile by tile, summed per bucket)
@@ -358,7 +358,7 @@ def time_selection(base, record):
                     dim=-1, descending=True, stable=True).indices[..., :k_max],
                 "topk": lambda: scores.masked_fill(~mask, float("-inf")).topk(k_max, sorted=False).indices,
             }
-            if n <= RESIDENT_ROW:  # longer rows take the sort (run I: the streaming kernel lost to it)
+            if n <= RESIDENT_ROW:  # longer rows take the sort (a kernel streaming them through L2 lost to it)
                 variants["triton select"] = lambda: fused_top_k_positions(scores, mask, k, k_max)
             for name, fn in variants.items():
                 line = {"variant": name, "n": n, "rows": rows, "graph_ms": graph_ms(fn), "eager_ms": events_ms(fn)}
@@ -421,7 +421,7 @@ def time_bias_kernel(n, record):
     table, out = weight.to(q.dtype), torch.randn_like(q)
     print(f"\n{'bias gradient kernels':42} {'graph ms':>9}  (n={n}, 1024 x 2048 x 12 heads x 64, bf16)")
     # (query tile, key tile, key tiles per split, warps, stages, maxnreg) of the far sums, (query tile, warps) of the
-    # near sums; run N's launch first, the model's since run O third
+    # near sums; the model's is the third
     variants = [(64, 32, 8, 4, 1, 128, 64, 4), (64, 32, 8, 4, 1, 128, 32, 4), (64, 32, 8, 4, 1, 128, 32, 2),
                 (64, 32, 8, 4, 1, 128, 16, 4), (64, 32, 8, 4, 1, 128, 16, 2), (64, 64, 4, 4, 1, 128, 16, 4),
                 (64, 32, 8, 4, 2, 128, 16, 4), (64, 32, 4, 4, 1, 128, 16, 4)]

@@ -362,7 +362,7 @@ if triton is not None:
         rows, n = scores.shape
         out = torch.empty(rows, k_max, dtype=torch.long, device=scores.device)
         block, _, num_warps = _forward_layout(n)
-        with torch.cuda.device(scores.device):  # at 16k tokens 8 warps beat 16 (RESULTS.md run L)
+        with torch.cuda.device(scores.device):  # at 16k tokens 8 warps beat 16 (measured on an H100)
             _select_top_k[(rows,)](scores, mask, k, out, n, k_max, BLOCK=block, COLUMNS=SELECT_COLUMNS,
                                    num_warps=min(num_warps, 8))
         return out
@@ -374,7 +374,7 @@ if triton is not None:
     def fused_top_k_positions(scores, mask, k, k_max: int):
         """`routing.top_k_positions` in one Triton launch, same arguments and result, for rows of at most RESIDENT_ROW
         tokens. (Longer rows would have to stream through L2 in each of the 34 passes; that lost to the sort: 0.19 ms
-        against 0.05-0.08 ms at 32k tokens on an H100, benchmarks/RESULTS.md run I.)"""
+        against 0.05-0.08 ms at 32k tokens on an H100.)"""
         n = scores.shape[-1]
         if n > RESIDENT_ROW:
             raise ValueError(f"the top-k kernel takes rows of at most {RESIDENT_ROW} tokens, got {n}")
@@ -563,8 +563,7 @@ if triton is not None:
         # then, in the key tiles holding pairs nearer than reach (found from tile_bounds, visited from the first to
         # the last of them: a few when the positions are sorted), P, dP = dO v^T and dS = P (dP - rowsum(dO O)) of
         # those pairs summed per row and bucket in registers; the program adds its sums per bucket atomically at the
-        # end (one add per pair took 136 us at 16k tokens on an H100, RESULTS.md run N: every program adds to the same
-        # few lines)
+        # end (one add per pair took 136 us at 16k tokens on an H100: every program adds to the same few lines)
         batch, head, rows, row_inside, query, grad, delta, q_position, q_first, q_last = _heavy_query_block(
             q_ptr, out_ptr, grad_ptr, q_position_ptr, q_strides, out_strides, grad_strides, m, heads, D, BM)
         key_ptr = k_ptr + batch.to(tl.int64) * k_strides[0] + head * k_strides[1]
@@ -621,11 +620,11 @@ if triton is not None:
         tl.atomic_add(grad_table_ptr + buckets * heads + head, totals, mask=buckets < num_buckets)
 
     # tiles of the bias gradient kernels: 64 queries x 32 keys, 8 key tiles per split of _heavy_far_sums (at 16k
-    # tokens the 2048 routed keys in 8 splits), 4 warps, 1 stage, at most 128 registers a thread (RESULTS.md run N;
-    # offline sm_90a compiles: 111 registers, none spilled, 4 programs per SM; float32 keeps its registers, 128 would
-    # spill 1.8 KB). _heavy_near_sums: 32 queries a program, 2 warps, its registers as they come (255, none spilled):
-    # 0.120 ms for both launches against 0.142 with 64 queries and 4 warps (RESULTS.md run O, H100); its query tile
-    # need not be the far sums'.
+    # tokens the 2048 routed keys in 8 splits), 4 warps, 1 stage, at most 128 registers a thread (the fastest launch
+    # tried on an H100; offline sm_90a compiles: 111 registers, none spilled, 4 programs per SM; float32 keeps its
+    # registers, 128 would spill 1.8 KB). _heavy_near_sums: 32 queries a program, 2 warps, its registers as they come
+    # (255, none spilled): 0.120 ms for both launches against 0.142 with 64 queries and 4 warps (on an H100); its query
+    # tile need not be the far sums'.
     HEAVY_QUERY_TILE, HEAVY_KEY_TILE, HEAVY_KEY_TILES = 64, 32, 8
     HEAVY_FAR_OPTIONS = dict(num_warps=4, num_stages=1, maxnreg=128)
     HEAVY_NEAR_QUERY_TILE, HEAVY_NEAR_WARPS = 32, 2
@@ -694,7 +693,7 @@ class BucketBias(torch.autograd.Function):
     product with a one-hot matrix), instead of the sort-based scatter of an indexing backward, which is slow for
     millions of positions falling into a few dozen buckets (the heavy attention's relative position bias). Heads
     first, the gather writes the (h, ...) bias contiguously: as a (..., h) embedding lookup permuted to heads first,
-    the heavy attention's bias build took 2.4x as long (benchmarks/RESULTS.md run J)."""
+    the heavy attention's bias build took 2.4x as long (0.069 against 0.029 ms at 16k tokens on an H100)."""
 
     @staticmethod
     def forward(ctx, bucket, weight):
@@ -744,7 +743,7 @@ if flex_attention is not None:
     # and in float32 at 128 the forward's buffers would outgrow shared memory). Forward: 128 queries x 64 keys, 4 warps
     # (inductor's default for bf16 at head dim 64 on sm90, 128 x 128, took 0.188 ms for the Large light attention at
     # 16k on an H100, these 0.082); backward: 64 x 64 tiles, 4 warps (forward+backward 0.265 ms against 0.282 with
-    # inductor's 64 x 128, 8 warps). RESULTS.md run K.
+    # inductor's 64 x 128, 8 warps), measured with benchmarks/parts.py --only local.
     LOCAL_KERNEL_OPTIONS = dict(
         fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3,
         bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64, bwd_num_warps=4, bwd_num_stages=3,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on a machine with 2 GPUs: the same training on one GPU, with DDP and with FSDP (accelerate launch), through
+# On a machine with 2 GPUs, checks that DDP and FSDP (accelerate launch) train the same model as one GPU, through
 # examples/train_multi_gpu.py and through the `colt5-hf train` command; then the 2-GPU device_map test and the CUDA
 # Trainer mixed-precision tests. Logs and run records go to $OUT (default runs/multi-gpu).
 #

@@ -75,8 +75,8 @@ def test_compiled_encoder_matches_eager(implementation, dtype):
 
 def test_compiled_encoder_beyond_the_selection_kernels_rows_matches_eager():
     """At 20000 tokens, more than the Triton selection kernel holds (routing.RESIDENT_ROW), the routers select through
-    top_k_positions' sorts, traced into the graph: it compiles (run P, H200: inductor failed to generate code for the
-    earlier scatter-and-cumsum version at 32768 tokens) and equals eager, outputs and gradients."""
+    top_k_positions' sorts, traced into the graph: it compiles (inductor in torch 2.11 failed to generate code for
+    a scatter-and-cumsum version at 32768 tokens) and equals eager, outputs and gradients."""
     assert routing.RESIDENT_ROW < 20000
     encoder = small_encoder(torch.float32).train()
     encoder.config._attn_implementation = "flex_attention"
