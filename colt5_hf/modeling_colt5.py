@@ -5,6 +5,7 @@ Decoder layers: T5.1.1 causal self-attention, multi-route (multi-query by defaul
 """
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -1022,9 +1023,13 @@ class CoLT5PreTrainedModel(PreTrainedModel):
 
 
 class CoLT5EncoderModel(CoLT5PreTrainedModel):
-    """The CoLT5 encoder alone: token ids to contextual hidden states."""
+    """The CoLT5 encoder alone: token ids to contextual hidden states. As T5EncoderModel, its config says so
+    (`is_encoder_decoder=False`, `use_cache=False`): a copy of the given one, which may be an encoder-decoder's."""
 
     def __init__(self, config: CoLT5Config):
+        config = copy.deepcopy(config)
+        config.is_encoder_decoder = False
+        config.use_cache = False
         super().__init__(config)
         self.encoder = CoLT5Encoder(config)
         self.post_init()
@@ -1036,10 +1041,20 @@ class CoLT5EncoderModel(CoLT5PreTrainedModel):
         )
 
 
+def check_encoder_decoder(model_class, config):
+    if not config.is_encoder_decoder:
+        raise ValueError(
+            f"{model_class.__name__} is an encoder-decoder, but its config has is_encoder_decoder=False (a "
+            "CoLT5EncoderModel's config): load it with CoLT5EncoderModel, or pass is_encoder_decoder=True and "
+            "use_cache=True to add a decoder to the encoder"
+        )
+
+
 class CoLT5Model(CoLT5PreTrainedModel):
     """The bare CoLT5 encoder-decoder, returning the decoder's last hidden states."""
 
     def __init__(self, config: CoLT5Config):
+        check_encoder_decoder(type(self), config)
         super().__init__(config)
         self.encoder = CoLT5Encoder(config)
         self.decoder = CoLT5Decoder(config)
@@ -1107,6 +1122,7 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
     _can_compile_fullgraph = True
 
     def __init__(self, config: CoLT5Config):
+        check_encoder_decoder(type(self), config)
         super().__init__(config)
         self.encoder = CoLT5Encoder(config)
         self.decoder = CoLT5Decoder(config)

@@ -1,0 +1,65 @@
+"""Transformers' common model checks (its tests/test_modeling_common.py and generation tester, run on every built-in
+model, T5 among them), written here for CoLT5 where test_modeling.py, test_generation.py, test_training.py and
+test_ecosystem.py do not make them already; and the contract of built-in T5 that issue 21 lists: an encoder model's
+config, attention weights under SDPA, switching the attention implementation, weights that take gradients, the
+renamed cache argument, float32 output projections in float16.
+
+Where a check as Transformers writes it cannot hold for a routed model, the test says why and checks what does.
+"""
+
+import json
+
+import pytest
+import torch
+
+from colt5_hf import CoLT5Config, CoLT5EncoderModel, CoLT5ForConditionalGeneration, CoLT5Model
+from tiny import build, tiny_config, tiny_values
+
+
+LENGTHS = (45, 31, 20)  # longer than the tiny preset's minimum routed count (4): every router leaves tokens out
+ROUTED = dict(num_cross_attention_routes=2, cross_attention_fraction=0.5)
+
+
+def padded_batch(lengths=LENGTHS, seed=0):
+    """Right-padded ids in [2, 384) (random tokens in the padding too: the mask alone must hide it) and the mask."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, 384, (len(lengths), max(lengths)), generator=generator)
+    attention_mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
+    return input_ids, attention_mask
+
+
+def decoder_ids(batch, length, seed=1):
+    return torch.randint(2, 384, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------- the encoder model
+
+
+@torch.no_grad()
+def test_encoder_model_config_is_encoder_only_and_round_trips(tmp_path):
+    """As T5EncoderModel: the encoder's config says is_encoder_decoder=False and use_cache=False, saves so and loads
+    back; the seq2seq config it was built from is left as it was."""
+    config = tiny_config()
+    torch.manual_seed(0)
+    encoder = CoLT5EncoderModel(config).eval()
+    assert (encoder.config.is_encoder_decoder, encoder.config.use_cache) == (False, False)
+    assert (config.is_encoder_decoder, config.use_cache) == (True, True)
+    encoder.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["is_encoder_decoder"], saved["use_cache"]) == (False, False)
+
+    loaded = CoLT5EncoderModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.is_encoder_decoder is False
+    input_ids, attention_mask = padded_batch()
+    expected = encoder(input_ids, attention_mask).last_hidden_state
+    assert torch.equal(loaded(input_ids, attention_mask).last_hidden_state, expected)
+    assert CoLT5Config.from_pretrained(tmp_path).is_encoder_decoder is False
+
+    # an encoder's config is no encoder-decoder's: loading one into a seq2seq class says how to add the decoder
+    with pytest.raises(ValueError, match="CoLT5ForConditionalGeneration is an encoder-decoder.*is_encoder_decoder"):
+        CoLT5ForConditionalGeneration.from_pretrained(tmp_path)
+    seq2seq = CoLT5ForConditionalGeneration.from_pretrained(tmp_path, is_encoder_decoder=True, use_cache=True).eval()
+    assert torch.equal(seq2seq.encoder(input_ids, attention_mask).last_hidden_state, expected)
+    with pytest.raises(ValueError, match="`is_encoder_decoder` must be True or False"):
+        tiny_config(is_encoder_decoder="yes")
+    assert CoLT5Config(**tiny_values(), is_encoder_decoder=False).is_encoder_decoder is False
