@@ -6,6 +6,7 @@ Decoder layers: T5.1.1 causal self-attention, multi-route (multi-query by defaul
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import AttentionInterface
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_colt5 import CoLT5Config
 from .routing import CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together
@@ -47,6 +49,22 @@ logger = logging.get_logger(__name__)
 
 # Transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; support both.
 CACHE_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
+
+
+def takes_cache_argument(forward):
+    """The cache argument of a seq2seq forward is `cache`. Where Transformers has renamed it (5.24), the old name
+    `past_key_values` is taken with the FutureWarning of the built-in models (their own decorator); before, it is the
+    name `generate` passes, taken as `cache` silently."""
+    if CACHE_FIELD == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def forward_taking_past_key_values(*args, past_key_values=None, **kwargs):
+        if past_key_values is not None and kwargs.get("cache") is None:
+            kwargs["cache"] = past_key_values
+        return forward(*args, **kwargs)
+
+    return forward_taking_past_key_values
 
 
 def mask_value(dtype):
@@ -1060,14 +1078,13 @@ class CoLT5Model(CoLT5PreTrainedModel):
         self.decoder = CoLT5Decoder(config)
         self.post_init()
 
+    @takes_cache_argument
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, cache=None, inputs_embeds=None, decoder_inputs_embeds=None, use_cache=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None, past_key_values=None,
-                **kwargs):
+                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         outputs = encode_decode(
-            self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
-            cache if cache is not None else past_key_values, inputs_embeds, decoder_inputs_embeds, use_cache,
-            output_attentions, output_hidden_states,
+            self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs, cache,
+            inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states,
         )
         return outputs if (return_dict is None or return_dict) else outputs.to_tuple()
 
@@ -1147,10 +1164,11 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
             return attention_mask
         return F.pad(attention_mask, (0, cache.get_max_length(0) - attention_mask.shape[-1]), value=1)
 
+    @takes_cache_argument
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, cache=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                past_key_values=None, num_items_in_batch=None, **kwargs):
+                num_items_in_batch=None, **kwargs):
         r"""
         labels (`(batch, target_length)`, -100 where no loss): the loss is the token-level cross-entropy summed and
         divided by `num_items_in_batch` when Trainer passes it (gradient accumulation), else averaged over the
@@ -1159,9 +1177,8 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
         outputs = encode_decode(
-            self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
-            cache if cache is not None else past_key_values, inputs_embeds, decoder_inputs_embeds, use_cache,
-            output_attentions, output_hidden_states,
+            self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs, cache,
+            inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states,
         )
         sequence_output = outputs.last_hidden_state
         if self.config.tie_word_embeddings:

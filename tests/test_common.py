@@ -8,11 +8,15 @@ Where a check as Transformers writes it cannot hold for a routed model, the test
 """
 
 import json
+import warnings
 
 import pytest
 import torch
+from transformers import T5Config, T5ForConditionalGeneration
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from colt5_hf import CoLT5Config, CoLT5EncoderModel, CoLT5ForConditionalGeneration, CoLT5Model
+from colt5_hf.modeling_colt5 import CACHE_FIELD
 from tiny import build, tiny_config, tiny_values
 
 
@@ -60,6 +64,55 @@ def test_encoder_model_config_is_encoder_only_and_round_trips(tmp_path):
         CoLT5ForConditionalGeneration.from_pretrained(tmp_path)
     seq2seq = CoLT5ForConditionalGeneration.from_pretrained(tmp_path, is_encoder_decoder=True, use_cache=True).eval()
     assert torch.equal(seq2seq.encoder(input_ids, attention_mask).last_hidden_state, expected)
-    with pytest.raises(ValueError, match="`is_encoder_decoder` must be True or False"):
-        tiny_config(is_encoder_decoder="yes")
     assert CoLT5Config(**tiny_values(), is_encoder_decoder=False).is_encoder_decoder is False
+
+
+# ------------------------------------------------------------------------------------------ the cache argument
+
+
+def future_warnings(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+
+@torch.no_grad()
+def test_past_key_values_takes_the_cache_with_the_warning_of_built_in_models():
+    """Transformers 5.24 renamed the cache argument to `cache`: from then on the old name works and warns, in the same
+    words as for T5; before, `past_key_values` is the name (generate passes it) and does not warn."""
+    model = build(**ROUTED)
+    input_ids, attention_mask = padded_batch()
+    decoder_input_ids = decoder_ids(3, 4)
+    encoder_outputs = model.get_encoder()(input_ids, attention_mask)
+
+    def step(**cache_argument):
+        return model(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
+                     decoder_input_ids=decoder_input_ids, use_cache=True, **cache_argument)
+
+    old_name, new_name = (EncoderDecoderCache(DynamicCache(), DynamicCache()) for _ in range(2))
+    through_old_name, messages = future_warnings(lambda: step(past_key_values=old_name))
+    assert old_name.get_seq_length() == 4  # the cache passed under the old name is the one the decoder filled
+    if CACHE_FIELD == "cache":
+        torch.testing.assert_close(through_old_name.logits, step(cache=new_name).logits, rtol=0, atol=0)
+        t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=8, num_layers=1,
+                                                 num_heads=2, decoder_start_token_id=0)).eval()
+        t5_cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        _, t5_messages = future_warnings(lambda: t5(input_ids=input_ids[:, :5] % 32,
+                                                    decoder_input_ids=decoder_input_ids % 32, past_key_values=t5_cache))
+        assert len(t5_messages) == 1
+        assert messages == [t5_messages[0].replace("T5ForConditionalGeneration", "CoLT5ForConditionalGeneration")]
+    else:
+        assert messages == []
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=2), dict(cache_implementation="static")],
+                         ids=["greedy", "beam", "static-cache"])
+@torch.no_grad()
+def test_generate_emits_no_future_warning(mode):
+    model = build(**ROUTED)
+    input_ids, attention_mask = padded_batch()
+    generated, messages = future_warnings(lambda: model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False, **mode
+    ))
+    assert generated.shape[1] > 1 and messages == []
