@@ -905,6 +905,9 @@ class CoLT5PreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["CoLT5EncoderBlock", "CoLT5DecoderBlock"]
+    # T5's: loaded in float16, the feed-forward output projections stay float32 (`CoLT5GatedFeedForward` casts their
+    # input), where T5.1.1's activations would overflow
+    _keep_in_fp32_modules = ["wo"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = True

@@ -116,3 +116,29 @@ def test_generate_emits_no_future_warning(mode):
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False, **mode
     ))
     assert generated.shape[1] > 1 and messages == []
+
+
+# --------------------------------------------------------------------------------------------------- float16
+
+
+@torch.no_grad()
+def test_float16_loading_keeps_the_output_projections_in_float32(tmp_path):
+    """T5's `_keep_in_fp32_modules = ["wo"]`: loaded in float16, every feed-forward's `wo` stays float32 (its input is
+    cast to it) and everything else is float16; the forward and generate run and stay close to float32. bfloat16
+    needs no such exception and loads whole."""
+    model = build(**ROUTED)
+    model.save_pretrained(tmp_path)
+    half = CoLT5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    kept = [name for name, parameter in half.named_parameters() if parameter.dtype == torch.float32]
+    assert kept and all("wo" in name.split(".") for name in kept)
+    assert len(kept) == 2 * model.config.num_layers + model.config.num_decoder_layers  # light, heavy; decoder
+    assert all(p.dtype == torch.float16 for name, p in half.named_parameters() if name not in kept)
+    input_ids, attention_mask = padded_batch()
+    decoder_input_ids = decoder_ids(3, 5)
+    logits = half(input_ids, attention_mask, decoder_input_ids=decoder_input_ids).logits
+    expected = model(input_ids, attention_mask, decoder_input_ids=decoder_input_ids).logits
+    assert torch.isfinite(logits).all()
+    assert ((logits.float() - expected).norm() / expected.norm()).item() < 1e-2
+    assert half.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=3).shape[1] > 1
+    bf16 = CoLT5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(parameter.dtype == torch.bfloat16 for parameter in bf16.parameters())
