@@ -161,11 +161,11 @@ def key_chunks(keys: int) -> int:
 
 
 def chunked_attention(query, key, value, bias, chunks: int):
-    """`eager_attention_forward`'s softmax(q k^T + bias) v (no dropout) over `chunks` equal chunks of the keys (flash-decoding): per chunk
-    the row maximum, the sum of exponentials and their product with the values, then the chunks combined exactly. A
-    decoding step's few queries against a long cross-attention cache then run as (batch x heads x chunks) small
-    matmuls, where one product per (batch, head) over every key keeps most of the GPU's SMs idle. Shapes as
-    `eager_attention_forward`'s.
+    """`eager_attention_forward`'s softmax(q k^T + bias) v (no dropout) over `chunks` equal chunks of the keys
+    (flash-decoding): per chunk the row maximum, the sum of exponentials and their product with the values, then the
+    chunks combined exactly. A decoding step's few queries against a long cross-attention cache then run as (batch x
+    heads x chunks) small matmuls, where one product per (batch, head) over every key keeps most of the GPU's SMs
+    idle. Shapes as `eager_attention_forward`'s.
     """
     precision = torch.promote_types(query.dtype, torch.float32)
 
@@ -383,7 +383,7 @@ class CoLT5HeavyAttention(nn.Module):
     def forward(self, hidden_states, q_routing, kv_routing, bias_weight):
         # hidden_states: (b, n, d) normalised; routings: one route each; bias_weight: (buckets, h)
         query, key, value = self.heads(hidden_states, q_routing, kv_routing)
-        weight = bias_weight.to(query.dtype)
+        weight = bias_weight.to(hidden_states.dtype)
         dropout = self.config.dropout_rate if self.training else 0.0
         # the bias table's gradient from its own kernel, the attention run without one (see kernels.HeavyBiasGradient)
         bias_gradient_kernel = (
@@ -484,7 +484,7 @@ class CoLT5RoutedSelfAttention(nn.Module):
         light_probs = attention_probabilities(light_query, light_key, light_bias)  # (b, h, nb, block, 3 * block)
         q_routing, kv_routing = route_together([self.q_router, self.kv_router], hidden_states, mask)
         heavy_query, heavy_key, heavy_value = heavy.heads(hidden_states, q_routing, kv_routing)
-        heavy_bias = heavy.position_bias(q_routing, kv_routing, heavy_bias_weight.to(heavy_query.dtype))
+        heavy_bias = heavy.position_bias(q_routing, kv_routing, heavy_bias_weight.to(hidden_states.dtype))
         heavy_probs = attention_probabilities(heavy_query, heavy_key, heavy_bias)  # (b, h, m, m_kv)
 
         light_layout = light.weights_layout(n, hidden_states.device)
@@ -806,7 +806,7 @@ class CoLT5Encoder(nn.Module):
             hidden_states=all_hidden_states if output_hidden_states else None,
             attentions=all_attentions if output_attentions else None,
         )
-        return outputs if (return_dict is None or return_dict) else outputs.to_tuple()
+        return outputs if (self.config.return_dict if return_dict is None else return_dict) else outputs.to_tuple()
 
 
 class CoLT5Decoder(nn.Module):
@@ -1089,7 +1089,7 @@ class CoLT5Model(CoLT5PreTrainedModel):
             self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs, cache,
             inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states,
         )
-        return outputs if (return_dict is None or return_dict) else outputs.to_tuple()
+        return outputs if (self.config.return_dict if return_dict is None else return_dict) else outputs.to_tuple()
 
 
 def encode_decode(model, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
@@ -1208,7 +1208,7 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
             encoder_attentions=outputs.encoder_attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
-        return result if (return_dict is None or return_dict) else result.to_tuple()
+        return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
 
 
 # Hub custom code: save_pretrained copies the code next to the weights (see CoLT5PreTrainedModel.save_pretrained)
