@@ -156,11 +156,9 @@ class CoLT5Config(PreTrainedConfig):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"CoLT5Config: `{name}` must be a positive number, got {value!r}")
-        for name in ("router_straight_through", "use_cache", "tie_word_embeddings"):
+        for name in ("router_straight_through", "use_cache", "tie_word_embeddings", "is_encoder_decoder"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CoLT5Config: `{name}` must be True or False, got {getattr(self, name)!r}")
-        if self.is_encoder_decoder is not True:
-            raise ValueError(f"CoLT5Config: `is_encoder_decoder` must be True, got {self.is_encoder_decoder!r}")
         if self.dense_act_fn not in ACT2FN:
             raise ValueError(f"CoLT5Config: `dense_act_fn` must be an activation of ACT2FN, got {self.dense_act_fn!r}")
         if self.max_input_length is not None:

@@ -24,16 +24,17 @@ from transformers import initialization as init
 
 from .configuration_colt5 import ROUTER_TYPES, CoLT5Config
 from .modeling_colt5 import (
+    ALL_ATTENTION_FUNCTIONS,
     CoLT5GatedFeedForward,
     CoLT5HeavyAttention,
     CoLT5LayerNorm,
     CoLT5LocalAttention,
     CoLT5PreTrainedModel,
-    attend,
     bias_table_rows,
     branch_bias_tables,
     check_implementation,
     check_mask,
+    eager_attention_forward,
     mask_value,
 )
 from .routing import CoLT5Router, gather_route_heads, gather_tokens, route_together, scatter_tokens
@@ -58,8 +59,7 @@ def layer_config(dim, router_type, router_kwargs, router_straight_through, attn_
     router_fields = {names[key]: value for key, value in (router_kwargs or {}).items()}
     config = CoLT5Config(d_model=dim, router_type=router_type, router_straight_through=router_straight_through,
                          dropout_rate=0.0, **router_fields, **fields)
-    config._attn_implementation = attn_implementation
-    check_implementation(config, output_attentions=False)
+    config._attn_implementation = check_implementation(attn_implementation)
     return config
 
 
@@ -147,12 +147,11 @@ class ConditionalRoutedAttention(nn.Module):
         config, mask = self.config, input_mask(x, mask)
         hidden_states = self.norm(x)
         light_bias_table, heavy_bias_weight = branch_bias_tables(config, self.relative_attention_bias, self.bias_rows)
-        implementation = config._attn_implementation
-        light, _ = self.light_attention(hidden_states, mask, light_bias_table, implementation)
+        light = self.light_attention(hidden_states, mask, light_bias_table)
         q_routing, kv_routing = route_together(
             [self.q_router, self.kv_router], hidden_states, mask, [num_heavy_tokens_q, num_heavy_tokens_kv]
         )
-        heavy, _ = self.heavy_attention(hidden_states, q_routing, kv_routing, heavy_bias_weight, implementation)
+        heavy = self.heavy_attention(hidden_states, q_routing, kv_routing, heavy_bias_weight)
         return light + scatter_tokens(heavy, q_routing.indices[:, 0], x.shape[1])
 
 
@@ -212,7 +211,8 @@ class ConditionalRoutedCrossAttention(nn.Module):
         key, value = (gather_route_heads(t, kv_routing, self.config.d_kv) for t in (self.k(context), self.v(context)))
         keep = kv_routing.valid[:, :, None, None, :]  # (b, r, 1, 1, k)
         bias = torch.zeros(keep.shape, dtype=query.dtype, device=x.device).masked_fill(~keep, mask_value(query.dtype))
-        out, _ = attend(query, key, value, bias, 0.0, self.config._attn_implementation)  # (b, r, h / r, m, d_kv)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(self, query, key, value, bias)  # (b, r, h / r, m, d_kv)
         out = self.o(out.permute(0, 3, 1, 2, 4).flatten(2)) * q_routing.weights[:, 0, :, None].to(x.dtype)
         return scatter_tokens(out, q_index, t)
 

@@ -5,9 +5,12 @@ Decoder layers: T5.1.1 causal self-attention, multi-route (multi-query by defaul
 """
 
 import contextlib
+import copy
+import functools
 import json
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,9 @@ from transformers.modeling_outputs import (
     Seq2SeqLMOutput,
     Seq2SeqModelOutput,
 )
+from transformers.modeling_utils import AttentionInterface
+from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_colt5 import CoLT5Config
 from .fast_path import CompileReport, compiled_encoder_layer, encoder_compile_mode, length_bucket, own_gradients
@@ -40,8 +46,26 @@ except ImportError:
         return weight.t()[:, bucket]
 
 
+logger = logging.get_logger(__name__)
+
 # Transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; support both.
 CACHE_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
+
+
+def takes_cache_argument(forward):
+    """The cache argument of a seq2seq forward is `cache`. Where Transformers has renamed it (5.24), the old name
+    `past_key_values` is taken with the FutureWarning of the built-in models (their own decorator); before, it is the
+    name `generate` passes, taken as `cache` silently."""
+    if CACHE_FIELD == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def forward_taking_past_key_values(*args, past_key_values=None, **kwargs):
+        if past_key_values is not None and kwargs.get("cache") is None:
+            kwargs["cache"] = past_key_values
+        return forward(*args, **kwargs)
+
+    return forward_taking_past_key_values
 
 
 def mask_value(dtype):
@@ -80,35 +104,52 @@ SDPA_MIN_QUERIES = 64
 CHUNKED_MIN_KEYS = 1024  # from this many keys on, few queries take chunked_attention (measured at 16k and 64k keys)
 
 
-def attend(query, key, value, bias, dropout: float, implementation: str):
-    """T5 attention, unscaled: softmax(q k^T + bias) v.
+def attention_probabilities(query, key, bias):
+    """softmax(q k^T + bias) over the keys, unscaled (T5), computed in float32 at least (a float64 bias must stay
+    finite), in the query's dtype. query (b, ..., q, d); key (b, ..., k, d); bias broadcastable to (b, ..., q, k),
+    holding the relative position bias and `mask_value` at masked keys. Returns (b, ..., q, k)."""
+    precision = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.matmul(query, key.transpose(-1, -2)).to(precision) + bias.to(precision)
+    return scores.softmax(-1).to(query.dtype)
 
-    query (b, ..., q, d); key, value (b, ..., k, d) with the same middle dims; bias broadcastable to (b, ..., q, k),
-    holding the relative position bias and `mask_value` at masked keys. Returns the output (b, ..., q, d) and, for the
-    eager implementation, the attention probabilities (b, ..., q, k). "flex_attention" runs dense attention through SDPA
-    too (flex attention serves the banded light attention). Fewer than `SDPA_MIN_QUERIES` queries (a decoding step)
-    stay off SDPA: its kernels give each (batch, head) one thread block per 64-128 queries, so one SM would read all of
-    a 16k-token cross-attention cache, and on Hopper its cuDNN backend builds a new plan for every new key length
-    (measured on an H200: 236 us per cross-attention call, over 100 ms per step of a growing cache). They take
-    `chunked_attention` from `CHUNKED_MIN_KEYS` keys on (without dropout, where `key_chunks` finds chunks), else the
-    eager path's two matmuls.
+
+def eager_attention_forward(module, query, key, value, bias, dropout: float = 0.0, **kwargs):
+    """T5 attention, unscaled: softmax(q k^T + bias) v. Shapes as `attention_probabilities`'s, value (b, ..., k, d).
+    Returns the output (b, ..., q, d) and the attention probabilities (b, ..., q, k) it is computed from (before
+    dropout)."""
+    probs = attention_probabilities(query, key, bias)
+    return torch.matmul(F.dropout(probs, p=dropout), value), probs
+
+
+def sdpa_attention_forward(module, query, key, value, bias, dropout: float = 0.0, **kwargs):
+    """`eager_attention_forward`'s output through fused kernels, without the probabilities. Fewer than
+    `SDPA_MIN_QUERIES` queries (a decoding step) stay off SDPA: its kernels give each (batch, head) one thread block
+    per 64-128 queries, so one SM would read all of a 16k-token cross-attention cache, and on Hopper its cuDNN backend
+    builds a new plan for every new key length (measured on an H200: 236 us per cross-attention call, over 100 ms per
+    step of a growing cache). They take `chunked_attention` from `CHUNKED_MIN_KEYS` keys on (without dropout, where
+    `key_chunks` finds chunks), else the eager path's two matmuls.
     """
-    fast = implementation in ("sdpa", "flex_attention")
-    if fast and query.shape[-2] < SDPA_MIN_QUERIES:
+    if query.shape[-2] < SDPA_MIN_QUERIES:
         chunks = key_chunks(key.shape[-2]) if key.shape[-2] >= CHUNKED_MIN_KEYS and not dropout else 1
         if chunks > 1:
             return chunked_attention(query, key, value, bias, chunks), None
-    elif fast:
-        shape, k_len = query.shape, key.shape[-2]
-        q, k, v = (t.reshape(shape[0], -1, *t.shape[-2:]) for t in (query, key, value))
-        bias = bias.expand(*shape[:-1], k_len).reshape(shape[0], -1, shape[-2], k_len).to(query.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
-        return out.reshape(shape), None
-    precision = torch.promote_types(query.dtype, torch.float32)  # float32 at least (a float64 bias must stay finite)
-    scores = torch.matmul(query, key.transpose(-1, -2)).to(precision) + bias.to(precision)
-    probs = scores.softmax(-1).to(value.dtype)
-    out = torch.matmul(F.dropout(probs, p=dropout), value)
-    return out, (probs if implementation == "eager" else None)
+        return eager_attention_forward(module, query, key, value, bias, dropout)[0], None
+    shape, k_len = query.shape, key.shape[-2]
+    q, k, v = (t.reshape(shape[0], -1, *t.shape[-2:]) for t in (query, key, value))
+    bias = bias.expand(*shape[:-1], k_len).reshape(shape[0], -1, shape[-2], k_len).to(query.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
+    return out.reshape(shape), None
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+
+# Transformers' attention functions, with CoLT5's own under the implementations it supports: they take a bias that
+# holds the relative position bias and the mask, and queries with any dims between batch and length (the light
+# attention's blocks, the cross-attention's query heads folded per key/value head). "flex_attention" runs the light
+# attention's band through flex attention (CoLT5LocalAttention) and every dense attention through SDPA.
+ALL_ATTENTION_FUNCTIONS = AttentionInterface()
+ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_attention_forward
+ALL_ATTENTION_FUNCTIONS["flex_attention"] = sdpa_attention_forward
 
 
 def key_chunks(keys: int) -> int:
@@ -121,10 +162,11 @@ def key_chunks(keys: int) -> int:
 
 
 def chunked_attention(query, key, value, bias, chunks: int):
-    """`attend`'s softmax(q k^T + bias) v (no dropout) over `chunks` equal chunks of the keys (flash-decoding): per chunk
-    the row maximum, the sum of exponentials and their product with the values, then the chunks combined exactly. A
-    decoding step's few queries against a long cross-attention cache then run as (batch x heads x chunks) small
-    matmuls, where one product per (batch, head) over every key keeps most of the GPU's SMs idle. Shapes as `attend`'s.
+    """`eager_attention_forward`'s softmax(q k^T + bias) v (no dropout) over `chunks` equal chunks of the keys
+    (flash-decoding): per chunk the row maximum, the sum of exponentials and their product with the values, then the
+    chunks combined exactly. A decoding step's few queries against a long cross-attention cache then run as (batch x
+    heads x chunks) small matmuls, where one product per (batch, head) over every key keeps most of the GPU's SMs
+    idle. Shapes as `eager_attention_forward`'s.
     """
     precision = torch.promote_types(query.dtype, torch.float32)
 
@@ -141,17 +183,53 @@ def chunked_attention(query, key, value, bias, chunks: int):
     return ((out.to(precision) * share).sum(-3) / (weights.sum(-1, keepdim=True) * share).sum(-3)).to(value.dtype)
 
 
-def check_implementation(config, output_attentions):
-    implementation = config._attn_implementation or "eager"
-    if implementation not in ("eager", "sdpa", "flex_attention"):
+def check_implementation(implementation):
+    if implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(
             f"CoLT5 supports attn_implementation 'eager', 'sdpa' and 'flex_attention', got {implementation!r}"
         )
-    if output_attentions and implementation != "eager":
-        raise ValueError(
-            "output_attentions=True needs the eager attention: load the model with attn_implementation='eager'"
-        )
     return implementation
+
+
+def warn_weights_from_eager(config):
+    """Attention weights come from the eager computation: asked for under another implementation, the call runs it."""
+    if config._attn_implementation not in (None, "eager"):
+        logger.warning_once(
+            f"CoLT5: attn_implementation={config._attn_implementation!r} computes no attention weights, so "
+            "output_attentions=True runs the eager attention for the call; load the model with "
+            "attn_implementation='eager' to make that the default."
+        )
+
+
+class WeightsLayout(NamedTuple):
+    """Where the entries of attention probabilities held in a compact layout, (b, h, ..., queries, keys), lie among
+    the attention weights over the sequence, (b, h, query_length, key_length): at (rows, columns) where `kept`.
+    Entries not kept (a block's padding, the invalid slots of a route) have no place there. rows, columns and kept
+    broadcast to the probabilities' shape; the kept positions of each (b, h) are distinct."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+    kept: torch.Tensor
+    query_length: int
+    key_length: int
+
+    def flat_positions(self, probs):  # (b, h, entries): positions in the flattened (query_length * key_length)
+        positions = torch.where(self.kept, self.rows * self.key_length + self.columns, 0)
+        return positions.expand_as(probs).flatten(2)
+
+    def spread(self, probs):
+        """(b, h, ..., q, k) probabilities -> (b, h, query_length, key_length) weights, 0 where no entry lies."""
+        b, h = probs.shape[:2]
+        entries = torch.where(self.kept, probs, 0).flatten(2)
+        weights = probs.new_zeros(b, h, self.query_length * self.key_length)
+        weights = weights.scatter_add(-1, self.flat_positions(probs), entries)  # the entries not kept add 0 at 0
+        return weights.view(b, h, self.query_length, self.key_length)
+
+    def collect(self, weights, probs):
+        """The probabilities read back from `weights` where kept (the same values), from `probs` elsewhere: an output
+        computed from them is computed from the weights."""
+        taken = weights.flatten(2).gather(-1, self.flat_positions(probs)).view_as(probs)
+        return torch.where(self.kept, taken, probs)
 
 
 class CoLT5LayerNorm(nn.Module):
@@ -221,11 +299,14 @@ class CoLT5LocalAttention(nn.Module):
         self.v = nn.Linear(config.d_model, inner, bias=False)
         self.o = nn.Linear(inner, config.d_model, bias=False)
 
-    def forward(self, hidden_states, mask, bias_table, implementation, output_attentions=False):
+    def forward(self, hidden_states, mask, bias_table):
         # hidden_states: (b, n, d) normalised; mask: (b, n) bool; bias_table: (h, 2 * radius + 1) for offsets -r..r
         b, n, _ = hidden_states.shape
         dropout = self.config.dropout_rate if self.training else 0.0
-        use_flex = implementation == "flex_attention" and flex_local_attention is not None and hidden_states.is_cuda
+        use_flex = (
+            self.config._attn_implementation == "flex_attention" and flex_local_attention is not None
+            and hidden_states.is_cuda
+        )
         if use_flex and not dropout:  # flex attention has no dropout and no CPU backward
             def heads(t):  # (b, n, h * d) -> (b, h, n, d)
                 return t.view(b, n, self.num_heads, -1).transpose(1, 2)
@@ -234,8 +315,16 @@ class CoLT5LocalAttention(nn.Module):
                 heads(self.q(hidden_states)), heads(self.k(hidden_states)), heads(self.v(hidden_states)), mask,
                 bias_table, self.config.local_radius,
             )
-            return self.o(out.transpose(1, 2).reshape(b, n, -1)), None
+            return self.o(out.transpose(1, 2).reshape(b, n, -1))
 
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(self, *self.blocks(hidden_states, mask, bias_table), dropout=dropout)
+        return self.output(out, n)
+
+    def blocks(self, hidden_states, mask, bias_table):
+        """The attention's inputs by blocks: query (b, h, nb, block, d); key and value (b, h, nb, 3 * block, d), each
+        block's previous, own and next block; bias (b, h, nb, block, 3 * block), masked to the band and to real keys."""
+        b, n, _ = hidden_states.shape
         block = self.config.local_radius + 1
         num_blocks = -(-n // block)
         pad = num_blocks * block - n
@@ -258,22 +347,24 @@ class CoLT5LocalAttention(nn.Module):
         bias = bias_table[:, (offset + self.config.local_radius).clamp(0, 2 * self.config.local_radius)]
         keep = in_band & key_mask[:, None, :, None, :]  # (b, 1, nb, block, 3 * block)
         bias = bias[None, :, None].to(query.dtype).masked_fill(~keep, mask_value(query.dtype))
+        return query, key, value, bias
 
-        out, probs = attend(query, key, value, bias, dropout, implementation)  # (b, h, nb, block, d)
-        out = out.permute(0, 2, 3, 1, 4).reshape(b, num_blocks * block, -1)[:, :n]
-        weights = self.dense_weights(probs, n) if output_attentions else None
-        return self.o(out), weights
+    def output(self, out, n):
+        """(b, h, nb, block, d) attention output by blocks -> (b, n, d_model)."""
+        b, _, num_blocks, block, _ = out.shape
+        return self.o(out.permute(0, 2, 3, 1, 4).reshape(b, num_blocks * block, -1)[:, :n])
 
-    @staticmethod
-    def dense_weights(probs, n):
-        """(b, h, nb, block, 3 * block) banded probabilities -> (b, h, n, n)."""
-        b, h, num_blocks, block, _ = probs.shape
-        columns = torch.arange(num_blocks, device=probs.device)[:, None, None] * block + torch.arange(
-            3 * block, device=probs.device
-        )  # (nb, 1, 3 * block), in coordinates padded by one block on each side
-        dense = probs.new_zeros(b, h, num_blocks, block, (num_blocks + 2) * block)
-        dense.scatter_(-1, columns.expand(num_blocks, block, -1).expand(b, h, -1, -1, -1), probs)
-        return dense.view(b, h, num_blocks * block, -1)[:, :, :n, block : block + n]
+    def weights_layout(self, n, device):
+        """Where the probabilities by blocks, (b, h, nb, block, 3 * block), lie among the weights over the sequence,
+        (b, h, n, n): block i's row r at row block * i + r, its key slot c at column block * (i - 1) + c. Positions
+        outside the sequence (the last block's padding, the neighbours of the first and the last block) are not
+        kept."""
+        block = self.config.local_radius + 1
+        num_blocks = -(-n // block)
+        rows = torch.arange(num_blocks * block, device=device).view(num_blocks, block, 1)
+        columns = torch.arange(num_blocks, device=device)[:, None] * block + torch.arange(3 * block, device=device)
+        columns = (columns - block)[:, None, :]  # (nb, 1, 3 * block)
+        return WeightsLayout(rows, columns, (rows < n) & (columns >= 0) & (columns < n), n, n)
 
 
 class CoLT5HeavyAttention(nn.Module):
@@ -290,18 +381,50 @@ class CoLT5HeavyAttention(nn.Module):
         self.v = nn.Linear(config.d_model, inner, bias=False)
         self.o = nn.Linear(inner, config.d_model, bias=False)
 
-    def forward(self, hidden_states, q_routing, kv_routing, bias_weight, implementation, output_attentions=False):
+    def forward(self, hidden_states, q_routing, kv_routing, bias_weight):
         # hidden_states: (b, n, d) normalised; routings: one route each; bias_weight: (buckets, h)
-        b, n, _ = hidden_states.shape
-        q_index, kv_index = q_routing.indices[:, 0], kv_routing.indices[:, 0]  # (b, m), (b, m_kv)
-        dtype = hidden_states.dtype
-        routed_q = gather_tokens(hidden_states, q_index)
-        routed_kv = gather_tokens(hidden_states, kv_index) * kv_routing.weights[:, 0, :, None].to(dtype)
+        query, key, value = self.heads(hidden_states, q_routing, kv_routing)
+        weight = bias_weight.to(hidden_states.dtype)
+        dropout = self.config.dropout_rate if self.training else 0.0
+        # the bias table's gradient from its own kernel, the attention run without one (see kernels.HeavyBiasGradient)
+        bias_gradient_kernel = (
+            heavy_bias_gradient_table is not None and query.is_cuda and self.config._attn_implementation != "eager"
+            and dropout == 0.0 and weight.requires_grad and torch.is_grad_enabled()
+            and query.shape[-2] >= SDPA_MIN_QUERIES and self.config.d_kv in (16, 32, 64, 128)
+        )
+        bias = self.position_bias(q_routing, kv_routing, weight.detach() if bias_gradient_kernel else weight)
+
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(self, query, key, value, bias, dropout=dropout)
+        if bias_gradient_kernel:
+            reach = self.config.relative_attention_max_distance  # offsets beyond share the bucket at +-reach
+            offset_bucket = relative_position_bucket(
+                torch.arange(-reach, reach + 1, device=query.device, dtype=torch.int32), bidirectional=True,
+                num_buckets=self.config.relative_attention_num_buckets, max_distance=reach,
+            )
+            out = HeavyBiasGradient.apply(
+                out, query, key, value, q_routing.indices[:, 0], kv_routing.indices[:, 0], kv_routing.valid[:, 0],
+                weight, offset_bucket,
+            )
+        return self.output(out, q_routing)  # (b, m, d), row j for position q_routing.indices[:, 0, j]
+
+    def heads(self, hidden_states, q_routing, kv_routing):
+        """query (b, h, m, d) of the routed queries; key and value (b, h, m_kv, d) of the routed keys/values, scaled by
+        their router weights."""
+        b = hidden_states.shape[0]
+        routed_q = gather_tokens(hidden_states, q_routing.indices[:, 0])
+        routed_kv = gather_tokens(hidden_states, kv_routing.indices[:, 0])
+        routed_kv = routed_kv * kv_routing.weights[:, 0, :, None].to(hidden_states.dtype)
 
         def heads(t):  # (b, m, h * d) -> (b, h, m, d)
             return t.view(b, t.shape[1], self.num_heads, -1).transpose(1, 2)
 
-        query, key, value = heads(self.q(routed_q)), heads(self.k(routed_kv)), heads(self.v(routed_kv))
+        return heads(self.q(routed_q)), heads(self.k(routed_kv)), heads(self.v(routed_kv))
+
+    def position_bias(self, q_routing, kv_routing, weight):
+        """(b, h, m, m_kv): the relative position bias of the routed tokens' original positions, read from `weight`
+        (buckets, h), and `mask_value` at invalid keys."""
+        q_index, kv_index = q_routing.indices[:, 0], kv_routing.indices[:, 0]  # (b, m), (b, m_kv)
         num_buckets = self.config.relative_attention_num_buckets
         bucket = relative_position_bucket(
             kv_index.int()[:, None, :] - q_index.int()[:, :, None],  # positions fit int32
@@ -310,40 +433,22 @@ class CoLT5HeavyAttention(nn.Module):
             max_distance=self.config.relative_attention_max_distance,
         )  # (b, m, m_kv) int32
         bucket = bucket.masked_fill(~kv_routing.valid[:, 0, None, :], num_buckets)  # invalid keys: the table's last row
-        weight = bias_weight.to(dtype)
-        dropout = self.config.dropout_rate if self.training else 0.0
-        # the bias table's gradient from its own kernel, the attention run without one (see kernels.HeavyBiasGradient)
-        bias_gradient_kernel = (
-            heavy_bias_gradient_table is not None and query.is_cuda and implementation != "eager" and dropout == 0.0
-            and weight.requires_grad and torch.is_grad_enabled() and query.shape[-2] >= SDPA_MIN_QUERIES
-            and self.config.d_kv in (16, 32, 64, 128)
-        )
-        mask_row = bias_weight.new_full((1, self.num_heads), mask_value(dtype), dtype=dtype)
-        table = torch.cat([weight.detach() if bias_gradient_kernel else weight, mask_row])  # (buckets + 1, h)
-        bias = bucket_bias(bucket, table).transpose(0, 1)  # (h, b, m, m_kv) gathered -> (b, h, m, m_kv)
+        mask_row = weight.new_full((1, self.num_heads), mask_value(weight.dtype))
+        table = torch.cat([weight, mask_row])  # (buckets + 1, h)
+        return bucket_bias(bucket, table).transpose(0, 1)  # (h, b, m, m_kv) gathered -> (b, h, m, m_kv)
 
-        out, probs = attend(query, key, value, bias, dropout, implementation)
-        if bias_gradient_kernel:
-            reach = self.config.relative_attention_max_distance  # offsets beyond share the bucket at +-reach
-            offset_bucket = relative_position_bucket(
-                torch.arange(-reach, reach + 1, device=query.device, dtype=torch.int32), bidirectional=True,
-                num_buckets=num_buckets, max_distance=reach,
-            )
-            out = HeavyBiasGradient.apply(
-                out, query, key, value, q_index, kv_index, kv_routing.valid[:, 0], weight, offset_bucket
-            )
-        out = self.o(out.transpose(1, 2).reshape(b, -1, self.num_heads * self.config.d_kv))
-        out = out * q_routing.weights[:, 0, :, None].to(out.dtype)
-        weights = None
-        if output_attentions:
-            probs = probs * (q_routing.valid[:, 0, :, None] & kv_routing.valid[:, 0, None, :])[:, None]
-            weights = probs.new_zeros(b, self.num_heads, n, n)
-            rows = q_index[:, None, :, None].expand_as(probs)
-            columns = kv_index[:, None, None, :].expand_as(probs)
-            batch = torch.arange(b, device=probs.device)[:, None, None, None].expand_as(probs)
-            head = torch.arange(self.num_heads, device=probs.device)[None, :, None, None].expand_as(probs)
-            weights.index_put_((batch, head, rows, columns), probs, accumulate=True)
-        return out, weights  # out: (b, m, d), row j for position q_index[:, j]
+    def output(self, out, q_routing):
+        """(b, h, m, d) attention output -> (b, m, d_model), scaled by the query router's weights."""
+        b, _, m, _ = out.shape
+        out = self.o(out.transpose(1, 2).reshape(b, m, self.num_heads * self.config.d_kv))
+        return out * q_routing.weights[:, 0, :, None].to(out.dtype)
+
+    def weights_layout(self, q_routing, kv_routing, n):
+        """Where the routed probabilities, (b, h, m, m_kv), lie among the weights over the sequence, (b, h, n, n): at
+        the rows of the routed queries and the columns of the routed keys. Invalid slots are not kept."""
+        q_index, kv_index = q_routing.indices[:, 0, None, :, None], kv_routing.indices[:, 0, None, None, :]
+        kept = q_routing.valid[:, 0, None, :, None] & kv_routing.valid[:, 0, None, None, :]
+        return WeightsLayout(q_index, kv_index, kept, n, n)
 
 
 class CoLT5RoutedSelfAttention(nn.Module):
@@ -353,22 +458,45 @@ class CoLT5RoutedSelfAttention(nn.Module):
 
     def __init__(self, config: CoLT5Config):
         super().__init__()
+        self.config = config
         self.light_attention = CoLT5LocalAttention(config)
         self.heavy_attention = CoLT5HeavyAttention(config)
         self.q_router = CoLT5Router(config, config.attention_q_fraction)
         self.kv_router = CoLT5Router(config, config.attention_kv_fraction)
 
-    def forward(self, hidden_states, mask, light_bias_table, heavy_bias_weight, implementation,
-                output_attentions=False):
-        light, light_weights = self.light_attention(
-            hidden_states, mask, light_bias_table, implementation, output_attentions
-        )
+    def forward(self, hidden_states, mask, light_bias_table, heavy_bias_weight, output_attentions=False):
+        # hidden_states: (b, n, d) normalised; mask: (b, n) bool; the bias tables of `branch_bias_tables`
+        if output_attentions:
+            return self.forward_with_weights(hidden_states, mask, light_bias_table, heavy_bias_weight)
+        light = self.light_attention(hidden_states, mask, light_bias_table)
         q_routing, kv_routing = route_together([self.q_router, self.kv_router], hidden_states, mask)
-        heavy, heavy_weights = self.heavy_attention(
-            hidden_states, q_routing, kv_routing, heavy_bias_weight, implementation, output_attentions
-        )
-        weights = torch.cat([light_weights, heavy_weights], dim=1) if output_attentions else None
-        return RoutedSum(light, heavy, q_routing.indices[:, 0]), weights
+        heavy = self.heavy_attention(hidden_states, q_routing, kv_routing, heavy_bias_weight)
+        return RoutedSum(light, heavy, q_routing.indices[:, 0]), None
+
+    def forward_with_weights(self, hidden_states, mask, light_bias_table, heavy_bias_weight):
+        """`forward` computed eagerly, with the attention weights over the sequence, (b, light + heavy heads, n, n):
+        the light heads' band, and the heavy heads' weights at the rows of the routed queries and the columns of the
+        routed keys, 0 elsewhere. Both branches' outputs are computed from these weights (read back from them), so
+        that they take the gradient of the outputs as the weights of built-in eager attention do."""
+        light, heavy = self.light_attention, self.heavy_attention
+        n = hidden_states.shape[1]
+        dropout = self.config.dropout_rate if self.training else 0.0
+        light_query, light_key, light_value, light_bias = light.blocks(hidden_states, mask, light_bias_table)
+        light_probs = attention_probabilities(light_query, light_key, light_bias)  # (b, h, nb, block, 3 * block)
+        q_routing, kv_routing = route_together([self.q_router, self.kv_router], hidden_states, mask)
+        heavy_query, heavy_key, heavy_value = heavy.heads(hidden_states, q_routing, kv_routing)
+        heavy_bias = heavy.position_bias(q_routing, kv_routing, heavy_bias_weight.to(hidden_states.dtype))
+        heavy_probs = attention_probabilities(heavy_query, heavy_key, heavy_bias)  # (b, h, m, m_kv)
+
+        light_layout = light.weights_layout(n, hidden_states.device)
+        heavy_layout = heavy.weights_layout(q_routing, kv_routing, n)
+        weights = torch.cat([light_layout.spread(light_probs), heavy_layout.spread(heavy_probs)], dim=1)
+        light_weights, heavy_weights = weights.split([light.num_heads, heavy.num_heads], dim=1)
+        light_probs = light_layout.collect(light_weights, light_probs)
+        heavy_probs = heavy_layout.collect(heavy_weights, heavy_probs)
+        light_out = light.output(torch.matmul(F.dropout(light_probs, p=dropout), light_value), n)
+        heavy_out = heavy.output(torch.matmul(F.dropout(heavy_probs, p=dropout), heavy_value), q_routing)
+        return RoutedSum(light_out, heavy_out, q_routing.indices[:, 0]), weights
 
 
 class CoLT5EncoderBlock(GradientCheckpointingLayer):
@@ -380,21 +508,20 @@ class CoLT5EncoderBlock(GradientCheckpointingLayer):
         self.feed_forward = CoLT5RoutedFeedForward(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, hidden_states, mask, light_bias_table, heavy_bias_weight, implementation="eager",
-                output_attentions=False, compile_mode=None):
+    def forward(self, hidden_states, mask, light_bias_table, heavy_bias_weight, output_attentions=False,
+                compile_mode=None):
         # compile_mode: None (eager) or the torch.compile mode the layer runs under (`fast_path.encoder_compile_mode`)
         if compile_mode is not None:
             layer = compiled_encoder_layer(CoLT5EncoderBlock.layer, compile_mode)
-            return layer(self, hidden_states, mask, light_bias_table, heavy_bias_weight, implementation)
-        return self.layer(hidden_states, mask, light_bias_table, heavy_bias_weight, implementation, output_attentions)
+            return layer(self, hidden_states, mask, light_bias_table, heavy_bias_weight)
+        return self.layer(hidden_states, mask, light_bias_table, heavy_bias_weight, output_attentions)
 
-    def layer(self, hidden_states, mask, light_bias_table, heavy_bias_weight, implementation, output_attentions=False):
+    def layer(self, hidden_states, mask, light_bias_table, heavy_bias_weight, output_attentions=False):
         attention, weights = self.attention(
             self.attention_layer_norm(hidden_states),
             mask,
             light_bias_table,
             heavy_bias_weight,
-            implementation,
             output_attentions,
         )
         dropout = self.dropout.p if self.training else 0.0
@@ -417,7 +544,7 @@ class CoLT5SelfAttention(nn.Module):
         self.v = nn.Linear(config.d_model, inner, bias=False)
         self.o = nn.Linear(inner, config.d_model, bias=False)
 
-    def forward(self, hidden_states, bias, cache, implementation):
+    def forward(self, hidden_states, bias, cache, output_attentions=False):
         # hidden_states: (b, t, d); bias: (b or 1, h, t, keys), keys: past + t, or a static cache's length
         b, t, _ = hidden_states.shape
 
@@ -428,8 +555,11 @@ class CoLT5SelfAttention(nn.Module):
         if cache is not None:
             key, value = cache.self_attention_cache.update(key, value, self.layer_idx)
         dropout = self.config.dropout_rate if self.training else 0.0
-        out, probs = attend(query, key, value, bias, dropout, implementation)
-        return self.o(out.transpose(1, 2).reshape(b, t, -1)), probs
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        if output_attentions:  # only the eager computation has the weights
+            attention = eager_attention_forward
+        out, weights = attention(self, query, key, value, bias, dropout=dropout)  # weights: (b, h, t, keys) or None
+        return self.o(out.transpose(1, 2).reshape(b, t, -1)), weights
 
 
 class CoLT5CrossAttention(nn.Module):
@@ -454,16 +584,20 @@ class CoLT5CrossAttention(nn.Module):
             else None
         )
 
-    def key_values(self, encoder_hidden_states, encoder_mask):
+    def route(self, encoder_hidden_states, encoder_mask):
+        """The encoder tokens of each route (a `RouterOutput`, (b, routes, k)); None without a router (every token)."""
+        return None if self.kv_router is None else self.kv_router(encoder_hidden_states, encoder_mask)
+
+    def key_values(self, encoder_hidden_states, routing):
         """Keys and values, (b, routes * kv_heads, k, d_kv) each: per route, its own heads at the routed encoder
-        tokens (valid slots first), scaled by the router weights; without a router, every encoder position."""
+        tokens of `routing` (valid slots first), scaled by the router weights; without a router, every encoder
+        position."""
         b, n, _ = encoder_hidden_states.shape
         # projecting every position once, then gathering, equals projecting the router-scaled tokens (no bias) and
         # goes through the modules, so PEFT adapters and accelerate offload hooks apply
         key, value = self.k(encoder_hidden_states), self.v(encoder_hidden_states)  # (b, n, kv_heads * d_kv)
-        if self.kv_router is None:
+        if routing is None:
             return (t.view(b, n, self.num_kv_heads, -1).transpose(1, 2) for t in (key, value))
-        routing = self.kv_router(encoder_hidden_states, encoder_mask)
         # (b, n, r * kv_heads * d_kv) -> (b, r * kv_heads, k, d_kv)
         return (gather_route_heads(t, routing, self.config.d_kv).flatten(1, 2) for t in (key, value))
 
@@ -486,17 +620,31 @@ class CoLT5CrossAttention(nn.Module):
         keep = self.key_mask(encoder_mask, self.key_length(encoder_mask.shape[-1]))[:, None, None, :]
         return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, mask_value(dtype))
 
-    def forward(self, hidden_states, encoder_hidden_states, encoder_mask, cache, implementation, key_bias=None):
+    def weights_layout(self, routing, length, encoder_length):
+        """Where the probabilities of the routed key slots, (b, heads, length, k), lie among the weights over the
+        encoder's positions, (b, heads, length, encoder_length): a head's slot j at the position of its route's j-th
+        token. Invalid slots are not kept."""
+        heads_per_route = self.config.num_heads // self.num_routes  # a route's query heads are consecutive
+        positions, valid = (
+            t.repeat_interleave(heads_per_route, dim=1)[:, :, None, :] for t in (routing.indices, routing.valid)
+        )  # (b, heads, 1, k)
+        rows = torch.arange(length, device=positions.device)[:, None]
+        return WeightsLayout(rows, positions, valid, length, encoder_length)
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_mask, cache, key_bias=None,
+                output_attentions=False):
         # hidden_states: (b, t, d); encoder_hidden_states: (b, n, d); encoder_mask: (b, n) bool; key_bias: this
         # module's `key_bias`, built once by the decoder for every layer (built here when not given)
         b, t, _ = hidden_states.shape
         heads = self.config.num_heads
         query = self.q(hidden_states).view(b, t, heads, -1).transpose(1, 2)  # (b, h, t, d_kv)
+        routing = None
         if cache is not None and cache.is_updated.get(self.layer_idx):
             layer = cache.cross_attention_cache.layers[self.layer_idx]
             key, value = layer.keys, layer.values
         else:
-            key, value = self.key_values(encoder_hidden_states, encoder_mask)
+            routing = self.route(encoder_hidden_states, encoder_mask)
+            key, value = self.key_values(encoder_hidden_states, routing)
             if cache is not None:
                 key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
                 cache.is_updated[self.layer_idx] = True
@@ -510,10 +658,39 @@ class CoLT5CrossAttention(nn.Module):
         if key_bias is None or key_bias.dtype != query.dtype:  # under autocast the queries' dtype is autocast's
             key_bias = self.key_bias(encoder_mask, query.dtype)
         dropout = self.config.dropout_rate if self.training else 0.0
-        out, probs = attend(query, key, value, key_bias, dropout, implementation)
-        if probs is not None:
-            probs = probs.view(b, heads, t, -1)
-        return self.o(out.view(b, heads, t, -1).transpose(1, 2).reshape(b, t, -1)), probs
+        weights = None
+        if output_attentions:
+            out, weights = self.attention_with_weights(
+                query, key, value, key_bias, dropout, routing, encoder_hidden_states, encoder_mask
+            )
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+            out, _ = attention(self, query, key, value, key_bias, dropout=dropout)
+        return self.o(out.view(b, heads, t, -1).transpose(1, 2).reshape(b, t, -1)), weights
+
+    def attention_with_weights(self, query, key, value, key_bias, dropout, routing, encoder_hidden_states,
+                               encoder_mask):
+        """The eager attention of folded queries (b, kv_heads, group * t, d_kv) over the key slots, with its weights
+        over the encoder's positions, (b, heads, t, n), from which the output is computed (read back from them).
+        `routing`: the routes of this call, None where the keys come from the cache."""
+        b, kv_heads, folded, _ = query.shape
+        heads, t = self.config.num_heads, folded * kv_heads // self.config.num_heads
+        probs = attention_probabilities(query, key, key_bias).view(b, heads, t, key.shape[-2])
+        if self.kv_router is None:
+            weights = probs
+        else:
+            if routing is None:  # a cached step: the routes' tokens are chosen again, the same outside training
+                if self.training and self.config.router_type == "sinkhorn":
+                    raise ValueError(
+                        "output_attentions=True with cached cross-attention keys needs the routes' positions, which "
+                        "Sinkhorn routers draw at random in training: call model.eval() or decode without a cache"
+                    )
+                routing = self.route(encoder_hidden_states, encoder_mask)
+            layout = self.weights_layout(routing, t, encoder_mask.shape[-1])
+            weights = layout.spread(probs)
+            probs = layout.collect(weights, probs)
+        out = torch.matmul(F.dropout(probs.view(b, kv_heads, folded, -1), p=dropout), value)
+        return out, weights
 
 
 class CoLT5DecoderBlock(GradientCheckpointingLayer):
@@ -528,14 +705,14 @@ class CoLT5DecoderBlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, hidden_states, self_attention_bias, encoder_hidden_states, encoder_mask, cache=None,
-                implementation="eager", cross_attention_bias=None):
+                cross_attention_bias=None, output_attentions=False):
         attention, self_weights = self.self_attention(
-            self.self_attention_layer_norm(hidden_states), self_attention_bias, cache, implementation
+            self.self_attention_layer_norm(hidden_states), self_attention_bias, cache, output_attentions
         )
         hidden_states = clamp_fp16(hidden_states + self.dropout(attention))
         attention, cross_weights = self.cross_attention(
-            self.cross_attention_layer_norm(hidden_states), encoder_hidden_states, encoder_mask, cache, implementation,
-            cross_attention_bias,
+            self.cross_attention_layer_norm(hidden_states), encoder_hidden_states, encoder_mask, cache,
+            cross_attention_bias, output_attentions,
         )
         hidden_states = clamp_fp16(hidden_states + self.dropout(attention))
         feed_forward = self.feed_forward(self.feed_forward_layer_norm(hidden_states))
@@ -618,7 +795,8 @@ class CoLT5Encoder(nn.Module):
                 f"CoLT5 got an input of {n} tokens (padded length), more than the model's `max_input_length` "
                 f"({config.max_input_length})"
             )
-        implementation = check_implementation(config, output_attentions)
+        if output_attentions:
+            warn_weights_from_eager(config)
         mask = check_mask(attention_mask, (b, n), "attention_mask", inputs_embeds.device)
         light_bias_table, heavy_bias_weight = branch_bias_tables(config, self.relative_attention_bias, self.bias_rows)
 
@@ -641,8 +819,7 @@ class CoLT5Encoder(nn.Module):
                 # compiled: a copy of the real tokens' rows (a CUDA graph's output is overwritten by its next replay)
                 all_hidden_states += (hidden_states if compile_mode is None else hidden_states[:, :n].clone(),)
             hidden_states, weights = block(
-                hidden_states, mask, light_bias_table, heavy_bias_weight, implementation, output_attentions,
-                compile_mode=compile_mode,
+                hidden_states, mask, light_bias_table, heavy_bias_weight, output_attentions, compile_mode=compile_mode
             )
             if output_attentions:
                 all_attentions += (weights,)
@@ -655,7 +832,7 @@ class CoLT5Encoder(nn.Module):
             hidden_states=all_hidden_states if output_hidden_states else None,
             attentions=all_attentions if output_attentions else None,
         )
-        return outputs if (return_dict is None or return_dict) else outputs.to_tuple()
+        return outputs if (self.config.return_dict if return_dict is None else return_dict) else outputs.to_tuple()
 
 
 class CoLT5Decoder(nn.Module):
@@ -709,7 +886,8 @@ class CoLT5Decoder(nn.Module):
         b, t, _ = inputs_embeds.shape
         if t == 0:
             raise ValueError("CoLT5 got empty decoder inputs: the decoder needs at least one token per sequence")
-        implementation = check_implementation(self.config, output_attentions)
+        if output_attentions:
+            warn_weights_from_eager(self.config)
         encoder_mask = check_mask(
             encoder_attention_mask, encoder_hidden_states.shape[:2], "attention_mask", inputs_embeds.device
         )
@@ -730,8 +908,8 @@ class CoLT5Decoder(nn.Module):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states, self_weights, cross_weights = block(
-                hidden_states, bias, encoder_hidden_states, encoder_mask, cache=cache, implementation=implementation,
-                cross_attention_bias=cross_attention_bias,
+                hidden_states, bias, encoder_hidden_states, encoder_mask, cache=cache,
+                cross_attention_bias=cross_attention_bias, output_attentions=output_attentions,
             )
             all_self_attentions += (self_weights,)
             all_cross_attentions += (cross_weights,)
@@ -753,9 +931,16 @@ class CoLT5PreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["CoLT5EncoderBlock", "CoLT5DecoderBlock"]
+    # T5's: loaded in float16, the feed-forward output projections stay float32 (`CoLT5GatedFeedForward` casts their
+    # input), where T5.1.1's activations would overflow
+    _keep_in_fp32_modules = ["wo"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = True
+
+    def get_correct_attn_implementation(self, requested_attention, is_init_check=False):
+        # Transformers accepts any registered implementation; CoLT5's attention functions serve three
+        return check_implementation(super().get_correct_attn_implementation(requested_attention, is_init_check))
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # For custom code, Transformers skips every module without parameters of its own (attention, feed-forward,
@@ -885,9 +1070,13 @@ class CoLT5PreTrainedModel(PreTrainedModel):
 
 
 class CoLT5EncoderModel(CoLT5PreTrainedModel):
-    """The CoLT5 encoder alone: token ids to contextual hidden states."""
+    """The CoLT5 encoder alone: token ids to contextual hidden states. As T5EncoderModel, its config says so
+    (`is_encoder_decoder=False`, `use_cache=False`): a copy of the given one, which may be an encoder-decoder's."""
 
     def __init__(self, config: CoLT5Config):
+        config = copy.deepcopy(config)
+        config.is_encoder_decoder = False
+        config.use_cache = False
         super().__init__(config)
         self.encoder = CoLT5Encoder(config)
         self.post_init()
@@ -899,25 +1088,34 @@ class CoLT5EncoderModel(CoLT5PreTrainedModel):
         )
 
 
+def check_encoder_decoder(model_class, config):
+    if not config.is_encoder_decoder:
+        raise ValueError(
+            f"{model_class.__name__} is an encoder-decoder, but its config has is_encoder_decoder=False (a "
+            "CoLT5EncoderModel's config): load it with CoLT5EncoderModel, or pass is_encoder_decoder=True and "
+            "use_cache=True to add a decoder to the encoder"
+        )
+
+
 class CoLT5Model(CoLT5PreTrainedModel):
     """The bare CoLT5 encoder-decoder, returning the decoder's last hidden states."""
 
     def __init__(self, config: CoLT5Config):
+        check_encoder_decoder(type(self), config)
         super().__init__(config)
         self.encoder = CoLT5Encoder(config)
         self.decoder = CoLT5Decoder(config)
         self.post_init()
 
+    @takes_cache_argument
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, cache=None, inputs_embeds=None, decoder_inputs_embeds=None, use_cache=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None, past_key_values=None,
-                **kwargs):
+                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         outputs = encode_decode(
-            self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
-            cache if cache is not None else past_key_values, inputs_embeds, decoder_inputs_embeds, use_cache,
-            output_attentions, output_hidden_states,
+            self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs, cache,
+            inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states,
         )
-        return outputs if (return_dict is None or return_dict) else outputs.to_tuple()
+        return outputs if (self.config.return_dict if return_dict is None else return_dict) else outputs.to_tuple()
 
 
 def encode_decode(model, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
@@ -970,6 +1168,7 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
     _can_compile_fullgraph = True
 
     def __init__(self, config: CoLT5Config):
+        check_encoder_decoder(type(self), config)
         super().__init__(config)
         self.encoder = CoLT5Encoder(config)
         self.decoder = CoLT5Decoder(config)
@@ -1023,10 +1222,11 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
             return attention_mask
         return F.pad(attention_mask, (0, cache.get_max_length(0) - attention_mask.shape[-1]), value=1)
 
+    @takes_cache_argument
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, cache=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                past_key_values=None, num_items_in_batch=None, **kwargs):
+                num_items_in_batch=None, **kwargs):
         r"""
         labels (`(batch, target_length)`, -100 where no loss): the loss is the token-level cross-entropy summed and
         divided by `num_items_in_batch` when Trainer passes it (gradient accumulation), else averaged over the
@@ -1035,9 +1235,8 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
         outputs = encode_decode(
-            self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
-            cache if cache is not None else past_key_values, inputs_embeds, decoder_inputs_embeds, use_cache,
-            output_attentions, output_hidden_states,
+            self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs, cache,
+            inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states,
         )
         sequence_output = outputs.last_hidden_state
         if self.config.tie_word_embeddings:
@@ -1064,7 +1263,7 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
             encoder_attentions=outputs.encoder_attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
-        return result if (return_dict is None or return_dict) else result.to_tuple()
+        return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
 
 
 # Hub custom code: save_pretrained copies the code next to the weights (see CoLT5PreTrainedModel.save_pretrained)

@@ -17,6 +17,7 @@ from colt5_hf.modeling_colt5 import (
     CoLT5HeavyAttention,
     CoLT5LocalAttention,
     CoLT5RoutedFeedForward,
+    attention_probabilities,
     relative_position_bucket,
 )
 from colt5_hf.routing import CoLT5Router, RoutedSum, scatter_tokens
@@ -25,14 +26,16 @@ from colt5_hf.routing import CoLT5Router, RoutedSum, scatter_tokens
 ATOL, RTOL = 2e-5, 1e-4
 
 
-def layer_config(**overrides):
+def layer_config(implementation="eager", **overrides):
     # few buckets and a short max distance, so that the logarithmic buckets are exercised at these lengths
     values = dict(vocab_size=50, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_heads=4, num_light_heads=2,
                   num_heavy_heads=3, light_d_ff=24, heavy_d_ff=48, local_radius=3, relative_attention_num_buckets=8,
                   relative_attention_max_distance=12, attention_q_fraction=0.25, attention_kv_fraction=0.5,
                   feed_forward_fraction=0.25, min_routed_tokens=2, router_iterations=30, dropout_rate=0.0)
     values.update(overrides)
-    return CoLT5Config(**values)
+    config = CoLT5Config(**values)
+    config._attn_implementation = implementation  # what a model sets; the modules read it at every call
+    return config
 
 
 def randomize(module, seed, std=0.2):
@@ -124,26 +127,27 @@ def dense_local_attention(module, hidden_states, mask, bias_table, radius):
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("radius, n", [(3, 2), (3, 5), (3, 11), (6, 4), (6, 15), (2, 8), (1, 7)])
 def test_local_attention_equals_dense_band_attention(radius, n, implementation):
-    config = layer_config(local_radius=radius)
+    config = layer_config(implementation, local_radius=radius)
     module = randomize(CoLT5LocalAttention(config), seed=n)
     generator = torch.Generator().manual_seed(radius * 100 + n)
     hidden_states = torch.randn(3, n, config.d_model, generator=generator)
     mask = masks_for(n)
     bias_table = torch.randn(config.num_light_heads, 2 * radius + 1, generator=generator)
-    output_attentions = implementation == "eager"
     with torch.no_grad():
-        out, weights = module(hidden_states, mask, bias_table, implementation, output_attentions)
+        out = module(hidden_states, mask, bias_table)
         expected, expected_probs = dense_local_attention(module, hidden_states, mask, bias_table, radius)
+        # the probabilities by blocks, placed over the sequence by the module's layout (the weights it returns)
+        query, key, _, bias = module.blocks(hidden_states, mask, bias_table)
+        weights = module.weights_layout(n, mask.device).spread(attention_probabilities(query, key, bias))
     assert out.shape == hidden_states.shape and torch.isfinite(out).all()
     torch.testing.assert_close(out[mask], expected[mask], atol=ATOL, rtol=RTOL)
-    if output_attentions:
-        assert weights.shape == (3, config.num_light_heads, n, n)
-        rows = mask[:, None, :].expand(-1, config.num_light_heads, -1)
-        torch.testing.assert_close(weights[rows], expected_probs[rows], atol=ATOL, rtol=RTOL)
+    assert weights.shape == (3, config.num_light_heads, n, n)
+    rows = mask[:, None, :].expand(-1, config.num_light_heads, -1)
+    torch.testing.assert_close(weights[rows], expected_probs[rows], atol=ATOL, rtol=RTOL)
     # padding takes no attention mass from real queries and junk in it changes nothing
     junk = hidden_states.masked_fill(~mask[..., None], 1e3)
     with torch.no_grad():
-        out_junk, _ = module(junk, mask, bias_table, implementation)
+        out_junk = module(junk, mask, bias_table)
     torch.testing.assert_close(out_junk[mask], out[mask], atol=ATOL, rtol=RTOL)
 
 
@@ -174,7 +178,7 @@ def dense_heavy_attention(config, module, hidden_states, mask, q_router, kv_rout
 @pytest.mark.parametrize("straight_through", [True, False])
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_heavy_attention_equals_dense_attention_among_routed_tokens(implementation, straight_through):
-    config = layer_config(router_straight_through=straight_through)
+    config = layer_config(implementation, router_straight_through=straight_through)
     n = 21
     module = randomize(CoLT5HeavyAttention(config), seed=1)
     q_router = randomize(CoLT5Router(config, config.attention_q_fraction), seed=2, std=1.0)
@@ -184,14 +188,15 @@ def test_heavy_attention_equals_dense_attention_among_routed_tokens(implementati
     mask = masks_for(n)
     mask[1, 12:] = False  # a short sample: fewer routed tokens, invalid slots in the batch
     bias_weight = torch.randn(config.relative_attention_num_buckets, config.num_heavy_heads, generator=generator)
-    output_attentions = implementation == "eager"
     with torch.no_grad():
         q_routing, kv_routing = q_router(hidden_states, mask), kv_router(hidden_states, mask)
         assert not q_routing.valid.all() and not kv_routing.valid.all()
-        routed_out, weights = module(
-            hidden_states, q_routing, kv_routing, bias_weight, implementation, output_attentions
-        )
+        routed_out = module(hidden_states, q_routing, kv_routing, bias_weight)
         out = scatter_tokens(routed_out, q_routing.indices[:, 0], n)  # (b, m, d) rows at the routed queries' positions
+        # the routed probabilities, placed over the sequence by the module's layout (the weights it returns)
+        query, key, _ = module.heads(hidden_states, q_routing, kv_routing)
+        probs = attention_probabilities(query, key, module.position_bias(q_routing, kv_routing, bias_weight))
+        weights = module.weights_layout(q_routing, kv_routing, n).spread(probs)
         expected, expected_probs = dense_heavy_attention(
             config, module, hidden_states, mask, q_router, kv_router, bias_weight
         )
@@ -201,8 +206,7 @@ def test_heavy_attention_equals_dense_attention_among_routed_tokens(implementati
         routed[i, q_routing.indices[i, 0][q_routing.valid[i, 0]]] = True
     assert (out[~routed] == 0).all()  # unrouted queries get exactly 0 from the heavy branch
     assert (out[routed].abs().sum(-1) > 0).all()
-    if output_attentions:
-        torch.testing.assert_close(weights, expected_probs, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(weights, expected_probs, atol=ATOL, rtol=RTOL)
 
 
 # ----------------------------------------------------------------------------------------------- routed feed-forward
@@ -296,7 +300,7 @@ def dense_config(n, **overrides):
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_encoder_block_with_everything_routed_is_dense(implementation):
     n = 13
-    config = dense_config(n)
+    config = dense_config(n, implementation=implementation)
     block = randomize(CoLT5EncoderBlock(config), seed=7)
     for norm in (block.attention_layer_norm, block.feed_forward_layer_norm):
         torch.nn.init.normal_(norm.weight, mean=1.0, std=0.2)
@@ -310,20 +314,21 @@ def test_encoder_block_with_everything_routed_is_dense(implementation):
         t5_bucket(torch.arange(-radius, radius + 1), config), : config.num_light_heads
     ].T  # (light heads, 2 * radius + 1), as the encoder builds it
     with torch.no_grad():
-        out, weights = block(hidden_states, mask, light_bias_table, bias_weight[:, config.num_light_heads :],
-                             implementation, output_attentions=implementation == "eager")
         expected, expected_probs = dense_encoder_block(config, block, hidden_states, mask, bias_weight)
-    torch.testing.assert_close(out[mask], expected[mask], atol=ATOL, rtol=RTOL)
-    if weights is not None:
-        rows = mask[:, None, :].expand(-1, heads, -1)
-        torch.testing.assert_close(weights[rows], expected_probs[rows], atol=ATOL, rtol=RTOL)
+        # with the weights, the call takes the eager computation whatever the implementation
+        for output_attentions in (False, True):
+            out, weights = block(hidden_states, mask, light_bias_table, bias_weight[:, config.num_light_heads :],
+                                 output_attentions)
+            torch.testing.assert_close(out[mask], expected[mask], atol=ATOL, rtol=RTOL)
+    assert weights.shape == (3, heads, n, n)
+    rows = mask[:, None, :].expand(-1, heads, -1)
+    torch.testing.assert_close(weights[rows], expected_probs[rows], atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_encoder_with_everything_routed_is_dense(implementation):
     n = 12
-    config = dense_config(n, num_layers=2)
-    config._attn_implementation = implementation
+    config = dense_config(n, num_layers=2, implementation=implementation)
     torch.manual_seed(9)
     model = CoLT5EncoderModel(config).eval()
     encoder = model.encoder
@@ -344,13 +349,14 @@ def test_encoder_with_everything_routed_is_dense(implementation):
 
 def dense_cross_attention(config, module, hidden_states, encoder_hidden_states, encoder_mask):
     """Route r's query heads attend only to route r's encoder tokens, whose K/V come from the router-weighted hidden
-    states through route r's slice of the K/V projections. Computed one sample at a time."""
+    states through route r's slice of the K/V projections. Computed one sample at a time. Returns the output and the
+    attention probabilities over the encoder's positions, (b, h, t, n), 0 at the tokens a head's route did not take."""
     b, t, _ = hidden_states.shape
     routes, kv_heads, heads = module.num_routes, config.num_cross_attention_kv_heads, config.num_heads
     heads_per_route = heads // routes
     all_query = split_heads(hidden_states @ module.q.weight.T, heads)  # (b, h, t, d_kv)
     out = torch.zeros(b, heads, t, config.d_kv)
-    probs = {}
+    probs = torch.zeros(b, heads, t, encoder_hidden_states.shape[1])
     for i in range(b):
         for r in range(routes):
             if module.kv_router is None:
@@ -368,7 +374,7 @@ def dense_cross_attention(config, module, hidden_states, encoder_hidden_states, 
                 kv_head = j // (heads_per_route // kv_heads)
                 p = (all_query[i, head] @ key[kv_head].T).softmax(-1)  # (t, k)
                 out[i, head] = p @ value[kv_head]
-                probs[i, head] = p
+                probs[i, head, :, position] = p
     return merge_heads(out) @ module.o.weight.T, probs
 
 
@@ -378,7 +384,7 @@ def dense_cross_attention(config, module, hidden_states, encoder_hidden_states, 
     [(2, 1, 0.5, False), (2, 2, 0.4, True), (4, 1, 0.3, False), (2, 1, 1.0, True)],
 )
 def test_cross_attention_routes_equal_dense_per_route(routes, kv_heads, fraction, straight_through, implementation):
-    config = layer_config(num_cross_attention_routes=routes, num_cross_attention_kv_heads=kv_heads,
+    config = layer_config(implementation, num_cross_attention_routes=routes, num_cross_attention_kv_heads=kv_heads,
                           cross_attention_fraction=fraction, router_straight_through=straight_through)
     module = randomize(CoLT5CrossAttention(config, layer_idx=0), seed=11)
     if module.kv_router is not None:
@@ -389,14 +395,17 @@ def test_cross_attention_routes_equal_dense_per_route(routes, kv_heads, fraction
     encoder_hidden_states = torch.randn(b, n, config.d_model, generator=generator)
     encoder_mask = masks_for(n)
     with torch.no_grad():
-        out, probs = module(hidden_states, encoder_hidden_states, encoder_mask, None, implementation)
+        out, no_weights = module(hidden_states, encoder_hidden_states, encoder_mask, None)
+        # the weights come from the eager computation, whatever the implementation
+        out_with_weights, weights = module(hidden_states, encoder_hidden_states, encoder_mask, None,
+                                           output_attentions=True)
         expected, expected_probs = dense_cross_attention(config, module, hidden_states, encoder_hidden_states,
                                                          encoder_mask)
+    assert no_weights is None
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
-    if implementation == "eager" and module.kv_router is not None:  # slots in position order: valid ones first
-        for (i, head), p in expected_probs.items():
-            torch.testing.assert_close(probs[i, head, :, : p.shape[-1]], p, atol=ATOL, rtol=RTOL)
-            assert (probs[i, head, :, p.shape[-1] :] == 0).all()
+    torch.testing.assert_close(out_with_weights, expected, atol=ATOL, rtol=RTOL)
+    assert weights.shape == (b, config.num_heads, t, n)
+    torch.testing.assert_close(weights, expected_probs, atol=ATOL, rtol=RTOL)
 
     # samples never mix: each sample alone (unpadded) gives its row of the batch, and changing one sample's encoder
     # states, padding included, leaves the others untouched
@@ -404,11 +413,11 @@ def test_cross_attention_routes_equal_dense_per_route(routes, kv_heads, fraction
         for i in range(b):
             length_mask = encoder_mask[i]
             alone, _ = module(hidden_states[i : i + 1], encoder_hidden_states[i : i + 1, length_mask],
-                              length_mask[length_mask][None], None, implementation)
+                              length_mask[length_mask][None], None)
             torch.testing.assert_close(alone[0], out[i], atol=ATOL, rtol=RTOL)
         changed = encoder_hidden_states.clone()
         changed[1] = torch.randn(n, config.d_model, generator=generator)
-        out_changed, _ = module(hidden_states, changed, encoder_mask, None, implementation)
+        out_changed, _ = module(hidden_states, changed, encoder_mask, None)
     assert torch.equal(out_changed[0], out[0]) and torch.equal(out_changed[2], out[2])
     assert not torch.allclose(out_changed[1], out[1])
 

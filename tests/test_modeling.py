@@ -344,19 +344,19 @@ def test_output_attentions_eager(cross_attention):
         assert layer.shape == (3, config.num_heads, 5, 5)
         assert row_sums_are_one(layer)
         assert (layer.triu(1) == 0).all()  # causal
+    # cross-attention: over the encoder's positions; each head's route takes its own tokens, the same for every query
     routed = config.cross_attention_fraction < 1
-    keys = config.routed_count(config.cross_attention_fraction, n) if routed else n
+    heads_per_route = config.num_heads // config.num_cross_attention_routes
     for layer in outputs.cross_attentions:
-        assert layer.shape == (3, config.num_heads, 5, keys)
+        assert layer.shape == (3, config.num_heads, 5, n)
         assert row_sums_are_one(layer)
         for i, length in enumerate(LENGTHS):
+            taken = layer[i] > 0  # (heads, 5, n)
             real_keys = config.routed_count(config.cross_attention_fraction, length) if routed else length
-            assert (layer[i, ..., real_keys:] == 0).all()
-            assert (layer[i, ..., :real_keys] > 0).all()
-
-    sdpa = build(attn_implementation="sdpa")
-    with pytest.raises(ValueError, match="output_attentions.*attn_implementation='eager'"):
-        sdpa(input_ids, attention_mask, decoder_input_ids=decoder_input_ids, output_attentions=True)
+            assert (taken.sum(-1) == real_keys).all() and not taken[..., length:].any()
+            assert (taken == taken[:, :1]).all()
+            route_columns = taken[:, 0].unflatten(0, (-1, heads_per_route))  # (routes, heads of the route, n)
+            assert (route_columns == route_columns[:, :1]).all()
 
 
 # ----------------------------------------------------------------------------------------- embeddings and inputs
