@@ -47,7 +47,7 @@ def build(name):
         if user:
             return model
         model.config._attn_implementation = name.split("/")[1]
-        if name.endswith("/static"):  # the whole fast path: compiled encoder blocks too (see README, Performance)
+        if name.endswith("/static"):  # compiled encoder blocks too, by hand
             for block in model.encoder.block:
                 block.compile(fullgraph=True, dynamic=False)
         return model

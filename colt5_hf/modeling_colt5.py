@@ -84,8 +84,8 @@ def clamp_fp16(hidden_states):
 def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
     """T5's bucketing of `key_position - query_position`: exact buckets for small distances, logarithmic ones up to
     `max_distance`, one bucket beyond; bidirectional buckets split the range between the two directions. Integer
-    arithmetic in the input's dtype (the heavy attention passes int32: 2-4% faster than int64 alone, benchmarks/parts.py
-    run I, no measurable change in the whole layer)."""
+    arithmetic in the input's dtype (the heavy attention passes int32: 2-4% faster than int64 alone in
+    benchmarks/parts.py, no measurable change in the whole layer)."""
     dtype = relative_position.dtype
     if bidirectional:
         num_buckets //= 2
@@ -741,8 +741,7 @@ def check_mask(attention_mask, shape, name, device):
 
 def bias_table_rows(config):
     """The rows of the encoder's relative position bias table that the branches read, as one index (made once, a
-    buffer: built per call, its dozen small eager kernels held back the first block by 0.7 ms on an H100, RESULTS.md
-    run O): every bucket (the heavy attention's table), then the bucket of each offset -radius..radius (the light
+    buffer: built per call, its dozen small eager kernels held back the first block by 0.7 ms on an H100): every bucket (the heavy attention's table), then the bucket of each offset -radius..radius (the light
     attention's)."""
     offsets = torch.arange(-config.local_radius, config.local_radius + 1)
     buckets = relative_position_bucket(
