@@ -38,6 +38,10 @@ declares `encoder_compile`: without it the default and fast rows run the eager e
 mean losses, not their mean: its forward takes **kwargs, so Trainer leaves the division by the accumulation to a loss
 that ignores `num_items_in_batch`.
 
+The first step of a compiled row depends on inductor's on-disk cache (a fresh machine's is empty; a later process, or a
+row whose graphs an earlier row compiled, finds kernels there): the environment record says whether the cache held
+anything when the run began (`inductor_cache_warm`).
+
 Failures (out of memory: LongT5 at 65536 tokens, transient-global above 16384) are recorded and the run goes on.
 After `--budget-s` seconds (540) the rows left are recorded as skipped, and a row running then stops after its
 current step, so that a 10-minute call comes back with results. Writes train_step.json to $OUT (or benchmarks/out)
@@ -316,13 +320,18 @@ def main():
     started = time.time()
     deadline = started + args.budget_s
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
     from transformers.utils import logging as transformers_logging
+
+    inductor_cache = cache_dir()
+    inductor_cache_warm = any(os.scandir(inductor_cache))
 
     transformers_logging.set_verbosity_error()
     info = dict(environment(), preset="tiny" if args.tiny else "large", target_length=args.target_length,
                 layers=args.layers, batch=1, accumulation=args.accumulation, warmup_steps=args.warmup_steps,
                 steps=args.steps, gradient_checkpointing=args.gradient_checkpointing,
-                precision="bf16 autocast (Trainer bf16=True)", budget_s=args.budget_s)
+                precision="bf16 autocast (Trainer bf16=True)", budget_s=args.budget_s,
+                inductor_cache=inductor_cache, inductor_cache_warm=inductor_cache_warm)
     print(json.dumps(info), flush=True)
     out = out_dir()
     records = []
