@@ -51,8 +51,9 @@ class CoLT5Config(PreTrainedConfig):
 
     Speed:
         encoder_compile: "auto" (on CUDA, inputs of 2048 tokens or more run the encoder blocks under torch.compile,
-            padded to a length bucket: one compilation per bucket), "cuda_graphs" (the same under CUDA graphs: the
-            fastest, for training with gradient accumulation too) or "off" (eager). See `fast_path.py`.
+            padded to a length bucket: one compilation per bucket; CUDA graphs without gradients), "cuda_graphs" (CUDA
+            graphs for training too, gradient accumulation included: the fastest) or "off" (eager). See
+            `fast_path.py`.
     """
 
     model_type = "colt5"

@@ -8,10 +8,12 @@ layer's kernels in one call.
 
 `CoLT5Config.encoder_compile` picks the path:
     "auto"        on CUDA, inputs of at least COMPILE_MIN_LENGTH tokens run their encoder blocks compiled (static
-                  shapes, no CUDA graphs); shorter inputs, other devices and `output_attentions` run eagerly
-    "cuda_graphs" the same under CUDA graphs (torch.compile mode "reduce-overhead"): the fastest, also for training with
-                  gradient accumulation; with gradient checkpointing the blocks run compiled without graphs (a
-                  checkpoint replays the forward inside the backward, which a recorded graph cannot)
+                  shapes): under CUDA graphs (torch.compile mode "reduce-overhead") without gradients, plainly
+                  compiled with them (training keeps no graphs' memory pool); shorter inputs, other devices and
+                  `output_attentions` run eagerly
+    "cuda_graphs" CUDA graphs for training too, gradient accumulation included: the fastest; with gradient
+                  checkpointing the blocks run compiled without graphs (a checkpoint replays the forward inside the
+                  backward, which a recorded graph cannot)
     "off"         never compiles
 A compiled call pads its input to a length bucket (the mask hides the padding, and every router counts a sample's real
 tokens, so the real tokens' outputs are those of the unpadded input) and compiles once per bucket, batch size and
@@ -58,7 +60,7 @@ def encoder_compile_mode(config, hidden_states, output_attentions: bool, gradien
         or torch.compiler.is_compiling()
     ):
         return None
-    if setting == "cuda_graphs" and not (gradient_checkpointing and torch.is_grad_enabled()):
+    if not torch.is_grad_enabled() or (setting == "cuda_graphs" and not gradient_checkpointing):
         return "reduce-overhead"
     return "default"
 
