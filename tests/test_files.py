@@ -49,7 +49,7 @@ INVALID_VALUES = {
     "router_fetch_ratio": [0.5, 0, float("nan"), "2"],
     "dropout_rate": [-0.1, 1.0, "0.1", None],
     "dense_act_fn": ["no_such_activation", None],
-    "is_encoder_decoder": [False, 1],
+    "is_encoder_decoder": [1, None],  # False is valid: an encoder model's config
 }
 CONTEXT = {"num_cross_attention_kv_heads": dict(num_cross_attention_routes=2)}
 FIELDS = list(CoLT5Config.__annotations__)
