@@ -31,12 +31,11 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .checkpoints import last_complete_checkpoint
-from .configuration_colt5 import CoLT5Config
+from .configuration_colt5 import CoLT5Config, preset_names
 from .data import DataError, demo_examples, load_pairs, tokenize_pairs
 from .modeling_colt5 import CoLT5ForConditionalGeneration
 
 
-PRESETS = Path(__file__).resolve().parent.parent / "configs"  # the repository's configs/ (editable install)
 DEMO_EVAL_SEED = 1_000_003  # the demo task's evaluation examples: a seed no training run uses
 
 
@@ -45,10 +44,6 @@ class CommandError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------- models
-
-
-def preset_names():
-    return sorted(path.stem for path in PRESETS.glob("*.json"))
 
 
 def parse_overrides(pairs):
@@ -74,7 +69,7 @@ def is_model_folder(path: Path):
 
 def load_model(spec: str, overrides=None):
     """A CoLT5ForConditionalGeneration from a saved/converted model folder (weights kept), a config JSON file or a
-    preset name in configs/ (fresh weights). Returns (model, description)."""
+    preset shipped with the package (fresh weights). Returns (model, description)."""
     overrides = overrides or {}
     path = Path(spec)
     if path.is_dir():
@@ -90,24 +85,21 @@ def load_model(spec: str, overrides=None):
         except (OSError, ValueError) as error:
             raise CommandError(f"could not load the model in {path}: {error}") from error
         return model, f"model {path}"
-    if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise CommandError(f"config file not found: {path}")
-        config_file = path
-    else:
-        config_file = PRESETS / f"{spec}.json"
-        if not config_file.is_file():
-            config_file = PRESETS / f"colt5-{spec}.json"
-        if not config_file.is_file():
-            raise CommandError(
-                f"{spec!r} is not a model folder, a config file or a preset; presets in {PRESETS}: "
-                f"{', '.join(preset_names()) or 'none found'}"
-            )
+    if path.suffix != ".json" and not path.exists():
+        if not {spec, f"colt5-{spec}"} & set(preset_names()):
+            raise CommandError(f"{spec!r} is not a model folder, a config file or a preset; the presets are "
+                               f"{', '.join(preset_names())}")
+        try:
+            return CoLT5ForConditionalGeneration(CoLT5Config.from_preset(spec, **overrides)), f"new model {spec}"
+        except (ValueError, TypeError) as error:
+            raise CommandError(f"preset {spec}: {error}") from error
+    if not path.is_file():
+        raise CommandError(f"config file not found: {path}")
     try:
-        config = CoLT5Config.from_dict(json.loads(config_file.read_text()), **overrides)
+        config = CoLT5Config.from_dict(json.loads(path.read_text()), **overrides)
     except (ValueError, TypeError) as error:
-        raise CommandError(f"{config_file}: {error}") from error
-    return CoLT5ForConditionalGeneration(config), f"new model from {config_file}"
+        raise CommandError(f"{path}: {error}") from error
+    return CoLT5ForConditionalGeneration(config), f"new model from {path}"
 
 
 def load_tokenizer(spec, model_folder=None):

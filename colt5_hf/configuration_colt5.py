@@ -1,13 +1,22 @@
 """CoLT5 configuration."""
 
 import copy
+import json
 import math
+from pathlib import Path
 
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
 
 ROUTER_TYPES = ("coor_descent", "cum_softmax", "sinkhorn")
+# package data (colt5_hf/presets/*.json); configs/ in the repository holds the same files for reading
+PRESET_FOLDER = Path(__file__).resolve().parent / "presets"
+
+
+def preset_names() -> list[str]:
+    """The presets shipped with the package: colt5-tiny, colt5-base, colt5-large, colt5-xl."""
+    return sorted(path.stem for path in PRESET_FOLDER.glob("*.json"))
 
 
 class CoLT5Config(PreTrainedConfig):
@@ -187,6 +196,18 @@ class CoLT5Config(PreTrainedConfig):
             )
 
     @classmethod
+    def from_preset(cls, name: str, **overrides) -> "CoLT5Config":
+        """A preset shipped with the package, "tiny", "base", "large" or "xl" (also "colt5-large" ...), with
+        `overrides` (config fields) applied: `CoLT5Config.from_preset("large", local_radius=255)`."""
+        names = preset_names()
+        preset = next((candidate for candidate in (name, f"colt5-{name}") if candidate in names), None)
+        if preset is None:
+            raise ValueError(f"CoLT5Config: no preset {name!r}; the presets are {', '.join(names) or 'missing'}")
+        values = json.loads((PRESET_FOLDER / f"{preset}.json").read_text())
+        values.pop("model_type")
+        return cls(**{**values, **overrides})
+
+    @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         """As `PreTrainedConfig.get_config_dict`, but a folder without config.json is an error: Transformers would
         build the default config, which silently loads weights of the same shapes with other settings."""
@@ -229,4 +250,4 @@ class CoLT5Config(PreTrainedConfig):
 CoLT5Config.register_for_auto_class()  # Hub custom code: save_pretrained copies this file and maps AutoConfig to it
 
 
-__all__ = ["CoLT5Config"]
+__all__ = ["CoLT5Config", "preset_names"]
