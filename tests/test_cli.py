@@ -243,7 +243,7 @@ def test_convert_command_reproduces_the_source_logits(tmp_path, capsys):
                   "--set", "attention_q_fraction=1", "--set", "attention_kv_fraction=1",
                   "--set", "feed_forward_fraction=1", "--set", "local_radius=64"], capsys)
     report = json.loads(out.strip().splitlines()[-1])
-    assert report["encoder_heads"] == {"light": 1, "heavy": 3} and report["tokenizer"] == "tokenizer copied"
+    assert report["encoder_heads"] == {"light": 1, "heavy": 3} and report["tokenizer"] == f"copied from {tmp_path / 't5'}"
     converted = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "colt5").eval()
     input_ids = torch.randint(3, 259, (2, 50))
     decoder_input_ids = torch.randint(3, 259, (2, 6))

@@ -16,16 +16,27 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ..data import demo_examples, tokenize_pairs
-from .common import DEMO_EVAL_SEED, add_training_options, demo_reach, load_model, load_tokenizer, run_training
+from .common import (
+    DEMO_EVAL_SEED,
+    add_training_options,
+    check_writable_folder,
+    demo_reach,
+    load_model,
+    load_tokenizer,
+    positive_int,
+    run_training,
+)
 
 
 def add_parser(commands):
     parser = commands.add_parser("demo", help="CoLT5 vs local attention on a long-input task (the default command)")
     parser.add_argument("--model", default="colt5-tiny", help="preset or config file (default: colt5-tiny)")
-    add_training_options(parser, steps=2000, eval_steps=250, learning_rate=5e-4, warmup_steps=100)
-    parser.add_argument("--demo-length", type=int, default=256, help="length of the inputs in tokens (default: 256)")
-    parser.set_defaults(output_dir="runs/demo", epochs=1.0, gradient_accumulation_steps=1, weight_decay=0.0,
-                        logging_steps=None, save_steps=None, save_total_limit=1, bf16=False, cpu=True, resume=False)
+    add_training_options(parser, steps=2000, eval_steps=250, learning_rate=5e-4, warmup_steps=100,
+                         output_dir="runs/demo")
+    parser.add_argument("--demo-length", type=positive_int, default=256,
+                        help="length of the inputs in tokens (default: 256)")
+    parser.set_defaults(epochs=1.0, gradient_accumulation_steps=1, weight_decay=0.0, logging_steps=None,
+                        save_steps=None, save_total_limit=1, bf16=False, cpu=True, overwrite_output_dir=True)
     return parser
 
 
@@ -101,7 +112,7 @@ def demo_run(args, heavy: bool, threads: int):
     if not heavy:
         switch_off_heavy_branch(model)
     run_args = argparse.Namespace(**vars(args))
-    run_args.output_dir, run_args.overwrite_output_dir, run_args.quiet = Path(args.output_dir) / folder, True, True
+    run_args.output_dir, run_args.quiet = Path(args.output_dir) / folder, True
     rows = []
     run_training(run_args, model, tokenizer, train_dataset, eval_dataset, callbacks=[RowPrinter(label, rows)],
                  show_logs=False)
@@ -111,6 +122,7 @@ def demo_run(args, heavy: bool, threads: int):
 def run(args):
     """Train the tiny preset twice on the demo task, with and without the heavy branch (in parallel, one process
     each when there are two cores), and print the table."""
+    check_writable_folder(args.output_dir, "--output-dir")
     config = load_model(args.model)[0].config
     example = demo_examples(1, args.seed, args.demo_length, demo_reach(config))[0]
     jobs = 2 if (os.cpu_count() or 1) >= 2 else 1

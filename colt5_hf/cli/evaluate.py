@@ -1,6 +1,7 @@
 """colt5-hf evaluate: loss and exact match (greedy generation) of a saved model on a data file."""
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -9,10 +10,16 @@ from .common import (
     CommandError,
     add_data_options,
     batches,
+    check_saved_model,
+    check_writable_file,
     collator,
+    demo_pairs,
     load_saved_model,
     load_tokenizer,
-    read_dataset,
+    positive_int,
+    read_pairs,
+    tokenize,
+    writing,
 )
 
 
@@ -21,22 +28,27 @@ def add_parser(commands):
     parser.add_argument("model", help="saved model folder")
     parser.add_argument("--file", help="JSONL, JSON, CSV or Parquet file of source/target pairs")
     parser.add_argument("--demo-task", action="store_true", help="the demo task's evaluation examples")
-    parser.add_argument("--eval-examples", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, help="(default: the longest target + 8)")
-    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--eval-examples", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--max-new-tokens", type=positive_int, help="(default: the longest target + 8)")
+    parser.add_argument("--num-beams", type=positive_int, default=1)
     parser.add_argument("--predictions", help="write source/target/prediction JSONL here")
     add_data_options(parser)
     return parser
 
 
 def run(args):
-    model = load_saved_model(args.model)
-    tokenizer = load_tokenizer(args.tokenizer, args.model)
     if (args.file is None) == (not args.demo_task):
         raise CommandError("give --file or --demo-task")
-    pairs, tokenized = read_dataset(args, tokenizer, model.config, args.file, "eval",
-                                    demo_count=args.eval_examples, demo_seed=DEMO_EVAL_SEED)
+    if args.predictions is not None:
+        check_writable_file(args.predictions, "--predictions")
+    pairs = read_pairs(args, args.file) if args.file is not None else None
+    check_saved_model(args.model)
+    tokenizer = load_tokenizer(args.tokenizer, args.model)
+    model = load_saved_model(args.model)
+    if pairs is None:
+        pairs = demo_pairs(model.config, args.eval_examples, DEMO_EVAL_SEED, args.demo_length)
+    tokenized = tokenize(args, tokenizer, model.config, pairs, args.file or "demo task")
     collate = collator(tokenizer)
     loss_sum, token_count, correct, predictions = 0.0, 0, 0, []
     rows = [tokenized[i] for i in range(len(tokenized))]
@@ -58,9 +70,10 @@ def run(args):
     metrics = {"examples": len(rows), "loss": loss_sum / max(token_count, 1),
                "exact_match": correct / max(len(rows), 1)}
     if args.predictions is not None:
-        with open(args.predictions, "w") as handle:
-            for prediction in predictions:
-                handle.write(json.dumps(prediction) + "\n")
-        metrics["predictions"] = str(args.predictions)
+        path = Path(args.predictions)
+        with writing(f"--predictions {path}", path.parent, "free space there or choose another --predictions file"):
+            with open(path, "w", encoding="utf-8") as handle:
+                for prediction in predictions:
+                    handle.write(json.dumps(prediction) + "\n")
+        metrics["predictions"] = str(path)
     print(json.dumps(metrics))
-

@@ -3,17 +3,18 @@
 import datasets
 import torch
 
-from ..data import tokenize_pairs
 from .common import (
     CommandError,
     add_data_options,
     batches,
+    check_saved_model,
+    check_text,
     collator,
     load_saved_model,
     load_tokenizer,
-    print_data_report,
-    read_dataset,
-    source_limit,
+    positive_int,
+    read_pairs,
+    tokenize,
 )
 
 
@@ -22,25 +23,25 @@ def add_parser(commands):
     parser.add_argument("model", help="saved model folder")
     parser.add_argument("--text", action="append", help="input text (repeatable)")
     parser.add_argument("--file", help="JSONL, JSON, CSV or Parquet file of inputs (--source-field)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--num-beams", type=positive_int, default=1)
     add_data_options(parser, targets=False)
     return parser
 
 
 def run(args):
-    model = load_saved_model(args.model)
-    tokenizer = load_tokenizer(args.tokenizer, args.model)
     if (args.file is None) == (not args.text):
         raise CommandError("give --text (repeatable) or --file")
+    check_text(args.text or ())
     if args.text:
         pairs = datasets.Dataset.from_list([{"source": text} for text in args.text])
-        tokenized, report = tokenize_pairs(pairs, tokenizer, source_limit(args, model.config), None, args.truncate,
-                                           "--text")
-        print_data_report(report)
     else:
-        pairs, tokenized = read_dataset(args, tokenizer, model.config, args.file, "input", with_targets=False)
+        pairs = read_pairs(args, args.file, with_targets=False)
+    check_saved_model(args.model)
+    tokenizer = load_tokenizer(args.tokenizer, args.model)
+    model = load_saved_model(args.model)
+    tokenized = tokenize(args, tokenizer, model.config, pairs, "--text" if args.text else args.file)
     collate = collator(tokenizer)
     rows = [tokenized[i] for i in range(len(tokenized))]
     with torch.no_grad():
@@ -50,6 +51,3 @@ def run(args):
                                        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
             for text in tokenizer.batch_decode(generated, skip_special_tokens=True):
                 print(text)
-
-
-# ---------------------------------------------------------------------------------------------- convert / inspect
