@@ -28,6 +28,18 @@ def is_complete_checkpoint(folder) -> bool:
         state = json.loads((folder / "trainer_state.json").read_text())
         if name is not None and state.get("global_step") != int(name.group(1)):
             return False
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not has_complete_weights(folder):
+        return False
+    return all(zipfile.is_zipfile(folder / file) for file in ("optimizer.pt", "scheduler.pt") if (folder / file).exists())
+
+
+def has_complete_weights(folder) -> bool:
+    """Whether a saved model folder holds safetensors weights (each shard of an index; the adapter of a PEFT model)
+    that all open, which safetensors refuses for a truncated file."""
+    folder = Path(folder)
+    try:
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             weights = {folder / shard for shard in json.loads(index.read_text())["weight_map"].values()}
@@ -41,7 +53,7 @@ def is_complete_checkpoint(folder) -> bool:
                 pass
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError):
         return False
-    return all(zipfile.is_zipfile(folder / file) for file in ("optimizer.pt", "scheduler.pt") if (folder / file).exists())
+    return True
 
 
 def last_complete_checkpoint(output_dir) -> str | None:
@@ -62,4 +74,4 @@ def last_complete_checkpoint(output_dir) -> str | None:
     return None
 
 
-__all__ = ["is_complete_checkpoint", "last_complete_checkpoint"]
+__all__ = ["is_complete_checkpoint", "has_complete_weights", "last_complete_checkpoint"]

@@ -1,15 +1,32 @@
 """CoLT5 configuration."""
 
 import copy
+import difflib
+import json
 import math
+from pathlib import Path
 
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
+from transformers.utils import logging
 
 from .fast_path import ENCODER_COMPILE_MODES
 
 
+logger = logging.get_logger(__name__)
+
 ROUTER_TYPES = ("coor_descent", "cum_softmax", "sinkhorn")
+# keyword arguments that are no CoLT5Config field but that Transformers passes or reads itself; any other is a mistake
+# (a typo of a field, a field of another model) that the config keeps as an attribute and warns about
+TRANSFORMERS_KWARGS = {"model_type", "auto_map", "name_or_path", "torch_dtype", "attn_implementation",
+                       "experts_implementation", "output_attentions"}
+# package data (colt5_hf/presets/*.json); configs/ in the repository holds the same files for reading
+PRESET_FOLDER = Path(__file__).resolve().parent / "presets"
+
+
+def preset_names() -> list[str]:
+    """The presets shipped with the package: colt5-tiny, colt5-base, colt5-large, colt5-xl."""
+    return sorted(path.stem for path in PRESET_FOLDER.glob("*.json"))
 
 
 class CoLT5Config(PreTrainedConfig):
@@ -106,14 +123,28 @@ class CoLT5Config(PreTrainedConfig):
     decoder_start_token_id: int | None = 0
 
     def __post_init__(self, **kwargs):
+        unknown = sorted(key for key in kwargs if key not in TRANSFORMERS_KWARGS and not key.startswith("_"))
+        for key in unknown:
+            close = difflib.get_close_matches(key, self.__dataclass_fields__, n=1)
+            logger.warning(f"CoLT5Config: `{key}` is not a CoLT5Config field"
+                           + (f" (did you mean `{close[0]}`?)" if close else "")
+                           + "; it is kept as an attribute, but no part of the model reads it")
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
-        if self.num_light_heads is None and self.num_heavy_heads is None:
+        given_heads = {name for name in ("num_light_heads", "num_heavy_heads") if getattr(self, name) is not None}
+        if not given_heads:
             self.num_light_heads = max(1, self.num_heads // 4)
-        if self.num_light_heads is None:
-            self.num_light_heads = self.num_heads - self.num_heavy_heads
-        if self.num_heavy_heads is None:
-            self.num_heavy_heads = self.num_heads - self.num_light_heads
+        for given, derived in (("num_heavy_heads", "num_light_heads"), ("num_light_heads", "num_heavy_heads")):
+            value = getattr(self, given)
+            if getattr(self, derived) is None and isinstance(value, int):
+                # an error names a field the user set, never the one derived from it
+                if given not in given_heads and not 0 < value < self.num_heads:
+                    raise ValueError(f"CoLT5Config: `num_heads` ({self.num_heads}) must be at least 2: the encoder "
+                                     "splits its heads between the light and the heavy attention")
+                if not 0 < value < self.num_heads:
+                    raise ValueError(f"CoLT5Config: `{given}` ({value}) must be between 1 and `num_heads` - 1 "
+                                     f"({self.num_heads - 1}) when `{derived}` is not given: it gets the other heads")
+                setattr(self, derived, self.num_heads - value)
         if self.light_d_ff is None:
             self.light_d_ff = self.d_ff // 2
         if self.heavy_d_ff is None:
@@ -143,8 +174,10 @@ class CoLT5Config(PreTrainedConfig):
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                     and value > 0):
                 raise ValueError(f"CoLT5Config: `{name}` must be a positive number, got {value!r}")
-        if not (isinstance(self.router_fetch_ratio, (int, float)) and self.router_fetch_ratio >= 1):
-            raise ValueError(f"CoLT5Config: `router_fetch_ratio` must be >= 1, got {self.router_fetch_ratio!r}")
+        if not (isinstance(self.router_fetch_ratio, (int, float)) and math.isfinite(self.router_fetch_ratio)
+                and self.router_fetch_ratio >= 1):
+            raise ValueError(f"CoLT5Config: `router_fetch_ratio` must be a finite number >= 1, got "
+                             f"{self.router_fetch_ratio!r}")
         if self.encoder_compile not in ENCODER_COMPILE_MODES:
             raise ValueError(
                 f"CoLT5Config: `encoder_compile` must be one of {ENCODER_COMPILE_MODES}, got {self.encoder_compile!r}"
@@ -197,6 +230,28 @@ class CoLT5Config(PreTrainedConfig):
                 f"`relative_attention_num_buckets` // 2 ({self.relative_attention_num_buckets // 2})"
             )
 
+    def validate(self):
+        """Transformers' checks and CoLT5's: `save_pretrained` runs this first, so a value set after construction
+        that the constructor would refuse is an error there, and no config that cannot be loaded is written."""
+        super().validate()
+        self._check()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.validate()  # before Transformers copies this module into the folder: a refused save writes nothing
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "CoLT5Config":
+        """A preset shipped with the package, "tiny", "base", "large" or "xl" (also "colt5-large" ...), with
+        `overrides` (config fields) applied: `CoLT5Config.from_preset("large", local_radius=255)`."""
+        names = preset_names()
+        preset = next((candidate for candidate in (name, f"colt5-{name}") if candidate in names), None)
+        if preset is None:
+            raise ValueError(f"CoLT5Config: no preset {name!r}; the presets are {', '.join(names) or 'missing'}")
+        values = json.loads((PRESET_FOLDER / f"{preset}.json").read_text())
+        values.pop("model_type")
+        return cls(**{**values, **overrides})
+
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         """As `PreTrainedConfig.get_config_dict`, but a folder without config.json is an error: Transformers would
@@ -240,4 +295,4 @@ class CoLT5Config(PreTrainedConfig):
 CoLT5Config.register_for_auto_class()  # Hub custom code: save_pretrained copies this file and maps AutoConfig to it
 
 
-__all__ = ["CoLT5Config"]
+__all__ = ["CoLT5Config", "preset_names"]

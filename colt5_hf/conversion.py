@@ -10,6 +10,8 @@ heads of each route (the GQA uptraining recipe of Ainslie et al. 2023). With eve
 input and as many key/value heads as query heads, the converted model computes the source model's logits.
 """
 
+from pathlib import Path
+
 import torch
 
 from .configuration_colt5 import CoLT5Config
@@ -160,13 +162,31 @@ def convert_t5_to_colt5(source, config: CoLT5Config) -> CoLT5ForConditionalGener
     return model
 
 
-def convert_checkpoint(path, dtype=torch.float32, **overrides) -> CoLT5ForConditionalGeneration:
-    """Load a T5/mT5/LongT5 checkpoint folder (or Hub id) with transformers and convert it."""
+PICKLE_REFUSED = ("which can run code when loaded: conversion reads safetensors weights only, unless you trust the "
+                  "file and pass allow_pickle=True (colt5-hf convert --allow-pickle)")
+
+
+def convert_checkpoint(path, dtype=torch.float32, allow_pickle: bool = False, **overrides
+                       ) -> CoLT5ForConditionalGeneration:
+    """Load a T5/mT5/LongT5 checkpoint folder (or Hub id) with transformers and convert it. Weights are read from
+    safetensors files only, as CoLT5's `from_pretrained` does; `allow_pickle=True` also reads `pytorch_model.bin`
+    (torch's restricted unpickler)."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     source_config = AutoConfig.from_pretrained(path)
     config = colt5_config_from_source(source_config, **overrides)
-    source = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype)
+    folder = Path(path)
+    if not allow_pickle and folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickles = sorted(file.name for file in folder.iterdir() if file.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise ValueError(f"{path} holds its weights only as a pickle ({', '.join(pickles)}), {PICKLE_REFUSED}")
+    try:
+        source = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype,
+                                                       use_safetensors=None if allow_pickle else True)
+    except OSError as error:
+        if allow_pickle or "safetensors" not in str(error):
+            raise
+        raise OSError(f"{error} A checkpoint may hold its weights as a pickle instead, {PICKLE_REFUSED}") from error
     return convert_t5_to_colt5(source, config)
 
 

@@ -2,6 +2,7 @@
 and the synthetic long-input task of the demo."""
 
 import random
+import tempfile
 from pathlib import Path
 
 import datasets
@@ -15,8 +16,11 @@ class DataError(ValueError):
     """A problem with the user's data, worded for the command line."""
 
 
-def load_pairs(path, source_field: str, target_field: str | None):
-    """A `datasets.Dataset` with the columns `source` (and `target`) read from a JSONL, JSON, CSV or Parquet file."""
+def load_pairs(path, source_field: str, target_field: str | None, cache_dir=None, in_memory: bool = False):
+    """A `datasets.Dataset` with the columns `source` (and `target`) read from a JSONL, JSON, CSV or Parquet file.
+
+    datasets keeps the file as Arrow files in `cache_dir` (None: its own cache, HF_DATASETS_CACHE); `in_memory`: in
+    memory, through a temporary folder removed before returning."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -27,9 +31,17 @@ def load_pairs(path, source_field: str, target_field: str | None):
         blank = not handle.read(1 << 16).strip() and not handle.read(1)
     if blank:
         raise DataError(f"{path}: the file holds no examples")
+    if file_format != "parquet":
+        check_utf8(path)
     datasets.disable_progress_bars()
     try:
-        dataset = datasets.load_dataset(file_format, data_files=str(path), split="train")
+        if in_memory:
+            with tempfile.TemporaryDirectory(prefix="colt5-hf-data-") as scratch:
+                dataset = datasets.load_dataset(file_format, data_files=str(path), split="train", cache_dir=scratch,
+                                                keep_in_memory=True)
+        else:
+            dataset = datasets.load_dataset(file_format, data_files=str(path), split="train",
+                                            cache_dir=None if cache_dir is None else str(cache_dir))
     except Exception as error:  # the parsers' own errors name the line; keep them, add the file
         raise DataError(f"{path}: could not read it as {file_format}: {error or type(error).__name__}") from error
     fields = [source_field] + ([target_field] if target_field is not None else [])
@@ -51,6 +63,18 @@ def load_pairs(path, source_field: str, target_field: str | None):
     return dataset
 
 
+def check_utf8(path):
+    """A text data file must be UTF-8: the first line that is not is an error naming it (the parsers would fail later
+    with no line, or read a JSON Lines file whose strings then fail when read)."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}: line {number} is not UTF-8 (byte 0x{line[error.start]:02x} at byte "
+                                f"{error.start + 1} of the line); save the file as UTF-8") from None
+
+
 def tokenize_pairs(dataset, tokenizer, max_source_length: int | None, max_target_length: int | None,
                    truncate: bool = False, name: str = "data"):
     """Tokenise `source` (and `target` into `labels`). Inputs longer than the limits are an error naming the first
@@ -64,6 +88,9 @@ def tokenize_pairs(dataset, tokenizer, max_source_length: int | None, max_target
             encoded["labels"] = tokenizer(batch["target"]).input_ids
         return encoded
 
+    for limit, option in ((max_source_length, "--max-source-length"), (max_target_length, "--max-target-length")):
+        if limit is not None and limit < 1:
+            raise DataError(f"{option} must be a positive number of tokens, got {limit}")
     datasets.disable_progress_bars()
     tokenized = dataset.map(encode, batched=True, remove_columns=dataset.column_names)
     report = []
@@ -129,4 +156,4 @@ def demo_examples(count: int, seed: int, length: int = 256, reach: int = 30, let
     return examples
 
 
-__all__ = ["DataError", "load_pairs", "tokenize_pairs", "demo_examples"]
+__all__ = ["DataError", "load_pairs", "check_utf8", "tokenize_pairs", "demo_examples"]

@@ -32,10 +32,6 @@ def routing_rows(routing, sample: int = 0):
     return rows
 
 
-def routing_counts(routing, sample: int = 0):
-    return {label: len(positions) for label, positions in routing_rows(routing, sample).items()}
-
-
 def plot_routing(routing, tokens, path, title: str = "", sample: int = 0):
     """Write a PNG: a (routers x tokens) grid, dark where the router picked the token, with the count per router.
     Token strings label the x axis when they fit; otherwise positions do, and the top axis names the tokens that
@@ -70,4 +66,4 @@ def plot_routing(routing, tokens, path, title: str = "", sample: int = 0):
     return path
 
 
-__all__ = ["routing_rows", "routing_counts", "plot_routing"]
+__all__ = ["routing_rows", "plot_routing"]

@@ -721,8 +721,14 @@ class CoLT5DecoderBlock(GradientCheckpointingLayer):
 
 
 def input_embeddings(embedding, input_ids, inputs_embeds, name="input_ids"):
+    embeds_name = name.replace("input_ids", "inputs_embeds")
     if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError(f"Pass exactly one of `{name}` and `{name.replace('input_ids', 'inputs_embeds')}`")
+        raise ValueError(f"Pass exactly one of `{name}` and `{embeds_name}`")
+    given, shape = (name, "(batch, length)") if inputs_embeds is None else (embeds_name, "(batch, length, d_model)")
+    tensor = input_ids if inputs_embeds is None else inputs_embeds
+    if tensor.ndim != shape.count(",") + 1 or tensor.shape[0] == 0:
+        raise ValueError(f"`{given}` has shape {tuple(tensor.shape)}: pass {shape}, with at least one sequence (a "
+                         "single sequence x as x[None])")
     return embedding(input_ids) if inputs_embeds is None else inputs_embeds
 
 
@@ -979,6 +985,7 @@ class CoLT5PreTrainedModel(PreTrainedModel):
         and writes `auto_map`, but maps only AutoConfig and the saved class: map every auto class the weights load
         into. FSDP2 swaps in a subclass defined in torch, whose module Transformers would copy as the model's code and
         name in `auto_map`: code and names come from the CoLT5 class. `colt5_hf.save_for_hub` adds a model card."""
+        self.config.validate()  # a config made invalid after construction: refused before any file is written
         model_class = next(cls for cls in type(self).__mro__ if cls.__module__ == __name__)
         if model_class.is_remote_code():
             module = __name__.rsplit(".", 1)[-1]

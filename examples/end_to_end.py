@@ -52,7 +52,7 @@ def main():
     transformers_logging.disable_progress_bar()
     start = time.perf_counter()
 
-    config = CoLT5Config.from_json_file(str(ROOT / "configs" / "colt5-tiny.json"))
+    config = CoLT5Config.from_preset("tiny")
     torch.manual_seed(args.seed)
     model = CoLT5ForConditionalGeneration(config).train()
     print(f"CoLT5 tiny preset: {sum(p.numel() for p in model.parameters()):,} parameters, "

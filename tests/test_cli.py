@@ -10,7 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, ByT5Tokenizer, T5Config, T5ForConditionalGeneration, TrainerCallback
 
 import colt5_hf  # noqa: F401  (registers the Auto classes)
-from colt5_hf import cli
+from colt5_hf.cli import build_parser, main
+from colt5_hf.cli import train as train_command
+from colt5_hf.cli.common import demo_reach, load_model
+from colt5_hf.cli.demo import switch_off_heavy_branch
 from colt5_hf.data import demo_examples, load_pairs
 
 
@@ -26,7 +29,7 @@ def write_jsonl(path, rows):
 
 def run(argv, capsys):
     """main(argv) -> (stdout, stderr)."""
-    cli.main([str(a) for a in argv])
+    main([str(a) for a in argv])
     captured = capsys.readouterr()
     return captured.out, captured.err
 
@@ -34,7 +37,7 @@ def run(argv, capsys):
 def fails(argv, capsys, *patterns):
     """main(argv) must exit with status 2 and an error message matching every pattern."""
     with pytest.raises(SystemExit) as excinfo:
-        cli.main([str(a) for a in argv])
+        main([str(a) for a in argv])
     err = capsys.readouterr().err
     assert excinfo.value.code == 2, err
     for pattern in patterns:
@@ -52,7 +55,7 @@ def trained(tmp_path_factory):
     train_file = write_jsonl(folder / "train.jsonl", PAIRS[:16])
     eval_file = write_jsonl(folder / "eval.jsonl", PAIRS[16:])
     output = folder / "model"
-    cli.main([str(a) for a in ["train", *TRAIN, "--train-file", train_file, "--eval-file", eval_file,
+    main([str(a) for a in ["train", *TRAIN, "--train-file", train_file, "--eval-file", eval_file,
                                "--steps", 4, "--eval-steps", 2, "--output-dir", output]])
     return output, eval_file
 
@@ -151,14 +154,14 @@ class StopAt(TrainerCallback):
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     train_file = write_jsonl(tmp_path / "train.jsonl", PAIRS)  # 20 examples: 5 steps an epoch
     common = ["train", *TRAIN, "--train-file", train_file, "--steps", 8, "--save-steps", 2]
-    parser = cli.build_parser()
-    cli.main([str(a) for a in [*common, "--output-dir", tmp_path / "whole"]])
+    parser = build_parser()
+    main([str(a) for a in [*common, "--output-dir", tmp_path / "whole"]])
 
     interrupted = parser.parse_args([str(a) for a in [*common, "--output-dir", tmp_path / "resumed"]])
-    cli.command_train(interrupted, callbacks=[StopAt(4)])
+    train_command.run(interrupted, callbacks=[StopAt(4)])
     assert (tmp_path / "resumed" / "checkpoint-4").is_dir() and not (tmp_path / "resumed" / "checkpoint-6").exists()
     at_step_4 = load_file(tmp_path / "resumed" / "model.safetensors")
-    cli.main([str(a) for a in [*common, "--output-dir", tmp_path / "resumed", "--resume"]])
+    main([str(a) for a in [*common, "--output-dir", tmp_path / "resumed", "--resume"]])
 
     whole = load_file(tmp_path / "whole" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
@@ -175,7 +178,7 @@ def test_demo_runs_both_models_and_the_local_one_keeps_its_heavy_branch_off(tmp_
     rows = [line for line in out.splitlines() if re.match(r"(CoLT5 \(routed\)|local attention only)\s+\d+", line)]
     assert len(rows) == 2 * 2 + 2  # two evaluations per model, then the final table
     local = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "local-only")
-    fresh = cli.load_model("colt5-tiny")[0]
+    fresh = load_model("colt5-tiny")[0]
     for name, weight in local.state_dict().items():
         if ".heavy_attention.o." in name or ".heavy_feed_forward.wo." in name:
             assert torch.count_nonzero(weight) == 0, name
@@ -203,13 +206,13 @@ def test_local_attention_alone_cannot_tell_which_letter_comes_first():
     logits (the encoder's outputs are permuted, and cross-attention has no positions), so one of the two orders is
     answered wrongly; with the heavy branch on the logits differ."""
     torch.manual_seed(0)
-    local = cli.switch_off_heavy_branch(cli.load_model("colt5-tiny")[0]).eval()
+    local = switch_off_heavy_branch(load_model("colt5-tiny")[0]).eval()
     with torch.no_grad():  # make every local weight count: the band's edge, the layer norms, the bias table
         for name, parameter in local.named_parameters():
             if parameter.requires_grad:
                 parameter.add_(0.2 * torch.randn_like(parameter))
     torch.manual_seed(0)
-    routed = cli.load_model("colt5-tiny")[0].eval()
+    routed = load_model("colt5-tiny")[0].eval()
     tokenizer = ByT5Tokenizer()
 
     def logits(model, text):
@@ -217,7 +220,7 @@ def test_local_attention_alone_cannot_tell_which_letter_comes_first():
             return model(input_ids=torch.tensor([tokenizer(text).input_ids]),
                          decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)).logits
 
-    for example in demo_examples(8, seed=5, length=256, reach=cli.demo_reach(local.config)):
+    for example in demo_examples(8, seed=5, length=256, reach=demo_reach(local.config)):
         source = example["source"]
         (p, a), (q, b) = [(i, c) for i, c in enumerate(source) if c != "."]
         swapped = source[:p] + b + source[p + 1:q] + a + source[q + 1:]
@@ -240,7 +243,7 @@ def test_convert_command_reproduces_the_source_logits(tmp_path, capsys):
                   "--set", "attention_q_fraction=1", "--set", "attention_kv_fraction=1",
                   "--set", "feed_forward_fraction=1", "--set", "local_radius=64"], capsys)
     report = json.loads(out.strip().splitlines()[-1])
-    assert report["encoder_heads"] == {"light": 1, "heavy": 3} and report["tokenizer"] == "tokenizer copied"
+    assert report["encoder_heads"] == {"light": 1, "heavy": 3} and report["tokenizer"] == f"copied from {tmp_path / 't5'}"
     converted = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "colt5").eval()
     input_ids = torch.randint(3, 259, (2, 50))
     decoder_input_ids = torch.randint(3, 259, (2, 6))

@@ -1,4 +1,5 @@
-"""The JSON presets in configs/: they load, their sizes are the CoLT5 paper's (Table 7, T5.1.1 decoders), they build."""
+"""The presets (colt5_hf/presets/, the same files as configs/): they load, their sizes are the CoLT5 paper's (Table 7,
+T5.1.1 decoders), they build."""
 
 import json
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from colt5_hf import CoLT5Config, CoLT5ForConditionalGeneration
+from colt5_hf.configuration_colt5 import PRESET_FOLDER, preset_names
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -22,7 +24,29 @@ PAPER = {
 
 
 def load(name):
-    return CoLT5Config.from_json_file(str(CONFIGS / f"colt5-{name}.json"))
+    return CoLT5Config.from_preset(name)
+
+
+def test_the_packaged_presets_are_the_files_in_configs():
+    """configs/ is the copy to read; the package ships colt5_hf/presets/: they must not drift apart."""
+    assert preset_names() == [f"colt5-{name}" for name in sorted(PRESETS)]
+    assert sorted(path.name for path in CONFIGS.glob("*.json")) == sorted(path.name for path in PRESET_FOLDER.glob("*"))
+    for path in CONFIGS.glob("*.json"):
+        assert (PRESET_FOLDER / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_from_preset_takes_either_name_and_overrides():
+    for name in PRESETS:
+        from_file = CoLT5Config.from_json_file(str(CONFIGS / f"colt5-{name}.json"))
+        assert CoLT5Config.from_preset(name).to_dict() == from_file.to_dict()
+    assert CoLT5Config.from_preset("colt5-large").to_dict() == CoLT5Config.from_preset("large").to_dict()
+    assert CoLT5Config.from_preset("tiny", local_radius=7).local_radius == 7
+    with pytest.raises(ValueError, match="no preset 'huge'; the presets are colt5-base, colt5-large, colt5-tiny, colt5-xl"):
+        CoLT5Config.from_preset("huge")
+    with pytest.raises(ValueError, match="no preset"):
+        CoLT5Config.from_preset("../configs/colt5-tiny")  # a name, not a path
+    with pytest.raises(ValueError, match="`local_radius`"):
+        CoLT5Config.from_preset("tiny", local_radius=0)
 
 
 def expected_parameter_count(config):

@@ -46,7 +46,7 @@ INVALID_VALUES = {
     "num_cross_attention_kv_heads": [0, 3, 4],  # must divide the 2 query heads of each of 2 routes (set below)
     "eos_token_id": [-1, 384, [1, 384], "1"],
     "router_type": ["top_k", "", None],
-    "router_fetch_ratio": [0.5, 0, float("nan"), "2"],
+    "router_fetch_ratio": [0.5, 0, float("nan"), float("inf"), "2"],
     "dropout_rate": [-0.1, 1.0, "0.1", None],
     "dense_act_fn": ["no_such_activation", None],
     "is_encoder_decoder": [1, None],  # False is valid: an encoder model's config

@@ -1,0 +1,53 @@
+"""colt5-hf generate: outputs of a saved model for --text inputs or a data file, one line each."""
+
+import datasets
+import torch
+
+from .common import (
+    CommandError,
+    add_data_options,
+    batches,
+    check_saved_model,
+    check_text,
+    collator,
+    load_saved_model,
+    load_tokenizer,
+    positive_int,
+    read_pairs,
+    tokenize,
+)
+
+
+def add_parser(commands):
+    parser = commands.add_parser("generate", help="generate from a saved model")
+    parser.add_argument("model", help="saved model folder")
+    parser.add_argument("--text", action="append", help="input text (repeatable)")
+    parser.add_argument("--file", help="JSONL, JSON, CSV or Parquet file of inputs (--source-field)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--num-beams", type=positive_int, default=1)
+    add_data_options(parser, targets=False)
+    return parser
+
+
+def run(args):
+    if (args.file is None) == (not args.text):
+        raise CommandError("give --text (repeatable) or --file")
+    check_text(args.text or ())
+    if args.text:
+        pairs = datasets.Dataset.from_list([{"source": text} for text in args.text])
+    else:
+        pairs = read_pairs(args, args.file, with_targets=False)
+    check_saved_model(args.model)
+    tokenizer = load_tokenizer(args.tokenizer, args.model)
+    model = load_saved_model(args.model)
+    tokenized = tokenize(args, tokenizer, model.config, pairs, "--text" if args.text else args.file)
+    collate = collator(tokenizer)
+    rows = [tokenized[i] for i in range(len(tokenized))]
+    with torch.no_grad():
+        for chunk in batches(rows, args.batch_size):
+            batch = collate(chunk)
+            generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+            for text in tokenizer.batch_decode(generated, skip_special_tokens=True):
+                print(text)
