@@ -1199,6 +1199,7 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
         input_ids = kwargs.get("input_ids", inputs)
         if (
             input_ids is None
+            or input_ids.ndim != 2  # the forward names the mistake
             or kwargs.get("encoder_outputs") is not None
             or encoder_compile_mode(self.config, input_ids, False, False) is None
         ):
