@@ -69,8 +69,8 @@ class CoLT5Config(PreTrainedConfig):
     Speed:
         encoder_compile: "auto" (on CUDA, inputs of 2048 tokens or more run the encoder blocks under torch.compile,
             padded to a length bucket: one compilation per bucket; CUDA graphs without gradients), "cuda_graphs" (CUDA
-            graphs for training too, gradient accumulation included: the fastest) or "off" (eager). See
-            `fast_path.py`.
+            graphs for training too, gradient accumulation included: the fastest) or "off" (eager). A choice of the
+            running process, like `attn_implementation`: not saved. See `fast_path.py`.
     """
 
     model_type = "colt5"
@@ -235,6 +235,13 @@ class CoLT5Config(PreTrainedConfig):
         that the constructor would refuse is an error there, and no config that cannot be loaded is written."""
         super().validate()
         self._check()
+
+    def to_dict(self):
+        """As `PreTrainedConfig.to_dict`, without `encoder_compile`: how this process runs the encoder (like
+        `attn_implementation`), not a property of the weights; a loaded model starts from the default."""
+        values = super().to_dict()
+        values.pop("encoder_compile", None)
+        return values
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.validate()  # before Transformers copies this module into the folder: a refused save writes nothing

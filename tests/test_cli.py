@@ -107,6 +107,31 @@ def test_generate_prints_one_line_per_input(trained, capsys):
     assert out.splitlines() == expected
 
 
+def test_generate_and_evaluate_compile_the_encoder_unless_no_compile(trained, capsys, monkeypatch):
+    """The commands take the model's compiled path where it applies (here switched on for the CPU and short inputs,
+    compiled by Dynamo's eager backend) and `--no-compile` keeps the encoder eager; the outputs are the same."""
+    from colt5_hf import fast_path
+    from tiny import CountingBackend
+
+    output, _ = trained
+    backend = CountingBackend("eager")
+    monkeypatch.setattr(fast_path, "COMPILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(fast_path, "COMPILE_MIN_LENGTH", 8)
+    monkeypatch.setattr(fast_path, "COMPILE_BACKEND", backend)
+    torch._dynamo.reset()
+    try:
+        argv = ["generate", output, "--text", "reverse alpha bravo", "--max-new-tokens", 5]
+        eager, _ = run(argv + ["--no-compile"], capsys)
+        assert backend.graphs == 0
+        compiled, _ = run(argv, capsys)
+        assert backend.graphs >= 1 and compiled == eager
+        graphs = backend.graphs
+        run(["evaluate", output, "--demo-task", "--eval-examples", 4, "--no-compile"], capsys)
+        assert backend.graphs == graphs
+    finally:
+        torch._dynamo.reset()
+
+
 def test_inspect_writes_a_png_with_the_routed_counts(trained, capsys, tmp_path):
     output, _ = trained
     text = "x" * 40 + "A" + "y" * 80 + "B" + "z" * 37

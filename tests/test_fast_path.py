@@ -62,11 +62,14 @@ def test_which_calls_compile(monkeypatch):
     assert mode() is None  # CPU inputs: off by default
 
 
-def test_encoder_compile_is_validated_and_saved(tmp_path):
+def test_encoder_compile_is_validated_and_not_saved(tmp_path):
+    """A choice of the running process, like attn_implementation: a loaded model starts from the default, and a
+    keyword argument of from_pretrained sets it."""
     with pytest.raises(ValueError, match="encoder_compile"):
         tiny_config(encoder_compile="always")
     build(encoder_compile="cuda_graphs").save_pretrained(tmp_path)
-    assert CoLT5ForConditionalGeneration.from_pretrained(tmp_path).config.encoder_compile == "cuda_graphs"
+    assert "encoder_compile" not in (tmp_path / "config.json").read_text()
+    assert CoLT5ForConditionalGeneration.from_pretrained(tmp_path).config.encoder_compile == "auto"
     assert CoLT5ForConditionalGeneration.from_pretrained(tmp_path, encoder_compile="off").config.encoder_compile == "off"
 
 

@@ -123,6 +123,24 @@ def add_data_options(parser, targets=True):
                         help="length of the demo task's inputs in tokens")
 
 
+def add_device_options(parser, running="run"):
+    """--cpu and --no-compile: where the model runs, and whether its encoder compiles there."""
+    parser.add_argument("--cpu", action="store_true", help=f"{running} on the CPU even when a GPU is there")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="run the encoder eagerly (on a GPU it compiles by default for inputs of 2048 tokens or "
+                             "more, once per length bucket: see docs/performance.md)")
+
+
+def device_of(args):
+    return torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+
+
+def apply_compile_option(model, args):
+    if args.no_compile:
+        model.config.encoder_compile = "off"
+    return model
+
+
 def add_training_options(parser, steps, eval_steps, learning_rate, warmup_steps=0, output_dir=None):
     """Options of the training commands (train, demo) with their defaults; no `output_dir` default: required."""
     parser.add_argument("--output-dir", default=output_dir, required=output_dir is None,

@@ -6,14 +6,17 @@ from pathlib import Path
 import torch
 
 from .common import (
-    DEMO_EVAL_SEED,
     CommandError,
+    DEMO_EVAL_SEED,
     add_data_options,
+    add_device_options,
+    apply_compile_option,
     batches,
     check_saved_model,
     check_writable_file,
     collator,
     demo_pairs,
+    device_of,
     load_saved_model,
     load_tokenizer,
     positive_int,
@@ -34,6 +37,7 @@ def add_parser(commands):
     parser.add_argument("--num-beams", type=positive_int, default=1)
     parser.add_argument("--predictions", help="write source/target/prediction JSONL here")
     add_data_options(parser)
+    add_device_options(parser)
     return parser
 
 
@@ -45,7 +49,8 @@ def run(args):
     pairs = read_pairs(args, args.file) if args.file is not None else None
     check_saved_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer, args.model)
-    model = load_saved_model(args.model)
+    device = device_of(args)
+    model = apply_compile_option(load_saved_model(args.model), args).to(device)
     if pairs is None:
         pairs = demo_pairs(model.config, args.eval_examples, DEMO_EVAL_SEED, args.demo_length)
     tokenized = tokenize(args, tokenizer, model.config, pairs, args.file or "demo task")
@@ -54,7 +59,7 @@ def run(args):
     rows = [tokenized[i] for i in range(len(tokenized))]
     with torch.no_grad():
         for start, chunk in zip(range(0, len(rows), args.batch_size), batches(rows, args.batch_size)):
-            batch = collate(chunk)
+            batch = collate(chunk).to(device)
             labels = batch["labels"]
             output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
             count = int((labels != -100).sum())

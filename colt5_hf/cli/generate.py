@@ -6,10 +6,13 @@ import torch
 from .common import (
     CommandError,
     add_data_options,
+    add_device_options,
+    apply_compile_option,
     batches,
     check_saved_model,
     check_text,
     collator,
+    device_of,
     load_saved_model,
     load_tokenizer,
     positive_int,
@@ -27,6 +30,7 @@ def add_parser(commands):
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--num-beams", type=positive_int, default=1)
     add_data_options(parser, targets=False)
+    add_device_options(parser)
     return parser
 
 
@@ -40,13 +44,14 @@ def run(args):
         pairs = read_pairs(args, args.file, with_targets=False)
     check_saved_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer, args.model)
-    model = load_saved_model(args.model)
+    device = device_of(args)
+    model = apply_compile_option(load_saved_model(args.model), args).to(device)
     tokenized = tokenize(args, tokenizer, model.config, pairs, "--text" if args.text else args.file)
     collate = collator(tokenizer)
     rows = [tokenized[i] for i in range(len(tokenized))]
     with torch.no_grad():
         for chunk in batches(rows, args.batch_size):
-            batch = collate(chunk)
+            batch = collate(chunk).to(device)
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
             for text in tokenizer.batch_decode(generated, skip_special_tokens=True):

@@ -12,11 +12,13 @@ from ..checkpoints import has_complete_weights, last_complete_checkpoint
 from ..configuration_colt5 import preset_names
 from ..modeling_colt5 import CoLT5ForConditionalGeneration
 from .common import (
+    CommandError,
     DATA_CACHE,
     DEMO_EVAL_SEED,
-    CommandError,
     add_data_options,
+    add_device_options,
     add_training_options,
+    apply_compile_option,
     check_one_process_per_gpu,
     check_saved_model,
     check_vocabulary,
@@ -58,7 +60,7 @@ def add_parser(commands):
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     parser.add_argument("--overwrite-output-dir", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is there")
+    add_device_options(parser, "train")
     return parser
 
 
@@ -133,6 +135,7 @@ def run(args, callbacks=()):
     tokenizer = load_tokenizer(args.tokenizer, model_folder)
     torch.manual_seed(args.seed)
     model, description = load_model(args.model, parse_overrides(args.set))
+    apply_compile_option(model, args)
     check_vocabulary(tokenizer, model.config)
     if args.demo_task:
         # examples per optimizer step across every process (`accelerate launch` sets WORLD_SIZE)
