@@ -50,6 +50,7 @@ INVALID_VALUES = {
     "dropout_rate": [-0.1, 1.0, "0.1", None],
     "dense_act_fn": ["no_such_activation", None],
     "is_encoder_decoder": [1, None],  # False is valid: an encoder model's config
+    "encoder_compile": ["always", None, True],
 }
 CONTEXT = {"num_cross_attention_kv_heads": dict(num_cross_attention_routes=2)}
 FIELDS = list(CoLT5Config.__annotations__)
