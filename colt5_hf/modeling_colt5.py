@@ -1215,7 +1215,7 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
         if (
             not any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "cache_implementation"))
             and chosen.cache_implementation is None
-            and kwargs.get("num_beams", chosen.num_beams) == 1
+            and (kwargs.get("num_beams") or chosen.num_beams or 1) == 1  # None: not set, Transformers' default 1
         ):
             kwargs["cache_implementation"] = "static"
         return super().generate(None, generation_config, **kwargs)
