@@ -170,3 +170,21 @@ def test_generate_on_the_fast_path_gives_the_eager_tokens(on_cpu):
         model.config.encoder_compile = "off"
         eager = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
     torch.testing.assert_close(fast, eager, rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_on_the_compiled_path_equals_eager(on_cpu):
+    """Checkpointed blocks replay the compiled layer in the backward (without CUDA graphs even under "cuda_graphs"):
+    the gradients are the eager model's."""
+    torch.manual_seed(0)
+    model = CoLT5EncoderModel(tiny_config(num_layers=2, encoder_compile="cuda_graphs")).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    steps = [encoder_inputs(length, seed) for seed, length in enumerate((40, 53))]
+    compiled_outputs, compiled_grads = accumulated(model, steps)
+    assert on_cpu.graphs >= 1
+    model.config.encoder_compile = "off"
+    eager_outputs, eager_grads = accumulated(model, steps)
+    for compiled, eager, (_, attention_mask) in zip(compiled_outputs, eager_outputs, steps):
+        real = attention_mask.bool()
+        torch.testing.assert_close(compiled[real], eager[real], rtol=1e-5, atol=1e-5)
+    for name, grad in compiled_grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
