@@ -8,7 +8,8 @@ from torch import nn
 
 
 try:  # CUDA fast paths: all iterations in one Triton launch; the top-k selection in one launch
-    from .kernels import RESIDENT_ROW, fused_coordinate_descent, fused_top_k_positions
+    from .coordinate_descent_kernel import fused_coordinate_descent
+    from .top_k_kernel import RESIDENT_ROW, fused_top_k_positions
 except ImportError:
     fused_coordinate_descent = fused_top_k_positions = None
 
@@ -24,7 +25,7 @@ def coordinate_descent(scores, mask, k, *, iterations: int, epsilon: float):
     scores: (..., n) float; mask: (..., n) bool, False for tokens that take no part; k: (..., 1) target sums (at most
     the number of unmasked tokens). Runs in float32 whatever the input dtype or autocast state. Masked tokens and rows
     with no unmasked token get 0. Gradients flow through the unrolled iterations. On CUDA with Triton the fused
-    kernels of `kernels.py` compute the same function.
+    kernels of `coordinate_descent_kernel.py` compute the same function.
     """
     if scores.is_cuda and fused_coordinate_descent is not None:
         return fused_coordinate_descent(scores, mask, k, iterations=iterations, epsilon=epsilon)
@@ -102,7 +103,7 @@ def top_k_positions(scores, mask, k, k_max: int):
 
     scores: (..., n) float, finite; mask: (..., n) bool; k: (...) integer counts, at most the row's unmasked tokens;
     k_max <= n. Returns (..., k_max) int64, distinct within a row. On CUDA with Triton, rows of at most 16k tokens
-    take the kernel of `kernels.py`: the same function in one launch, without sorting.
+    take the kernel of `top_k_kernel.py`: the same function in one launch, without sorting.
     """
     if scores.is_cuda and fused_top_k_positions is not None and scores.shape[-1] <= RESIDENT_ROW:
         return fused_top_k_positions(scores, mask, k, k_max)
