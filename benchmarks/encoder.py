@@ -105,7 +105,7 @@ def build(name, layers):
             whole_stack = implementation.startswith("stack-")
             implementation = implementation.removeprefix("stack-")
             mode = {"compiled": "default", "cudagraphs": "reduce-overhead", "autotuned": "max-autotune"}[kind]
-        from colt5_hf import flex_local_attention, modeling_colt5
+        from colt5_hf import flex_local_attention, modeling_colt5, t5_attention
 
         select_routes = routing.select_routes  # the original, for `separately` to call while it replaces it
 
@@ -121,7 +121,7 @@ def build(name, layers):
         switched_off = {"flex+eager-cd": (routing, "fused_coordinate_descent", None),
                         "flex_attention+sort": (routing, "fused_top_k_positions", None),
                         "flex_attention+separate-selection": (routing, "select_routes", separately),
-                        "flex_attention+one-hot-gradient": (modeling_colt5, "bucket_sums", None),
+                        "flex_attention+one-hot-gradient": (t5_attention, "bucket_sums", None),
                         "flex_attention+dense-scatter": (routing.RoutedSum, "add_to", dense_scatter),
                         "flex_attention+inductor-local-tiles": (
                             modeling_colt5, "flex_local_attention",

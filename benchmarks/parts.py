@@ -133,8 +133,8 @@ def heavy_variants(n, q_index, kv_index):
     from torch.nn.attention.flex_attention import flex_attention
 
     from colt5_hf.heavy_bias_gradient_kernel import HeavyBiasGradient
-    from colt5_hf.modeling_colt5 import bucket_bias as heads_first_bias
-    from colt5_hf.modeling_colt5 import relative_position_bucket
+    from colt5_hf.t5_attention import bucket_bias as heads_first_bias
+    from colt5_hf.t5_attention import relative_position_bucket
 
     def bucket_bias(bucket, weight):  # (b, m, m_kv, h) like the other variants' lookups (the model gathers heads first)
         return heads_first_bias(bucket, weight).permute(1, 2, 3, 0)
@@ -412,7 +412,7 @@ def time_bias_kernel(n, record):
     """The bias-gradient kernels alone (far sums with the row statistics, then the near pairs), launch variants under
     CUDA-graph replay, against what SDPA's forward+backward costs with and without a bias gradient."""
     from colt5_hf.heavy_bias_gradient_kernel import launch_heavy_bias_gradient
-    from colt5_hf.modeling_colt5 import relative_position_bucket
+    from colt5_hf.t5_attention import relative_position_bucket
 
     q_index, kv_index, (q, k, v, weight), upstream = heavy_inputs(n, n // 16, n // 8, 12, 64, "cuda", torch.bfloat16)
     kv_valid = torch.ones_like(kv_index, dtype=torch.bool)

@@ -2,7 +2,7 @@
 
 `ConditionalRoutedFeedForward`, `ConditionalRoutedAttention`, `ConditionalRoutedCrossAttention` and
 `ConditionalRoutedTransformerBlock` take colt5-attention 0.2.2's constructor arguments and forward signatures, and
-compute with the modules and functions of `modeling_colt5.py` and `routing.py` (routers, local and heavy attention,
+compute with the modules and functions of `modeling_colt5.py`, `t5_attention.py` and `routing.py` (routers, local and heavy attention,
 gated feed-forward, gather/scatter, attention): one implementation of routing for the layers and the model.
 
 Numbers of routed tokens (`num_heavy_tokens`, `num_tokens_q`, ...): an int is a count per sample (0.2.2's meaning;
@@ -24,12 +24,15 @@ from transformers import initialization as init
 
 from .configuration_colt5 import ROUTER_TYPES, CoLT5Config
 from .modeling_colt5 import (
-    ALL_ATTENTION_FUNCTIONS,
     CoLT5GatedFeedForward,
     CoLT5HeavyAttention,
     CoLT5LayerNorm,
     CoLT5LocalAttention,
     CoLT5PreTrainedModel,
+)
+from .routing import CoLT5Router, gather_route_heads, gather_tokens, route_together, scatter_tokens
+from .t5_attention import (
+    ALL_ATTENTION_FUNCTIONS,
     bias_table_rows,
     branch_bias_tables,
     check_implementation,
@@ -37,7 +40,6 @@ from .modeling_colt5 import (
     eager_attention_forward,
     mask_value,
 )
-from .routing import CoLT5Router, gather_route_heads, gather_tokens, route_together, scatter_tokens
 
 
 ROUTER_KWARGS = {  # colt5-attention's router keyword -> CoLT5Config field, per router type

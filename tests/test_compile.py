@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from colt5_hf import CoLT5EncoderModel
-from colt5_hf.modeling_colt5 import CoLT5LocalAttention, bucket_bias, flex_local_attention
+from colt5_hf.flex_local_attention import flex_local_attention
+from colt5_hf.modeling_colt5 import CoLT5LocalAttention
+from colt5_hf.t5_attention import bucket_bias
 from tiny import CountingBackend, tiny_config
 
 

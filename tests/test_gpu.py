@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from colt5_hf import CoLT5Config, CoLT5EncoderModel, routing
-from colt5_hf.modeling_colt5 import CoLT5LocalAttention, bucket_bias, mask_value, relative_position_bucket
+from colt5_hf.modeling_colt5 import CoLT5LocalAttention
+from colt5_hf.t5_attention import bucket_bias, mask_value, relative_position_bucket
 from tiny import relative_error
 
 
