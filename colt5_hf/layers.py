@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from .configuration_colt5 import ROUTER_TYPES, CoLT5Config
+from .configuration_colt5 import CoLT5Config
 from .modeling_colt5 import (
     CoLT5GatedFeedForward,
     CoLT5HeavyAttention,
@@ -30,7 +30,7 @@ from .modeling_colt5 import (
     CoLT5LocalAttention,
     CoLT5PreTrainedModel,
 )
-from .routing import CoLT5Router, gather_route_heads, gather_tokens, route_together, scatter_tokens
+from .routing import ROUTER_TYPES, CoLT5Router, gather_route_heads, gather_tokens, route_together, scatter_tokens
 from .t5_attention import (
     ALL_ATTENTION_FUNCTIONS,
     bias_table_rows,
@@ -42,7 +42,7 @@ from .t5_attention import (
 )
 
 
-ROUTER_KWARGS = {  # colt5-attention's router keyword -> CoLT5Config field, per router type
+ROUTER_KWARGS = {  # colt5-attention's router keyword -> CoLT5Config field, per router type it has
     "coor_descent": {"n_iters": "router_iterations", "fetch_k_ratio": "router_fetch_ratio", "eps": "router_epsilon"},
     "sinkhorn": {"n_iters": "router_iterations", "fetch_k_ratio": "router_fetch_ratio",
                  "temperature": "router_temperature"},
@@ -53,8 +53,8 @@ ROUTER_KWARGS = {  # colt5-attention's router keyword -> CoLT5Config field, per 
 def layer_config(dim, router_type, router_kwargs, router_straight_through, attn_implementation="sdpa", **fields):
     """The CoLT5Config that the building blocks of one layer read (no dropout: 0.2.2's layers have none)."""
     if router_type not in ROUTER_TYPES:
-        raise ValueError(f"`router_type` must be one of {ROUTER_TYPES}, got {router_type!r}")
-    names = ROUTER_KWARGS[router_type]
+        raise ValueError(f"`router_type` must be one of {tuple(ROUTER_TYPES)}, got {router_type!r}")
+    names = ROUTER_KWARGS.get(router_type, {})
     unknown = sorted(set(router_kwargs or {}) - set(names))
     if unknown:
         raise ValueError(f"`router_kwargs` {unknown} are not options of the {router_type!r} router: it takes {sorted(names)}")

@@ -32,7 +32,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_colt5 import CoLT5Config
 from .fast_path import CompileReport, compiled_encoder_layer, encoder_compile_mode, length_bucket, own_gradients
-from .routing import CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together
+from .routing import ROUTER_TYPES, CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together
 from .t5_attention import (
     ALL_ATTENTION_FUNCTIONS,
     attention_probabilities,
@@ -575,10 +575,11 @@ class CoLT5CrossAttention(nn.Module):
             weights = probs
         else:
             if routing is None:  # a cached step: the routes' tokens are chosen again, the same outside training
-                if self.training and self.config.router_type == "sinkhorn":
+                if self.training and ROUTER_TYPES[self.config.router_type].sampled:
                     raise ValueError(
                         "output_attentions=True with cached cross-attention keys needs the routes' positions, which "
-                        "Sinkhorn routers draw at random in training: call model.eval() or decode without a cache"
+                        f"{self.config.router_type} routers draw at random in training: call model.eval() or decode "
+                        "without a cache"
                     )
                 routing = self.route(encoder_hidden_states, encoder_mask)
             layout = self.weights_layout(routing, t, encoder_mask.shape[-1])
