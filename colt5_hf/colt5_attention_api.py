@@ -24,11 +24,11 @@ from transformers import initialization as init
 
 from .configuration_colt5 import CoLT5Config
 from .modeling_colt5 import (
-    CoLT5GatedFeedForward,
     CoLT5HeavyAttention,
     CoLT5LayerNorm,
     CoLT5LocalAttention,
     CoLT5PreTrainedModel,
+    CoLT5RoutedFeedForward,
 )
 from .routing import ROUTER_TYPES, CoLT5Router, gather_route_heads, gather_tokens, route_together, scatter_tokens
 from .t5_attention import (
@@ -77,7 +77,7 @@ def input_mask(x, mask, name="mask"):
     return check_mask(mask, x.shape[:2], name, x.device)
 
 
-class ConditionalRoutedFeedForward(nn.Module):
+class ConditionalRoutedFeedForward(CoLT5RoutedFeedForward):
     """FF_light(X) on every token + s * FF_heavy(X) on the routed tokens (zero elsewhere), X the normalised input.
 
     dim: model width. num_heavy_tokens: tokens routed to the heavy branch per sample (int count or float fraction).
@@ -87,22 +87,17 @@ class ConditionalRoutedFeedForward(nn.Module):
 
     def __init__(self, dim, *, num_heavy_tokens, light_ff_mult=0.5, heavy_ff_mult=4, router_straight_through=True,
                  router_type="coor_descent", router_kwargs=None):
-        super().__init__()
-        self.config = config = layer_config(dim, router_type, router_kwargs, router_straight_through,
-                                            light_d_ff=int(dim * light_ff_mult), heavy_d_ff=int(dim * heavy_ff_mult))
+        config = layer_config(dim, router_type, router_kwargs, router_straight_through,
+                              light_d_ff=int(dim * light_ff_mult), heavy_d_ff=int(dim * heavy_ff_mult))
+        super().__init__(config, num_heavy_tokens)
+        self.config = config
         self.norm = CoLT5LayerNorm(dim, config.layer_norm_epsilon)
-        self.light_feed_forward = CoLT5GatedFeedForward(config, config.light_d_ff)
-        self.heavy_feed_forward = CoLT5GatedFeedForward(config, config.heavy_d_ff)
-        self.router = CoLT5Router(config, num_heavy_tokens)
         init_weights(self)
 
     def forward(self, x, mask=None, num_heavy_tokens=None):
         # x: (b, n, dim); mask: (b, n), True/1 at real tokens
-        hidden_states = self.norm(x)
-        routing = self.router(hidden_states, input_mask(x, mask), num_heavy_tokens)
-        indices, weights = routing.indices[:, 0], routing.weights[:, 0]  # (b, m)
-        heavy = self.heavy_feed_forward(gather_tokens(hidden_states, indices)) * weights[..., None].to(x.dtype)
-        return self.light_feed_forward(hidden_states) + scatter_tokens(heavy, indices, x.shape[1])
+        out = super().forward(self.norm(x), input_mask(x, mask), num_heavy_tokens)
+        return out.dense + scatter_tokens(out.routed, out.indices, x.shape[1])
 
 
 class ConditionalRoutedAttention(nn.Module):

@@ -163,17 +163,18 @@ class CoLT5GatedFeedForward(nn.Module):
 
 
 class CoLT5RoutedFeedForward(nn.Module):
-    """FF_light(X) on every token + s * FF_heavy(X) on the routed ones (zero elsewhere), as a `RoutedSum`."""
+    """FF_light(X) on every token + s * FF_heavy(X) on the routed ones (zero elsewhere), as a `RoutedSum`. The router
+    takes `num_tokens` (default `config.feed_forward_fraction`; see CoLT5Router), which a call may override."""
 
-    def __init__(self, config: CoLT5Config):
+    def __init__(self, config: CoLT5Config, num_tokens=None):
         super().__init__()
         self.light_feed_forward = CoLT5GatedFeedForward(config, config.light_d_ff)
         self.heavy_feed_forward = CoLT5GatedFeedForward(config, config.heavy_d_ff)
-        self.router = CoLT5Router(config, config.feed_forward_fraction)
+        self.router = CoLT5Router(config, config.feed_forward_fraction if num_tokens is None else num_tokens)
 
-    def forward(self, hidden_states, mask):
+    def forward(self, hidden_states, mask, num_tokens=None):
         # hidden_states: (b, n, d) normalised; mask: (b, n) bool
-        routing = self.router(hidden_states, mask)
+        routing = self.router(hidden_states, mask, num_tokens)
         indices, weights = routing.indices[:, 0], routing.weights[:, 0]  # (b, m)
         routed = gather_tokens(hidden_states, indices)  # (b, m, d)
         heavy = self.heavy_feed_forward(routed) * weights[..., None].to(hidden_states.dtype)  # (b, m, d)
