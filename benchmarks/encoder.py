@@ -20,10 +20,10 @@ shape (d 1024, 16 heads, d_ff 2816) timed whole and divided by the layer count; 
   colt5-hf/<kind>-flex_attention+dense-scatter   the routed branches' rows scattered into (b, n, d) zeros and summed,
                            instead of added into the residual in place (`RoutedSum.add_to` replaced)
   colt5-hf/<kind>-flex_attention+inductor-local-tiles   the light attention's flex attention with inductor's
-                           default tiles instead of `kernels.LOCAL_KERNEL_OPTIONS`
+                           default tiles instead of `flex_local_attention.LOCAL_KERNEL_OPTIONS`
   colt5-hf/<kind>-flex_attention+sdpa-bias-gradient   the heavy attention's bias gradient from SDPA (its memory-
                            efficient kernel writes a (b, h, m, m_kv) gradient, summed per bucket by `bucket_sums`)
-                           instead of `kernels.HeavyBiasGradient` (SDPA without a bias gradient, the table's gradient
+                           instead of `heavy_bias_gradient_kernel.HeavyBiasGradient` (SDPA without a bias gradient, the table's gradient
                            recomputed tile by tile)
   colt5-hf/compiled-<impl> every block compiled, block.compile(fullgraph=True, dynamic=False): one compiled graph that
                            all layers run (impl flex_attention or sdpa); a new n compiles again (static shapes)
@@ -105,7 +105,7 @@ def build(name, layers):
             whole_stack = implementation.startswith("stack-")
             implementation = implementation.removeprefix("stack-")
             mode = {"compiled": "default", "cudagraphs": "reduce-overhead", "autotuned": "max-autotune"}[kind]
-        from colt5_hf import kernels, modeling_colt5
+        from colt5_hf import flex_local_attention, modeling_colt5, t5_attention
 
         select_routes = routing.select_routes  # the original, for `separately` to call while it replaces it
 
@@ -121,12 +121,12 @@ def build(name, layers):
         switched_off = {"flex+eager-cd": (routing, "fused_coordinate_descent", None),
                         "flex_attention+sort": (routing, "fused_top_k_positions", None),
                         "flex_attention+separate-selection": (routing, "select_routes", separately),
-                        "flex_attention+one-hot-gradient": (kernels, "bucket_sums", None),
+                        "flex_attention+one-hot-gradient": (t5_attention, "bucket_sums", None),
                         "flex_attention+dense-scatter": (routing.RoutedSum, "add_to", dense_scatter),
                         "flex_attention+inductor-local-tiles": (
                             modeling_colt5, "flex_local_attention",
-                            functools.partial(kernels.flex_local_attention, kernel_options={})),
-                        "flex_attention+sdpa-bias-gradient": (modeling_colt5, "heavy_bias_gradient_table", None),
+                            functools.partial(flex_local_attention.flex_local_attention, kernel_options={})),
+                        "flex_attention+sdpa-bias-gradient": (modeling_colt5, "HeavyBiasGradient", None),
                         }.get(implementation)
         if switched_off:
             implementation = "flex_attention"

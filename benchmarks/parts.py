@@ -17,16 +17,16 @@ Large heavy shape at n = 16384 (1024 routed queries x 2048 routed keys x 12 head
                   not lower a score modification reading per-sample counts in no-grad graphs)
   and the model's path in training without dropout:
     kernel        SDPA with the bias detached (no (b, h, m, m_kv) bias gradient), the bias weights' gradient from
-                  `kernels.HeavyBiasGradient` (the probabilities recomputed tile by tile, summed per bucket)
+                  `heavy_bias_gradient_kernel.HeavyBiasGradient` (the probabilities recomputed tile by tile, summed per bucket)
     kernel cudnn, kernel efficient   the same with SDPA held to its cuDNN or its memory-efficient kernels
-- the bias-gradient kernels alone (`kernels.launch_heavy_bias_gradient`: the far sums with the row statistics, then the
+- the bias-gradient kernels alone (`heavy_bias_gradient_kernel.launch_heavy_bias_gradient`: the far sums with the row statistics, then the
   near pairs) in launch variants (query/key tiles, keys per split, warps, stages, register limit; the near sums' query
   tile and warps), beside SDPA's forward+backward with and without a bias gradient (the old path also sums that
   gradient per bucket, `bucket_sums`, not in this row).
 
 - the light attention's band (4 heads x 64, radius 127) through flex attention, compiled, forward and
   forward+backward, to see what its score modification costs:
-    model         kernels.flex_local_attention as the model calls it inside a compiled block (the block mask built in
+    model         flex_local_attention as the model calls it inside a compiled block (the block mask built in
                   the graph; per 16 queries a copy of the bias table, so that the backward's atomic adds collide only
                   within a group; the key mask read in the score modification; its forward tiles)
     model default the same with inductor's default tiles
@@ -132,9 +132,9 @@ def heavy_variants(n, q_index, kv_index):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    from colt5_hf.kernels import HeavyBiasGradient
-    from colt5_hf.kernels import bucket_bias as heads_first_bias
-    from colt5_hf.modeling_colt5 import relative_position_bucket
+    from colt5_hf.heavy_bias_gradient_kernel import HeavyBiasGradient
+    from colt5_hf.t5_attention import bucket_bias as heads_first_bias
+    from colt5_hf.t5_attention import relative_position_bucket
 
     def bucket_bias(bucket, weight):  # (b, m, m_kv, h) like the other variants' lookups (the model gathers heads first)
         return heads_first_bias(bucket, weight).permute(1, 2, 3, 0)
@@ -224,7 +224,7 @@ def local_variants(n, device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    from colt5_hf.kernels import LOCAL_KERNEL_OPTIONS, band_block_mask, flex_local_attention
+    from colt5_hf.flex_local_attention import LOCAL_KERNEL_OPTIONS, band_block_mask, flex_local_attention
 
     radius, reach = LOCAL_RADIUS, -(-LOCAL_RADIUS // LOCAL_BLOCK)
     half = (reach + 1) * LOCAL_BLOCK - 1
@@ -333,7 +333,7 @@ def check(device):
         print(f"local variant no-bias   max relative difference from model (zero bias) {error:.1e}")
         assert error < 1e-5, "no-bias"
     if device == "cuda":
-        from colt5_hf.kernels import fused_top_k_positions
+        from colt5_hf.top_k_kernel import fused_top_k_positions
 
         scores = (torch.randn(4, 16000, device=device) * 2).round() / 2
         mask, k = torch.rand(4, 16000, device=device) < 0.8, torch.tensor([1000, 2000, 0, 17], device=device)
@@ -344,7 +344,7 @@ def check(device):
 
 def time_selection(base, record):
     """The routers' top-k selection: sort, topk, the Triton kernel, rows of base, 2 base and 4 base tokens."""
-    from colt5_hf.kernels import RESIDENT_ROW, fused_top_k_positions
+    from colt5_hf.top_k_kernel import RESIDENT_ROW, fused_top_k_positions
 
     print(f"{'selection':16} {'n':>6} {'rows':>4} {'graph ms':>9} {'eager ms':>9}")
     for n in (base, 2 * base, 4 * base):
@@ -411,8 +411,8 @@ def time_bias(n, record):
 def time_bias_kernel(n, record):
     """The bias-gradient kernels alone (far sums with the row statistics, then the near pairs), launch variants under
     CUDA-graph replay, against what SDPA's forward+backward costs with and without a bias gradient."""
-    from colt5_hf.kernels import launch_heavy_bias_gradient
-    from colt5_hf.modeling_colt5 import relative_position_bucket
+    from colt5_hf.heavy_bias_gradient_kernel import launch_heavy_bias_gradient
+    from colt5_hf.t5_attention import relative_position_bucket
 
     q_index, kv_index, (q, k, v, weight), upstream = heavy_inputs(n, n // 16, n // 8, 12, 64, "cuda", torch.bfloat16)
     kv_valid = torch.ones_like(kv_index, dtype=torch.bool)

@@ -20,7 +20,7 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
     args = parser.parse_args()
     from colt5_hf import routing
-    from colt5_hf.kernels import fused_coordinate_descent
+    from colt5_hf.coordinate_descent_kernel import fused_coordinate_descent
     from colt5_hf.routing import CoLT5Router
 
     config = colt5_large_config()

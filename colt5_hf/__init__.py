@@ -10,7 +10,7 @@ from .modeling_colt5 import (
     CoLT5Model,
     CoLT5PreTrainedModel,
 )
-from .layers import (
+from .colt5_attention_api import (
     ConditionalRoutedAttention,
     ConditionalRoutedCrossAttention,
     ConditionalRoutedFeedForward,

@@ -11,11 +11,11 @@ from transformers.activations import ACT2FN
 from transformers.utils import logging
 
 from .fast_path import ENCODER_COMPILE_MODES
+from .routing import ROUTER_TYPES
 
 
 logger = logging.get_logger(__name__)
 
-ROUTER_TYPES = ("coor_descent", "cum_softmax", "sinkhorn")
 # keyword arguments that are no CoLT5Config field but that Transformers passes or reads itself; any other is a mistake
 # (a typo of a field, a field of another model) that the config keeps as an attribute and warns about
 TRANSFORMERS_KWARGS = {"model_type", "auto_map", "name_or_path", "torch_dtype", "attn_implementation",
@@ -183,7 +183,8 @@ class CoLT5Config(PreTrainedConfig):
                 f"CoLT5Config: `encoder_compile` must be one of {ENCODER_COMPILE_MODES}, got {self.encoder_compile!r}"
             )
         if self.router_type not in ROUTER_TYPES:
-            raise ValueError(f"CoLT5Config: `router_type` must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+            raise ValueError(f"CoLT5Config: `router_type` must be one of {tuple(ROUTER_TYPES)}, got "
+                             f"{self.router_type!r}")
         if not (isinstance(self.dropout_rate, (int, float)) and 0 <= self.dropout_rate < 1):
             raise ValueError(f"CoLT5Config: `dropout_rate` must be in [0, 1), got {self.dropout_rate!r}")
         for name in ("layer_norm_epsilon", "initializer_factor"):

@@ -8,7 +8,6 @@ import contextlib
 import copy
 import functools
 import json
-import math
 import os
 from typing import NamedTuple
 
@@ -28,22 +27,36 @@ from transformers.modeling_outputs import (
     Seq2SeqLMOutput,
     Seq2SeqModelOutput,
 )
-from transformers.modeling_utils import AttentionInterface
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_colt5 import CoLT5Config
 from .fast_path import CompileReport, compiled_encoder_layer, encoder_compile_mode, length_bucket, own_gradients
-from .routing import CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together
+from .routing import ROUTER_TYPES, CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together
+from .t5_attention import (
+    ALL_ATTENTION_FUNCTIONS,
+    attention_probabilities,
+    bias_table_rows,
+    branch_bias_tables,
+    bucket_bias,
+    check_implementation,
+    check_mask,
+    eager_attention_forward,
+    fused_attention,
+    mask_value,
+    relative_position_bucket,
+)
 
 
-try:  # CUDA fast paths: flex attention for the light attention, a quick gradient for the heavy attention's bias
-    from .kernels import HeavyBiasGradient, bucket_bias, flex_local_attention, heavy_bias_gradient_table
+try:  # CUDA fast paths: flex attention for the light attention
+    from .flex_local_attention import flex_local_attention
 except ImportError:
-    flex_local_attention = heavy_bias_gradient_table = None
+    flex_local_attention = None
 
-    def bucket_bias(bucket, weight):  # kernels.bucket_bias without its fast backward
-        return weight.t()[:, bucket]
+try:  # Triton kernel for the gradient of the heavy attention's bias table
+    from .heavy_bias_gradient_kernel import HeavyBiasGradient
+except ImportError:
+    HeavyBiasGradient = None
 
 
 logger = logging.get_logger(__name__)
@@ -68,127 +81,12 @@ def takes_cache_argument(forward):
     return forward_taking_past_key_values
 
 
-def mask_value(dtype):
-    # half the dtype's minimum: added to a score it stays finite, so fully masked rows never turn into NaN
-    return torch.finfo(dtype).min / 2
-
-
 def clamp_fp16(hidden_states):
     """T5's guard for fp16 training: keep activations inside the representable range."""
     if hidden_states.dtype == torch.float16:
         limit = torch.finfo(torch.float16).max - 1000
         hidden_states = hidden_states.clamp(-limit, limit)
     return hidden_states
-
-
-def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
-    """T5's bucketing of `key_position - query_position`: exact buckets for small distances, logarithmic ones up to
-    `max_distance`, one bucket beyond; bidirectional buckets split the range between the two directions. Integer
-    arithmetic in the input's dtype (the heavy attention passes int32: 2-4% faster than int64 alone in
-    benchmarks/parts.py, no measurable change in the whole layer)."""
-    dtype = relative_position.dtype
-    if bidirectional:
-        num_buckets //= 2
-        bucket = (relative_position > 0).to(dtype) * num_buckets
-        distance = relative_position.abs()
-    else:
-        bucket = torch.zeros_like(relative_position)
-        distance = (-relative_position).clamp(min=0)
-    exact = num_buckets // 2
-    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
-    far = (exact + (log_ratio * (num_buckets - exact)).to(dtype)).clamp(max=num_buckets - 1)
-    return bucket + torch.where(distance < exact, distance, far)
-
-
-SDPA_MIN_QUERIES = 64
-CHUNKED_MIN_KEYS = 1024  # from this many keys on, few queries take chunked_attention (measured at 16k and 64k keys)
-
-
-def attention_probabilities(query, key, bias):
-    """softmax(q k^T + bias) over the keys, unscaled (T5), computed in float32 at least (a float64 bias must stay
-    finite), in the query's dtype. query (b, ..., q, d); key (b, ..., k, d); bias broadcastable to (b, ..., q, k),
-    holding the relative position bias and `mask_value` at masked keys. Returns (b, ..., q, k)."""
-    precision = torch.promote_types(query.dtype, torch.float32)
-    scores = torch.matmul(query, key.transpose(-1, -2)).to(precision) + bias.to(precision)
-    return scores.softmax(-1).to(query.dtype)
-
-
-def eager_attention_forward(module, query, key, value, bias, dropout: float = 0.0, **kwargs):
-    """T5 attention, unscaled: softmax(q k^T + bias) v. Shapes as `attention_probabilities`'s, value (b, ..., k, d).
-    Returns the output (b, ..., q, d) and the attention probabilities (b, ..., q, k) it is computed from (before
-    dropout)."""
-    probs = attention_probabilities(query, key, bias)
-    return torch.matmul(F.dropout(probs, p=dropout), value), probs
-
-
-def sdpa_attention_forward(module, query, key, value, bias, dropout: float = 0.0, **kwargs):
-    """`eager_attention_forward`'s output through fused kernels, without the probabilities. Fewer than
-    `SDPA_MIN_QUERIES` queries (a decoding step) stay off SDPA: its kernels give each (batch, head) one thread block
-    per 64-128 queries, so one SM would read all of a 16k-token cross-attention cache, and on Hopper its cuDNN backend
-    builds a new plan for every new key length (measured on an H200: 236 us per cross-attention call, over 100 ms per
-    step of a growing cache). They take `chunked_attention` from `CHUNKED_MIN_KEYS` keys on (without dropout, where
-    `key_chunks` finds chunks), else the eager path's two matmuls.
-    """
-    if query.shape[-2] < SDPA_MIN_QUERIES:
-        chunks = key_chunks(key.shape[-2]) if key.shape[-2] >= CHUNKED_MIN_KEYS and not dropout else 1
-        if chunks > 1:
-            return chunked_attention(query, key, value, bias, chunks), None
-        return eager_attention_forward(module, query, key, value, bias, dropout)[0], None
-    shape, k_len = query.shape, key.shape[-2]
-    q, k, v = (t.reshape(shape[0], -1, *t.shape[-2:]) for t in (query, key, value))
-    bias = bias.expand(*shape[:-1], k_len).reshape(shape[0], -1, shape[-2], k_len).to(query.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
-    return out.reshape(shape), None
-
-
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
-
-# Transformers' attention functions, with CoLT5's own under the implementations it supports: they take a bias that
-# holds the relative position bias and the mask, and queries with any dims between batch and length (the light
-# attention's blocks, the cross-attention's query heads folded per key/value head). "flex_attention" runs the light
-# attention's band through flex attention (CoLT5LocalAttention) and every dense attention through SDPA.
-ALL_ATTENTION_FUNCTIONS = AttentionInterface()
-ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_attention_forward
-ALL_ATTENTION_FUNCTIONS["flex_attention"] = sdpa_attention_forward
-
-
-def key_chunks(keys: int) -> int:
-    """How many equal chunks `chunked_attention` splits `keys` keys into: the divisor of `keys` nearest sqrt(keys / 16),
-    within a factor of two of it and at least 2 (32 chunks of 512 keys at 16k, 64 of 1024 at 64k: the fastest of
-    256-2048 keys a chunk for a decoding step's cross-attention on an H200); 1 where `keys` has no such divisor."""
-    target = max(2, round(math.sqrt(keys / 16)))
-    divisors = [c for c in range(max(2, target // 2), 2 * target + 1) if keys % c == 0]
-    return min(divisors, key=lambda c: abs(c - target), default=1)
-
-
-def chunked_attention(query, key, value, bias, chunks: int):
-    """`eager_attention_forward`'s softmax(q k^T + bias) v (no dropout) over `chunks` equal chunks of the keys
-    (flash-decoding): per chunk the row maximum, the sum of exponentials and their product with the values, then the
-    chunks combined exactly. A decoding step's few queries against a long cross-attention cache then run as (batch x
-    heads x chunks) small matmuls, where one product per (batch, head) over every key keeps most of the GPU's SMs
-    idle. Shapes as `eager_attention_forward`'s.
-    """
-    precision = torch.promote_types(query.dtype, torch.float32)
-
-    def split(t):  # (b, ..., k, d) -> (b, ..., c, k / c, d)
-        return t.unflatten(-2, (chunks, -1))
-
-    bias = bias.expand(*bias.shape[:-1], key.shape[-2]).unflatten(-1, (chunks, -1)).transpose(-3, -2)
-    scores = torch.matmul(query.unsqueeze(-3), split(key).transpose(-1, -2)).to(precision)  # (b, ..., c, q, k / c)
-    scores = scores + bias.to(precision)
-    maximum = scores.amax(-1, keepdim=True)  # (b, ..., c, q, 1)
-    weights = torch.exp(scores - maximum)
-    out = torch.matmul(weights.to(value.dtype), split(value))  # (b, ..., c, q, d)
-    share = torch.exp(maximum - maximum.amax(-3, keepdim=True))  # each chunk's scale against the row's maximum
-    return ((out.to(precision) * share).sum(-3) / (weights.sum(-1, keepdim=True) * share).sum(-3)).to(value.dtype)
-
-
-def check_implementation(implementation):
-    if implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(
-            f"CoLT5 supports attn_implementation 'eager', 'sdpa' and 'flex_attention', got {implementation!r}"
-        )
-    return implementation
 
 
 def warn_weights_from_eager(config):
@@ -265,17 +163,18 @@ class CoLT5GatedFeedForward(nn.Module):
 
 
 class CoLT5RoutedFeedForward(nn.Module):
-    """FF_light(X) on every token + s * FF_heavy(X) on the routed ones (zero elsewhere), as a `RoutedSum`."""
+    """FF_light(X) on every token + s * FF_heavy(X) on the routed ones (zero elsewhere), as a `RoutedSum`. The router
+    takes `num_tokens` (default `config.feed_forward_fraction`; see CoLT5Router), which a call may override."""
 
-    def __init__(self, config: CoLT5Config):
+    def __init__(self, config: CoLT5Config, num_tokens=None):
         super().__init__()
         self.light_feed_forward = CoLT5GatedFeedForward(config, config.light_d_ff)
         self.heavy_feed_forward = CoLT5GatedFeedForward(config, config.heavy_d_ff)
-        self.router = CoLT5Router(config, config.feed_forward_fraction)
+        self.router = CoLT5Router(config, config.feed_forward_fraction if num_tokens is None else num_tokens)
 
-    def forward(self, hidden_states, mask):
+    def forward(self, hidden_states, mask, num_tokens=None):
         # hidden_states: (b, n, d) normalised; mask: (b, n) bool
-        routing = self.router(hidden_states, mask)
+        routing = self.router(hidden_states, mask, num_tokens)
         indices, weights = routing.indices[:, 0], routing.weights[:, 0]  # (b, m)
         routed = gather_tokens(hidden_states, indices)  # (b, m, d)
         heavy = self.heavy_feed_forward(routed) * weights[..., None].to(hidden_states.dtype)  # (b, m, d)
@@ -386,12 +285,9 @@ class CoLT5HeavyAttention(nn.Module):
         query, key, value = self.heads(hidden_states, q_routing, kv_routing)
         weight = bias_weight.to(hidden_states.dtype)
         dropout = self.config.dropout_rate if self.training else 0.0
-        # the bias table's gradient from its own kernel, the attention run without one (see kernels.HeavyBiasGradient)
-        bias_gradient_kernel = (
-            heavy_bias_gradient_table is not None and query.is_cuda and self.config._attn_implementation != "eager"
-            and dropout == 0.0 and weight.requires_grad and torch.is_grad_enabled()
-            and query.shape[-2] >= SDPA_MIN_QUERIES and self.config.d_kv in (16, 32, 64, 128)
-        )
+        # the bias table's gradient from its own kernel, the attention run without one (see HeavyBiasGradient)
+        bias_gradient_kernel = HeavyBiasGradient is not None and HeavyBiasGradient.supports(
+            query, weight, dropout, fused_attention(self.config._attn_implementation, query.shape[-2]))
         bias = self.position_bias(q_routing, kv_routing, weight.detach() if bias_gradient_kernel else weight)
 
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -680,10 +576,11 @@ class CoLT5CrossAttention(nn.Module):
             weights = probs
         else:
             if routing is None:  # a cached step: the routes' tokens are chosen again, the same outside training
-                if self.training and self.config.router_type == "sinkhorn":
+                if self.training and ROUTER_TYPES[self.config.router_type].sampled:
                     raise ValueError(
                         "output_attentions=True with cached cross-attention keys needs the routes' positions, which "
-                        "Sinkhorn routers draw at random in training: call model.eval() or decode without a cache"
+                        f"{self.config.router_type} routers draw at random in training: call model.eval() or decode "
+                        "without a cache"
                     )
                 routing = self.route(encoder_hidden_states, encoder_mask)
             layout = self.weights_layout(routing, t, encoder_mask.shape[-1])
@@ -730,40 +627,6 @@ def input_embeddings(embedding, input_ids, inputs_embeds, name="input_ids"):
         raise ValueError(f"`{given}` has shape {tuple(tensor.shape)}: pass {shape}, with at least one sequence (a "
                          "single sequence x as x[None])")
     return embedding(input_ids) if inputs_embeds is None else inputs_embeds
-
-
-def check_mask(attention_mask, shape, name, device):
-    """(b, n) 0/1 mask -> bool on `device`; a missing mask means every position is real (made on the device: a host
-    tensor inside a compiled graph would rule out CUDA graphs)."""
-    if attention_mask is None:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    if tuple(attention_mask.shape) != tuple(shape):
-        raise ValueError(
-            f"`{name}` has shape {tuple(attention_mask.shape)} but the inputs it masks have (batch, length) "
-            f"{tuple(shape)}: pass a (batch, length) mask of 1 for real tokens and 0 for padding"
-        )
-    return attention_mask.bool().to(device)
-
-
-def bias_table_rows(config):
-    """The rows of the encoder's relative position bias table that the branches read, as one index (made once, a
-    buffer: built per call, its dozen small eager kernels held back the first block by 0.7 ms on an H100): every bucket (the heavy attention's table), then the bucket of each offset -radius..radius (the light
-    attention's)."""
-    offsets = torch.arange(-config.local_radius, config.local_radius + 1)
-    buckets = relative_position_bucket(
-        offsets, True, config.relative_attention_num_buckets, config.relative_attention_max_distance
-    )
-    return torch.cat([torch.arange(config.relative_attention_num_buckets), buckets])
-
-
-def branch_bias_tables(config, relative_attention_bias, bias_rows):
-    """The encoder's relative position bias split between the branches: (light heads, 2 * radius + 1), the light
-    attention's bias at offsets -radius..radius, and (buckets, heavy heads), the heavy attention's bucket table.
-    `bias_rows` is `bias_table_rows(config)`."""
-    # a module call rather than indexing `.weight`, so that accelerate's offload hooks load the table
-    rows = relative_attention_bias(bias_rows)  # (buckets + 2 * radius + 1, light + heavy heads)
-    num_buckets, light = config.relative_attention_num_buckets, config.num_light_heads
-    return rows[num_buckets:, :light].t(), rows[:num_buckets, light:]
 
 
 class CoLT5Encoder(nn.Module):

@@ -1,6 +1,6 @@
 """Routers of CoLT5: soft top-k by coordinate descent, hard top-k with straight-through scores, gather/scatter."""
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +8,8 @@ from torch import nn
 
 
 try:  # CUDA fast paths: all iterations in one Triton launch; the top-k selection in one launch
-    from .kernels import RESIDENT_ROW, fused_coordinate_descent, fused_top_k_positions
+    from .coordinate_descent_kernel import fused_coordinate_descent
+    from .top_k_kernel import RESIDENT_ROW, fused_top_k_positions
 except ImportError:
     fused_coordinate_descent = fused_top_k_positions = None
 
@@ -24,7 +25,7 @@ def coordinate_descent(scores, mask, k, *, iterations: int, epsilon: float):
     scores: (..., n) float; mask: (..., n) bool, False for tokens that take no part; k: (..., 1) target sums (at most
     the number of unmasked tokens). Runs in float32 whatever the input dtype or autocast state. Masked tokens and rows
     with no unmasked token get 0. Gradients flow through the unrolled iterations. On CUDA with Triton the fused
-    kernels of `kernels.py` compute the same function.
+    kernels of `coordinate_descent_kernel.py` compute the same function.
     """
     if scores.is_cuda and fused_coordinate_descent is not None:
         return fused_coordinate_descent(scores, mask, k, iterations=iterations, epsilon=epsilon)
@@ -102,7 +103,7 @@ def top_k_positions(scores, mask, k, k_max: int):
 
     scores: (..., n) float, finite; mask: (..., n) bool; k: (...) integer counts, at most the row's unmasked tokens;
     k_max <= n. Returns (..., k_max) int64, distinct within a row. On CUDA with Triton, rows of at most 16k tokens
-    take the kernel of `kernels.py`: the same function in one launch, without sorting.
+    take the kernel of `top_k_kernel.py`: the same function in one launch, without sorting.
     """
     if scores.is_cuda and fused_top_k_positions is not None and scores.shape[-1] <= RESIDENT_ROW:
         return fused_top_k_positions(scores, mask, k, k_max)
@@ -113,6 +114,26 @@ def top_k_positions(scores, mask, k, k_max: int):
     not_taken = (rank >= k[..., None]).to(torch.uint8)
     # a stable sort puts the taken positions first, each group in increasing order
     return not_taken.sort(dim=-1, stable=True).indices[..., :k_max]
+
+
+class RouterType(NamedTuple):
+    """A router type: its soft top-k, `weights(scores, mask, k, config)` with float32 scores (..., n), mask (..., n)
+    bool and target sums k (..., 1) -> the routed tokens' weights (..., n) in [0, 1], 0 at masked tokens; `sampled`:
+    in training, logistic noise perturbs the scores first, so that a route draws its tokens at random."""
+
+    weights: Callable
+    sampled: bool = False
+
+
+# The router types by `config.router_type`: a new type is one soft top-k and one entry here.
+ROUTER_TYPES = {
+    "coor_descent": RouterType(lambda scores, mask, k, config: coordinate_descent(
+        scores, mask, k, iterations=config.router_iterations, epsilon=config.router_epsilon)),
+    "cum_softmax": RouterType(lambda scores, mask, k, config: cumulative_softmax(
+        scores / config.router_temperature, mask)),
+    "sinkhorn": RouterType(lambda scores, mask, k, config: sinkhorn_top_k(
+        scores / config.router_temperature, mask, k, iterations=config.router_iterations), sampled=True),
+}
 
 
 def logistic_noise(like):
@@ -212,7 +233,8 @@ def select_routes(routers, scores, mask, num_tokens=None) -> list[RouterOutput]:
         for router, tokens in zip(routers, num_tokens)
     ], dim=1)
     scores = torch.cat(scores, dim=1)  # (b, R, n)
-    if config.router_type == "sinkhorn" and routers[0].training:
+    router_type = ROUTER_TYPES[config.router_type]
+    if router_type.sampled and routers[0].training:
         scores = scores + logistic_noise(scores)
     route_mask = mask[:, None, :].expand_as(scores)
     # exact ties (a repeated token scores alike in the first layer) go to the earlier position, where topk's choice
@@ -221,17 +243,7 @@ def select_routes(routers, scores, mask, num_tokens=None) -> list[RouterOutput]:
     valid = torch.arange(indices.shape[-1], device=scores.device) < k[..., None]  # (b, R, k_max)
 
     k_fetch = torch.minimum(k * config.router_fetch_ratio, lengths[:, None])[..., None].float()  # (b, R, 1)
-    if config.router_type == "cum_softmax":
-        soft = cumulative_softmax(scores / config.router_temperature, route_mask)
-    elif config.router_type == "sinkhorn":
-        soft = sinkhorn_top_k(
-            scores / config.router_temperature, route_mask, k_fetch, iterations=config.router_iterations
-        )
-    else:
-        soft = coordinate_descent(
-            scores, route_mask, k_fetch, iterations=config.router_iterations, epsilon=config.router_epsilon
-        )
-    weights = soft.gather(-1, indices)
+    weights = router_type.weights(scores, route_mask, k_fetch, config).gather(-1, indices)
     if config.router_straight_through:
         weights = 1.0 + (weights - weights.detach())  # forward value exactly 1, gradient of the soft score
     every_token = (k == lengths[:, None])[..., None]  # (b, R, 1)

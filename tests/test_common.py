@@ -28,6 +28,7 @@ from transformers.utils import logging
 from transformers.utils import logging as transformers_logging
 
 from colt5_hf import CoLT5Config, CoLT5EncoderModel, CoLT5ForConditionalGeneration, CoLT5Model, modeling_colt5
+from colt5_hf import t5_attention
 from colt5_hf.modeling_colt5 import CACHE_FIELD
 from tiny import build, tiny_config, tiny_values
 
@@ -192,7 +193,7 @@ def test_set_attn_implementation_switches_the_attention_at_run_time(monkeypatch)
     it is used (it looks for `ALL_ATTENTION_FUNCTIONS.get_interface(` in the source). Every call with enough queries
     runs through SDPA here (the threshold at 1, as in test_modeling.py): switching to eager stops its calls, switching
     back resumes them, and the outputs agree."""
-    monkeypatch.setattr(modeling_colt5, "SDPA_MIN_QUERIES", 1)
+    monkeypatch.setattr(t5_attention, "SDPA_MIN_QUERIES", 1)
     sdpa_calls = []
     sdpa_kernel = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from colt5_hf import CoLT5EncoderModel
-from colt5_hf.kernels import bucket_bias, flex_local_attention
+from colt5_hf.flex_local_attention import flex_local_attention
 from colt5_hf.modeling_colt5 import CoLT5LocalAttention
+from colt5_hf.t5_attention import bucket_bias
 from tiny import CountingBackend, tiny_config
 
 
@@ -137,14 +138,14 @@ def test_flex_local_attention_traces_into_one_graph():
 def test_flex_local_attention_sets_its_measured_tiles_up_to_head_dim_64(monkeypatch, head_dim, tiles):
     """The tiles measured for the Large light attention (head dim 64) go to flex attention; larger head dims keep
     inductor's own choice (the measured forward tiles would outgrow shared memory in float32 at 128)."""
-    from colt5_hf import kernels
+    from colt5_hf import flex_local_attention as local
 
     seen = []
-    monkeypatch.setattr(kernels, "flex_attention", lambda *args, kernel_options, **kwargs: seen.append(
+    monkeypatch.setattr(local, "flex_attention", lambda *args, kernel_options, **kwargs: seen.append(
         kernel_options) or args[0])
     q = torch.randn(1, 2, 128, head_dim)
-    kernels.flex_local_attention(q, q, q, torch.ones(1, 128, dtype=torch.bool), torch.randn(2, 63), 31)
-    assert seen == [kernels.LOCAL_KERNEL_OPTIONS if tiles == "measured" else {}]
+    local.flex_local_attention(q, q, q, torch.ones(1, 128, dtype=torch.bool), torch.randn(2, 63), 31)
+    assert seen == [local.LOCAL_KERNEL_OPTIONS if tiles == "measured" else {}]
     assert seen[0] == {} or (seen[0]["fwd_BLOCK_M"], seen[0]["fwd_BLOCK_N"]) == (128, 64)
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -210,18 +211,23 @@ REMOTE_CHILD = textwrap.dedent('''
 ''')
 
 
-def test_custom_code_copy_of_the_kernels_imports_beside_colt5_hf(hub_folder):
-    """The folder's kernels.py, imported as Transformers imports custom code (another module name) in a process that
-    has colt5_hf loaded, registers its Triton ops under its own namespace instead of failing on colt5::."""
+def test_custom_code_copy_of_the_kernels_imports_beside_colt5_hf(hub_folder, monkeypatch):
+    """The folder's kernel modules, imported as Transformers imports custom code (another package name) in a process
+    that has colt5_hf loaded, register their Triton ops under their own namespace instead of failing on colt5::.
+    Without Triton they raise ImportError, which the model's guards catch."""
     folder, _ = hub_folder
-    spec = importlib.util.spec_from_file_location("transformers_modules.colt5_tiny.kernels", folder / "kernels.py")
-    copy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(copy)
-    assert colt5_hf.kernels.OP_NAMESPACE == "colt5"
-    assert copy.OP_NAMESPACE == "colt5_transformers_modules_colt5_tiny_kernels"
-    if copy.fused_coordinate_descent is not None:  # Triton present: both copies' ops are registered
-        assert hasattr(torch.ops.colt5, "coordinate_descent")
-        assert hasattr(getattr(torch.ops, copy.OP_NAMESPACE), "coordinate_descent")
+    package = types.ModuleType("colt5_tiny_copy")
+    package.__path__ = [str(folder)]
+    monkeypatch.setitem(sys.modules, "colt5_tiny_copy", package)
+    if importlib.util.find_spec("triton") is None:
+        with pytest.raises(ImportError):
+            importlib.import_module("colt5_tiny_copy.coordinate_descent_kernel")
+        return
+    copy = importlib.import_module("colt5_tiny_copy.coordinate_descent_kernel")
+    assert importlib.import_module("colt5_hf.kernel_layout").OP_NAMESPACE == "colt5"
+    assert copy.OP_NAMESPACE == "colt5_colt5_tiny_copy"
+    assert hasattr(torch.ops.colt5, "coordinate_descent")
+    assert hasattr(torch.ops.colt5_colt5_tiny_copy, "coordinate_descent")
 
 
 def test_remote_code_loads_where_colt5_hf_cannot_be_imported(hub_folder, tmp_path):

@@ -1,4 +1,4 @@
-"""CUDA fast paths (colt5_hf/kernels.py) against the eager reference paths. Skipped without a CUDA GPU.
+"""CUDA fast paths (the Triton kernels of colt5_hf/*_kernel.py, flex attention) against the eager reference paths. Skipped without a CUDA GPU.
 
 - the fused coordinate descent (Triton) against routing.coordinate_descent's eager loop: forward and backward, with
   masks, empty rows and per-row k, rows held in registers (<= 16k tokens) and streamed (up to 64k);
@@ -16,15 +16,17 @@ import pytest
 import torch
 
 from colt5_hf import CoLT5Config, CoLT5EncoderModel, routing
-from colt5_hf import kernels
-from colt5_hf.modeling_colt5 import CoLT5LocalAttention, mask_value, relative_position_bucket
+from colt5_hf.modeling_colt5 import CoLT5LocalAttention
+from colt5_hf.t5_attention import bucket_bias, mask_value, relative_position_bucket
 from tiny import relative_error
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 if torch.cuda.is_available():
-    from colt5_hf.kernels import RESIDENT_ROW, fused_coordinate_descent, fused_top_k_positions
+    from colt5_hf import heavy_bias_gradient_kernel
+    from colt5_hf.coordinate_descent_kernel import fused_coordinate_descent
+    from colt5_hf.top_k_kernel import RESIDENT_ROW, fused_top_k_positions
 
 
 def eager_coordinate_descent(scores, mask, k, iterations, epsilon, monkeypatch):
@@ -199,8 +201,6 @@ def test_encoder_fast_paths_match_eager(implementation):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bucket_bias_matches_embedding(dtype):
-    from colt5_hf.kernels import bucket_bias
-
     bucket = torch.randint(0, 32, (2, 300, 700), device="cuda", dtype=torch.int32)
     weight = torch.randn(32, 12, device="cuda", dtype=dtype, requires_grad=True)
     upstream = torch.randn(12, 2, 300, 700, device="cuda", dtype=dtype)
@@ -252,9 +252,9 @@ def test_heavy_bias_gradient_kernel_matches_autograd(dtype, launch):
     arguments = (query, key, value, out.detach().to(dtype), grad_out, q_positions, kv_positions, kv_valid,
                  relative_position_bucket(offsets, True, buckets, 128), weight)
     if launch == "model":
-        got = kernels.heavy_bias_gradient_table(*arguments)
+        got = heavy_bias_gradient_kernel.heavy_bias_gradient_table(*arguments)
     else:
-        got = kernels.launch_heavy_bias_gradient(*arguments, near_query_tile=16)
+        got = heavy_bias_gradient_kernel.launch_heavy_bias_gradient(*arguments, near_query_tile=16)
     assert relative_error(got, reference_weight.grad) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
@@ -263,8 +263,8 @@ def test_encoder_heavy_bias_gradient_kernel_matches_eager(implementation, monkey
     """At n = 2000 the heavy attention routes 125 queries (SDPA's range): without dropout the fast paths detach its
     bias and take the bias table's gradient from the kernel (counted: once per layer); outputs and every gradient
     equal the eager path's."""
-    calls, kernel = [], kernels.heavy_bias_gradient_table
-    monkeypatch.setattr(kernels, "heavy_bias_gradient_table", lambda *args: calls.append(1) or kernel(*args))
+    calls, kernel = [], heavy_bias_gradient_kernel.heavy_bias_gradient_table
+    monkeypatch.setattr(heavy_bias_gradient_kernel, "heavy_bias_gradient_table", lambda *args: calls.append(1) or kernel(*args))
 
     def no_kernel_calls():
         assert calls == []

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from colt5_hf import CoLT5Config, CoLT5EncoderModel, kernels, routing
+from colt5_hf import CoLT5Config, CoLT5EncoderModel, routing
 from tiny import CountingBackend, relative_error
 
 
@@ -95,17 +95,19 @@ def test_compiled_encoder_beyond_the_selection_kernels_rows_matches_eager():
 
 def test_compiled_training_with_the_heavy_bias_gradient_kernel_matches_eager(monkeypatch):
     """At n = 2000 the heavy attention routes 125 queries: the compiled encoder runs it through SDPA with the bias
-    detached and the bias table's gradient from kernels.HeavyBiasGradient, in one graph (its second Triton kernel
+    detached and the bias table's gradient from heavy_bias_gradient_kernel.HeavyBiasGradient, in one graph (its second Triton kernel
     launched once per layer, counted at run time inside the custom op); outputs and gradients equal the eager
     implementation's."""
-    launches, kernel = [], kernels._heavy_near_sums
+    from colt5_hf import heavy_bias_gradient_kernel
+
+    launches, kernel = [], heavy_bias_gradient_kernel._heavy_near_sums
 
     class CountedKernel:
         def __getitem__(self, grid):
             launches.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(kernels, "_heavy_near_sums", CountedKernel())
+    monkeypatch.setattr(heavy_bias_gradient_kernel, "_heavy_near_sums", CountedKernel())
     encoder = small_encoder(torch.float32).train()
     encoder.config._attn_implementation = "flex_attention"
     reference = copy.deepcopy(encoder)
@@ -194,7 +196,7 @@ def test_encoder_training_steps_under_cuda_graphs_match_eager(implementation, co
 
 
 def test_coordinate_descent_custom_op_passes_opcheck():
-    from colt5_hf.kernels import LOG2E
+    from colt5_hf.kernel_layout import LOG2E
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     scores = torch.randn(3, 1000, device="cuda", generator=generator, requires_grad=True)

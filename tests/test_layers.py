@@ -17,10 +17,9 @@ from colt5_hf.modeling_colt5 import (
     CoLT5HeavyAttention,
     CoLT5LocalAttention,
     CoLT5RoutedFeedForward,
-    attention_probabilities,
-    relative_position_bucket,
 )
 from colt5_hf.routing import CoLT5Router, RoutedSum, scatter_tokens
+from colt5_hf.t5_attention import attention_probabilities, relative_position_bucket
 
 
 ATOL, RTOL = 2e-5, 1e-4

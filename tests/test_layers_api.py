@@ -1,4 +1,4 @@
-"""colt5_hf.layers (colt5-attention 0.2.2's layer API) and the three router types.
+"""colt5_hf.colt5_attention_api (colt5-attention 0.2.2's layer API) and the three router types.
 
 Oracles: colt5-attention 0.2.2 where it is correct (coordinate descent, its coor_descent and cum_softmax routers, the
 routed feed-forward and the one-route routed self-attention); independent dense computations written here, one sample

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from colt5_hf import CoLT5Config, CoLT5EncoderModel, CoLT5ForConditionalGeneration, CoLT5Model, RouterOutput
-from colt5_hf import modeling_colt5
+from colt5_hf import modeling_colt5, t5_attention
 from tiny import REORDERED_FLOAT32, build, tiny_config
 
 
@@ -412,8 +412,8 @@ def test_inputs_embeds_equal_input_ids():
 
 @pytest.mark.parametrize(
     "sdpa_min_queries, chunked_min_keys",
-    [(1, modeling_colt5.CHUNKED_MIN_KEYS), (modeling_colt5.SDPA_MIN_QUERIES, modeling_colt5.CHUNKED_MIN_KEYS),
-     (modeling_colt5.SDPA_MIN_QUERIES, 2)],
+    [(1, t5_attention.CHUNKED_MIN_KEYS), (t5_attention.SDPA_MIN_QUERIES, t5_attention.CHUNKED_MIN_KEYS),
+     (t5_attention.SDPA_MIN_QUERIES, 2)],
     ids=["sdpa-everywhere", "default", "chunked-keys"],
 )
 @pytest.mark.parametrize("cross_attention", ["one-route-all-tokens", "gqa-two-routes"])
@@ -423,11 +423,11 @@ def test_eager_and_sdpa_give_the_same_outputs(cross_attention, sdpa_min_queries,
     # by default the tiny model's attention calls have too few queries for SDPA and too few keys for chunks (they take
     # the matmul path): with the threshold at 1 every call goes through SDPA's kernels; with chunks from 2 keys on the
     # decoding steps' cross-attention (and the heavy attention's few routed queries) take chunked_attention
-    monkeypatch.setattr(modeling_colt5, "SDPA_MIN_QUERIES", sdpa_min_queries)
-    monkeypatch.setattr(modeling_colt5, "CHUNKED_MIN_KEYS", chunked_min_keys)
+    monkeypatch.setattr(t5_attention, "SDPA_MIN_QUERIES", sdpa_min_queries)
+    monkeypatch.setattr(t5_attention, "CHUNKED_MIN_KEYS", chunked_min_keys)
     chunked_calls = []
-    chunked = modeling_colt5.chunked_attention
-    monkeypatch.setattr(modeling_colt5, "chunked_attention",
+    chunked = t5_attention.chunked_attention
+    monkeypatch.setattr(t5_attention, "chunked_attention",
                         lambda *args: chunked_calls.append(args[-1]) or chunked(*args))
     sdpa_calls = []
     sdpa_kernel = torch.nn.functional.scaled_dot_product_attention
@@ -454,7 +454,7 @@ def test_eager_and_sdpa_give_the_same_outputs(cross_attention, sdpa_min_queries,
 
 
 def test_key_chunks_divide_the_keys_near_the_square_root_of_a_sixteenth():
-    assert [modeling_colt5.key_chunks(keys) for keys in (16384, 65536, 16000, 2600, 4099)] == [32, 64, 32, 13, 1]
+    assert [t5_attention.key_chunks(keys) for keys in (16384, 65536, 16000, 2600, 4099)] == [32, 64, 32, 13, 1]
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
@@ -463,7 +463,7 @@ def test_chunked_attention_equals_softmax_attention(dtype, atol):
     fully masked row, and a per-head, per-query bias (a decoding step's self-attention shape) beside a per-sample key
     mask (the cross-attention's)."""
     torch.manual_seed(0)
-    keys, masked = 60, modeling_colt5.mask_value(dtype)
+    keys, masked = 60, t5_attention.mask_value(dtype)
     query = torch.randn(2, 4, 3, 8, dtype=dtype)
     key, value = torch.randn(2, 4, keys, 8, dtype=dtype), torch.randn(2, 4, keys, 8, dtype=dtype)
     keep = torch.rand(2, keys) < 0.6
@@ -475,7 +475,7 @@ def test_chunked_attention_equals_softmax_attention(dtype, atol):
         scores = query.double() @ key.double().transpose(-1, -2) + bias.double()
         expected = torch.softmax(scores, -1) @ value.double()
         for chunks in (2, 6, 12):  # chunks of 30, 10 and 5 keys
-            out = modeling_colt5.chunked_attention(query, key, value, bias, chunks)
+            out = t5_attention.chunked_attention(query, key, value, bias, chunks)
             assert out.dtype == dtype and out.shape == expected.shape
             torch.testing.assert_close(out.double(), expected, atol=atol, rtol=0)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from colt5_hf import CoLT5Config, CoLT5ForConditionalGeneration, CoLT5Router
-from colt5_hf.configuration_colt5 import ROUTER_TYPES
+from colt5_hf.routing import ROUTER_TYPES
 
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "colt5-tiny.json"

@@ -2,7 +2,7 @@
 
 `ConditionalRoutedFeedForward`, `ConditionalRoutedAttention`, `ConditionalRoutedCrossAttention` and
 `ConditionalRoutedTransformerBlock` take colt5-attention 0.2.2's constructor arguments and forward signatures, and
-compute with the modules and functions of `modeling_colt5.py` and `routing.py` (routers, local and heavy attention,
+compute with the modules and functions of `modeling_colt5.py`, `t5_attention.py` and `routing.py` (routers, local and heavy attention,
 gated feed-forward, gather/scatter, attention): one implementation of routing for the layers and the model.
 
 Numbers of routed tokens (`num_heavy_tokens`, `num_tokens_q`, ...): an int is a count per sample (0.2.2's meaning;
@@ -22,14 +22,17 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from .configuration_colt5 import ROUTER_TYPES, CoLT5Config
+from .configuration_colt5 import CoLT5Config
 from .modeling_colt5 import (
-    ALL_ATTENTION_FUNCTIONS,
-    CoLT5GatedFeedForward,
     CoLT5HeavyAttention,
     CoLT5LayerNorm,
     CoLT5LocalAttention,
     CoLT5PreTrainedModel,
+    CoLT5RoutedFeedForward,
+)
+from .routing import ROUTER_TYPES, CoLT5Router, gather_route_heads, gather_tokens, route_together, scatter_tokens
+from .t5_attention import (
+    ALL_ATTENTION_FUNCTIONS,
     bias_table_rows,
     branch_bias_tables,
     check_implementation,
@@ -37,10 +40,9 @@ from .modeling_colt5 import (
     eager_attention_forward,
     mask_value,
 )
-from .routing import CoLT5Router, gather_route_heads, gather_tokens, route_together, scatter_tokens
 
 
-ROUTER_KWARGS = {  # colt5-attention's router keyword -> CoLT5Config field, per router type
+ROUTER_KWARGS = {  # colt5-attention's router keyword -> CoLT5Config field, per router type it has
     "coor_descent": {"n_iters": "router_iterations", "fetch_k_ratio": "router_fetch_ratio", "eps": "router_epsilon"},
     "sinkhorn": {"n_iters": "router_iterations", "fetch_k_ratio": "router_fetch_ratio",
                  "temperature": "router_temperature"},
@@ -51,8 +53,8 @@ ROUTER_KWARGS = {  # colt5-attention's router keyword -> CoLT5Config field, per 
 def layer_config(dim, router_type, router_kwargs, router_straight_through, attn_implementation="sdpa", **fields):
     """The CoLT5Config that the building blocks of one layer read (no dropout: 0.2.2's layers have none)."""
     if router_type not in ROUTER_TYPES:
-        raise ValueError(f"`router_type` must be one of {ROUTER_TYPES}, got {router_type!r}")
-    names = ROUTER_KWARGS[router_type]
+        raise ValueError(f"`router_type` must be one of {tuple(ROUTER_TYPES)}, got {router_type!r}")
+    names = ROUTER_KWARGS.get(router_type, {})
     unknown = sorted(set(router_kwargs or {}) - set(names))
     if unknown:
         raise ValueError(f"`router_kwargs` {unknown} are not options of the {router_type!r} router: it takes {sorted(names)}")
@@ -75,7 +77,7 @@ def input_mask(x, mask, name="mask"):
     return check_mask(mask, x.shape[:2], name, x.device)
 
 
-class ConditionalRoutedFeedForward(nn.Module):
+class ConditionalRoutedFeedForward(CoLT5RoutedFeedForward):
     """FF_light(X) on every token + s * FF_heavy(X) on the routed tokens (zero elsewhere), X the normalised input.
 
     dim: model width. num_heavy_tokens: tokens routed to the heavy branch per sample (int count or float fraction).
@@ -85,22 +87,17 @@ class ConditionalRoutedFeedForward(nn.Module):
 
     def __init__(self, dim, *, num_heavy_tokens, light_ff_mult=0.5, heavy_ff_mult=4, router_straight_through=True,
                  router_type="coor_descent", router_kwargs=None):
-        super().__init__()
-        self.config = config = layer_config(dim, router_type, router_kwargs, router_straight_through,
-                                            light_d_ff=int(dim * light_ff_mult), heavy_d_ff=int(dim * heavy_ff_mult))
+        config = layer_config(dim, router_type, router_kwargs, router_straight_through,
+                              light_d_ff=int(dim * light_ff_mult), heavy_d_ff=int(dim * heavy_ff_mult))
+        super().__init__(config, num_heavy_tokens)
+        self.config = config
         self.norm = CoLT5LayerNorm(dim, config.layer_norm_epsilon)
-        self.light_feed_forward = CoLT5GatedFeedForward(config, config.light_d_ff)
-        self.heavy_feed_forward = CoLT5GatedFeedForward(config, config.heavy_d_ff)
-        self.router = CoLT5Router(config, num_heavy_tokens)
         init_weights(self)
 
     def forward(self, x, mask=None, num_heavy_tokens=None):
         # x: (b, n, dim); mask: (b, n), True/1 at real tokens
-        hidden_states = self.norm(x)
-        routing = self.router(hidden_states, input_mask(x, mask), num_heavy_tokens)
-        indices, weights = routing.indices[:, 0], routing.weights[:, 0]  # (b, m)
-        heavy = self.heavy_feed_forward(gather_tokens(hidden_states, indices)) * weights[..., None].to(x.dtype)
-        return self.light_feed_forward(hidden_states) + scatter_tokens(heavy, indices, x.shape[1])
+        out = super().forward(self.norm(x), input_mask(x, mask), num_heavy_tokens)
+        return out.dense + scatter_tokens(out.routed, out.indices, x.shape[1])
 
 
 class ConditionalRoutedAttention(nn.Module):
