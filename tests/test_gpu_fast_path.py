@@ -116,3 +116,33 @@ def test_generate_takes_the_fast_path_and_gives_the_eager_tokens(implementation)
         eager = reference.generate(**inputs, max_new_tokens=10, do_sample=False)
     assert not hasattr(reference, "_compiled_call")
     torch.testing.assert_close(fast, eager, rtol=0, atol=0)
+
+
+def test_the_command_trains_evaluates_and_generates_on_the_fast_path(tmp_path, monkeypatch, capsys):
+    """colt5-hf train (gradient accumulation, evaluation in the middle, CUDA graphs asked for with --set), evaluate and
+    generate on CUDA with 600-token inputs: the encoder's compiled layer runs in each; --no-compile keeps it eager."""
+    from colt5_hf.cli import main
+
+    from colt5_hf import modeling_colt5
+
+    calls = []  # the modes the encoder's compiled layer was asked for
+    compiled_layer = modeling_colt5.compiled_encoder_layer
+    monkeypatch.setattr(modeling_colt5, "compiled_encoder_layer",
+                        lambda layer, mode: calls.append(mode) or compiled_layer(layer, mode))
+    output = tmp_path / "run"
+    assert main(["train", "--model", "colt5-tiny", "--demo-task", "--demo-length", "600", "--steps", "2",
+                 "--batch-size", "2", "--gradient-accumulation-steps", "2", "--eval-steps", "1",
+                 "--eval-examples", "4", "--set", "encoder_compile=cuda_graphs", "--output-dir", str(output),
+                 "--quiet"]) in (0, None)
+    assert "reduce-overhead" in calls
+    calls.clear()
+    assert main(["evaluate", str(output), "--demo-task", "--demo-length", "600", "--eval-examples", "4"]) in (0, None)
+    assert calls
+    calls.clear()
+    text = "x" * 300 + "A" + "y" * 200 + "B" + "z" * 98
+    assert main(["generate", str(output), "--text", text, "--max-new-tokens", "4"]) in (0, None)
+    generated = capsys.readouterr().out.splitlines()[-1]
+    assert calls
+    calls.clear()
+    assert main(["generate", str(output), "--text", text, "--max-new-tokens", "4", "--no-compile"]) in (0, None)
+    assert not calls and capsys.readouterr().out.splitlines()[-1] == generated
