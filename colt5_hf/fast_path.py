@@ -106,8 +106,8 @@ class CompileReport:
         logger.warning(
             f"CoLT5 encoder: compiled its layer for {length}-token inputs (batch {batch}, "
             f"{'training' if training else 'inference'}{'' if gradients else ', no gradients'}, mode {mode}) in "
-            f"{time.perf_counter() - start:.1f} s. Each length bucket compiles once; encoder_compile='off' runs "
-            "eagerly instead."
+            f"{time.perf_counter() - start:.1f} s{' (its backward compiles at the first backward)' if gradients else ''}"
+            ". Each length bucket compiles once; encoder_compile='off' runs eagerly instead."
         )
 
 
