@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from common import ROOT, environment, error_text, free_memory, out_dir
+from common import environment, error_text, free_memory, out_dir
 
 
 TARGET_LENGTH = 128
@@ -22,9 +22,7 @@ TARGET_LENGTH = 128
 def build(preset, implementation):
     from colt5_hf import CoLT5Config, CoLT5ForConditionalGeneration
 
-    values = json.loads((ROOT / "configs" / f"colt5-{preset}.json").read_text())
-    values.pop("model_type", None)
-    config = CoLT5Config(**{**values, "dropout_rate": 0.0})
+    config = CoLT5Config.from_preset(preset, dropout_rate=0.0, encoder_compile="off")  # the uncompiled model's limits
     with torch.device("cuda"):
         model = CoLT5ForConditionalGeneration(config).to(torch.bfloat16)
     model.config._attn_implementation = implementation

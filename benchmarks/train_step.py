@@ -32,8 +32,7 @@ accumulation / step_s, `input_tokens_per_s` the same with n alone; `speedup_vs_l
 longt5-local's at the same n, when both ran); `first_step_s`; `peak_gib` / `reserved_gib`
 torch.cuda.max_memory_allocated / max_memory_reserved over the row (the peak statistics reset before its model is
 built: weights, gradients, AdamW's state and activations included); `graphs_compiled` by Dynamo during the run and
-during the timed steps (`graphs_compiled_timed`, 0 expected). `encoder_compile_known` says whether this CoLT5Config
-declares `encoder_compile`: without it the default and fast rows run the eager encoder (the table says so).
+during the timed steps (`graphs_compiled_timed`, 0 expected).
 `train_loss` (Trainer's) is a check that the run trained on finite numbers; LongT5's is the sum of its micro-batches'
 mean losses, not their mean: its forward takes **kwargs, so Trainer leaves the division by the accumulation to a loss
 that ignores `num_items_in_batch`.
@@ -46,7 +45,7 @@ Failures (out of memory: LongT5 at 65536 tokens, transient-global above 16384) a
 After `--budget-s` seconds (540) the rows left are recorded as skipped, and a row running then stops after its
 current step, so that a 10-minute call comes back with results. Writes train_step.json to $OUT (or benchmarks/out)
 after every row and prints a table at the end; `--from-json` prints the table of earlier runs again. `--tiny` runs
-the tiny preset (configs/colt5-tiny.json, 2 + 2 layers; LongT5 of the same sizes) at 256 input and 16 target tokens,
+the tiny preset (2 + 2 layers; LongT5 of the same sizes) at 256 input and 16 target tokens,
 for checking the script on the CPU.
 
     python benchmarks/train_step.py [--sizes 4096 16384 65536] [--models ...] [--layers 24] [--steps 3]
@@ -63,19 +62,18 @@ import time
 import torch
 from torch._dynamo.utils import counters
 
-from common import LARGE, ROOT, colt5_large_config, environment, error_text, free_memory, out_dir
+from common import LARGE, colt5_large_config, environment, error_text, free_memory, out_dir
 
 
 MODELS = ["longt5-local", "longt5-tglobal", "colt5-hf/default", "colt5-hf/fast"]
 OTHER_MODELS = ["colt5-hf/eager"]
 ENCODER_COMPILE = {"colt5-hf/default": "auto", "colt5-hf/fast": "cuda_graphs", "colt5-hf/eager": "off"}
-TINY_CONFIG = ROOT / "configs" / "colt5-tiny.json"
 
 
-def tiny_values():
-    values = json.loads(TINY_CONFIG.read_text())
-    values.pop("model_type", None)
-    return values
+def tiny_config(**overrides):
+    from colt5_hf import CoLT5Config
+
+    return CoLT5Config.from_preset("tiny", dropout_rate=0.0, **overrides)
 
 
 def build(name, args, device):
@@ -83,15 +81,13 @@ def build(name, args, device):
     torch.manual_seed(0)
     layers = args.layers
     if name.startswith("colt5-hf"):
-        from colt5_hf import CoLT5Config, CoLT5ForConditionalGeneration
+        from colt5_hf import CoLT5ForConditionalGeneration
 
+        shape = dict(num_layers=layers, num_decoder_layers=layers, encoder_compile=ENCODER_COMPILE[name])
         if args.tiny:
-            values = dict(tiny_values(), num_layers=layers, num_decoder_layers=layers, dropout_rate=0.0)
-            config = CoLT5Config(**values)
+            config = tiny_config(**shape)
         else:
-            config = colt5_large_config(num_layers=layers, num_decoder_layers=layers)
-        # set after construction: a CoLT5Config that does not declare the field keeps it as a plain attribute
-        config.encoder_compile = ENCODER_COMPILE[name]
+            config = colt5_large_config(**shape)
         with torch.device(device):
             model = CoLT5ForConditionalGeneration(config)
         if args.attn_implementation:
@@ -100,9 +96,9 @@ def build(name, args, device):
         from transformers import LongT5Config, LongT5ForConditionalGeneration
 
         if args.tiny:
-            tiny = tiny_values()
-            shape = {key: tiny[key] for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads")}
-            radius = tiny["local_radius"]
+            tiny = tiny_config()
+            shape = {key: getattr(tiny, key) for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads")}
+            radius = tiny.local_radius
         else:
             shape, radius = LARGE, 127
         attention = "local" if name == "longt5-local" else "transient-global"
@@ -189,10 +185,7 @@ def train_row(name, n, args, device, deadline):
         result["params"] = sum(p.numel() for p in model.parameters())
         result["weights"] = str(next(model.parameters()).dtype).removeprefix("torch.")
         if name.startswith("colt5-hf"):
-            from colt5_hf import CoLT5Config
-
             result["encoder_compile"] = model.config.encoder_compile
-            result["encoder_compile_known"] = hasattr(CoLT5Config, "encoder_compile")
             result["attn_implementation"] = model.config._attn_implementation
         max_steps = args.warmup_steps + args.steps
         dataset = RandomTokens(max_steps * args.accumulation, n, args.target_length, model.config.vocab_size, seed=n)
@@ -279,8 +272,6 @@ def table(records):
 
         speedup = f"{ratio[(r['model'], r['n'])]:.2f}x" if (r["model"], r["n"]) in ratio else "-"
         problem = r.get("error") or r.get("skipped") or r.get("note") or ""
-        if r.get("encoder_compile_known") is False and r.get("encoder_compile") != "off":
-            problem = f"CoLT5Config lacks encoder_compile: eager encoder. {problem}".strip()
         lines.append(f"{r['model']:18s} {r['n']:6d} {r.get('layers', 0):6d} {number('step_s', '.3f'):>8s} "
                      f"{number('tokens_per_s', '.0f'):>9s} {number('input_tokens_per_s', '.0f'):>9s} {speedup:>8s} "
                      f"{number('peak_gib', '.2f'):>8s} {number('first_step_s', '.1f'):>8s}  {problem}")
@@ -316,7 +307,7 @@ def main():
         parser.error("--warmup-steps and --steps must be at least 1 (the first step is timed apart)")
     args.sizes = args.sizes or ([256] if args.tiny else [4096, 16384, 65536])
     args.target_length = args.target_length or (16 if args.tiny else 512)
-    args.layers = args.layers or (tiny_values()["num_layers"] if args.tiny else 24)
+    args.layers = args.layers or (tiny_config().num_layers if args.tiny else 24)
     started = time.time()
     deadline = started + args.budget_s
     device = "cuda" if torch.cuda.is_available() else "cpu"
