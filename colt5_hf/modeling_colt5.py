@@ -953,7 +953,12 @@ class CoLT5EncoderModel(CoLT5PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, **kwargs):
         return self.encoder(
-            input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states, return_dict
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
         )
 
 
@@ -981,13 +986,23 @@ class CoLT5Model(CoLT5PreTrainedModel):
                 encoder_outputs=None, cache=None, inputs_embeds=None, decoder_inputs_embeds=None, use_cache=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         outputs = encode_decode(
-            self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs, cache,
-            inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states,
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )
         return outputs if (self.config.return_dict if return_dict is None else return_dict) else outputs.to_tuple()
 
 
-def encode_decode(model, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
+def encode_decode(model, *, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
                   cache, inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states):
     """Encoder (unless `encoder_outputs` are given), then decoder: the body of CoLT5Model and
     CoLT5ForConditionalGeneration."""
@@ -996,7 +1011,12 @@ def encode_decode(model, input_ids, attention_mask, decoder_input_ids, decoder_a
     output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
     if encoder_outputs is None:
         encoder_outputs = model.encoder(
-            input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states, return_dict=True
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
     elif not isinstance(encoder_outputs, BaseModelOutput):
         encoder_outputs = BaseModelOutput(*encoder_outputs)
@@ -1008,10 +1028,12 @@ def encode_decode(model, input_ids, attention_mask, decoder_input_ids, decoder_a
     elif cache is None:
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     decoder_outputs = model.decoder(
-        input_embeddings(model.encoder.embed_tokens, decoder_input_ids, decoder_inputs_embeds, "decoder_input_ids"),
-        decoder_attention_mask,
-        encoder_outputs.last_hidden_state,
-        attention_mask,
+        inputs_embeds=input_embeddings(
+            model.encoder.embed_tokens, decoder_input_ids, decoder_inputs_embeds, "decoder_input_ids"
+        ),
+        attention_mask=decoder_attention_mask,
+        encoder_hidden_states=encoder_outputs.last_hidden_state,
+        encoder_attention_mask=attention_mask,
         cache=cache,
         output_attentions=output_attentions,
         output_hidden_states=output_hidden_states,
@@ -1105,8 +1127,18 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
         outputs = encode_decode(
-            self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs, cache,
-            inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states,
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )
         sequence_output = outputs.last_hidden_state
         if self.config.tie_word_embeddings:
