@@ -27,7 +27,7 @@ from transformers.modeling_outputs import (
     Seq2SeqLMOutput,
     Seq2SeqModelOutput,
 )
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_colt5 import CoLT5Config
@@ -649,8 +649,9 @@ class CoLT5Encoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
         self.compile_report = CompileReport()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
+                output_hidden_states=None, **kwargs):
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -681,6 +682,10 @@ class CoLT5Encoder(nn.Module):
                     own_gradients(self.block)
         compiling = self.compile_report.start(compile_mode, hidden_states, self.training) if compile_mode else None
 
+        # Collected here rather than by Transformers' output recorders (`_can_record_outputs`, hooks on the layers'
+        # outputs): the routed attention's weights over the sequence come from its own eager path, which the layer
+        # must be asked for before it runs, and a compiled layer returns its length bucket's padded rows, which under
+        # CUDA graphs the next replay overwrites. The decoder collects its own the same way.
         all_hidden_states, all_attentions = (), ()
         for block in self.block:
             if output_hidden_states:
@@ -695,12 +700,11 @@ class CoLT5Encoder(nn.Module):
         hidden_states = self.dropout(self.final_layer_norm(hidden_states[:, :n]))
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        outputs = BaseModelOutput(
+        return BaseModelOutput(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states if output_hidden_states else None,
             attentions=all_attentions if output_attentions else None,
         )
-        return outputs if (self.config.return_dict if return_dict is None else return_dict) else outputs.to_tuple()
 
 
 class CoLT5Decoder(nn.Module):
@@ -950,15 +954,16 @@ class CoLT5EncoderModel(CoLT5PreTrainedModel):
         self.encoder = CoLT5Encoder(config)
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
+                output_hidden_states=None, **kwargs):
         return self.encoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
+            return_dict=True,
         )
 
 
@@ -981,11 +986,12 @@ class CoLT5Model(CoLT5PreTrainedModel):
         self.decoder = CoLT5Decoder(config)
         self.post_init()
 
+    @can_return_tuple
     @takes_cache_argument
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, cache=None, inputs_embeds=None, decoder_inputs_embeds=None, use_cache=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        outputs = encode_decode(
+                output_attentions=None, output_hidden_states=None, **kwargs):
+        return encode_decode(
             self,
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -999,7 +1005,6 @@ class CoLT5Model(CoLT5PreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
-        return outputs if (self.config.return_dict if return_dict is None else return_dict) else outputs.to_tuple()
 
 
 def encode_decode(model, *, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
@@ -1114,11 +1119,12 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
             return attention_mask
         return F.pad(attention_mask, (0, cache.get_max_length(0) - attention_mask.shape[-1]), value=1)
 
+    @can_return_tuple
     @takes_cache_argument
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, cache=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,
-                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                num_items_in_batch=None, **kwargs):
+                use_cache=None, output_attentions=None, output_hidden_states=None, num_items_in_batch=None,
+                **kwargs):
         r"""
         labels (`(batch, target_length)`, -100 where no loss): the loss is the token-level cross-entropy summed and
         divided by `num_items_in_batch` when Trainer passes it (gradient accumulation), else averaged over the
@@ -1154,7 +1160,7 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
             count = (labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
             loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
 
-        result = Seq2SeqLMOutput(
+        return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
             decoder_hidden_states=outputs.decoder_hidden_states,
@@ -1165,7 +1171,6 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
             encoder_attentions=outputs.encoder_attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
-        return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
 
 
 # Hub custom code: save_pretrained copies the code next to the weights (see CoLT5PreTrainedModel.save_pretrained)
