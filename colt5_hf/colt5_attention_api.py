@@ -1,9 +1,9 @@
 """colt5-attention's layer API (version 0.2.2) on the CoLT5 model's building blocks.
 
 `ConditionalRoutedFeedForward`, `ConditionalRoutedAttention`, `ConditionalRoutedCrossAttention` and
-`ConditionalRoutedTransformerBlock` take colt5-attention 0.2.2's constructor arguments and forward signatures, and
-compute with the modules and functions of `modeling_colt5.py`, `t5_attention.py` and `routing.py` (routers, local and heavy attention,
-gated feed-forward, gather/scatter, attention): one implementation of routing for the layers and the model.
+`ConditionalRoutedTransformerBlock` take colt5-attention 0.2.2's constructor arguments and forward signatures. The
+first three are the model's routed feed-forward, routed self-attention and cross-attention (`modeling_colt5.py`) with
+a norm in front, initialised by the model's own rule: one implementation of routing for the layers and the model.
 
 Numbers of routed tokens (`num_heavy_tokens`, `num_tokens_q`, ...): an int is a count per sample (0.2.2's meaning;
 a sample with fewer real tokens routes all of them), a float in (0, 1] a fraction of each sample's real (unmasked)
@@ -24,13 +24,14 @@ from transformers import initialization as init
 
 from .configuration_colt5 import CoLT5Config
 from .modeling_colt5 import (
-    CoLT5HeavyAttention,
+    CoLT5CrossAttention,
     CoLT5LayerNorm,
     CoLT5LocalAttention,
     CoLT5PreTrainedModel,
     CoLT5RoutedFeedForward,
+    CoLT5RoutedSelfAttention,
 )
-from .routing import ROUTER_TYPES, CoLT5Router, gather_route_heads, gather_tokens, route_together, scatter_tokens
+from .routing import ROUTER_TYPES, CoLT5Router, gather_tokens, scatter_tokens
 from .t5_attention import (
     ALL_ATTENTION_FUNCTIONS,
     bias_table_rows,
@@ -77,6 +78,11 @@ def input_mask(x, mask, name="mask"):
     return check_mask(mask, x.shape[:2], name, x.device)
 
 
+def summed(routed_sum):
+    """A `RoutedSum` as one (b, n, d) tensor: the dense part plus the routed rows at their positions."""
+    return routed_sum.dense + scatter_tokens(routed_sum.routed, routed_sum.indices, routed_sum.dense.shape[1])
+
+
 class ConditionalRoutedFeedForward(CoLT5RoutedFeedForward):
     """FF_light(X) on every token + s * FF_heavy(X) on the routed tokens (zero elsewhere), X the normalised input.
 
@@ -96,11 +102,10 @@ class ConditionalRoutedFeedForward(CoLT5RoutedFeedForward):
 
     def forward(self, x, mask=None, num_heavy_tokens=None):
         # x: (b, n, dim); mask: (b, n), True/1 at real tokens
-        out = super().forward(self.norm(x), input_mask(x, mask), num_heavy_tokens)
-        return out.dense + scatter_tokens(out.routed, out.indices, x.shape[1])
+        return summed(super().forward(self.norm(x), input_mask(x, mask), num_heavy_tokens))
 
 
-class ConditionalRoutedAttention(nn.Module):
+class ConditionalRoutedAttention(CoLT5RoutedSelfAttention):
     """A_light(X) + s_q * A_heavy(X_q, s_kv * X_kv), X the normalised input: local attention for every token plus full
     attention of the routed queries over the routed keys/values (zero for unrouted queries).
 
@@ -115,7 +120,6 @@ class ConditionalRoutedAttention(nn.Module):
     def __init__(self, dim, *, num_heavy_tokens_q, num_heavy_tokens_kv, light_dim_head=64, light_heads=8,
                  light_window_size=128, heavy_dim_head=64, heavy_heads=8, router_straight_through=True,
                  router_type="coor_descent", router_kwargs=None, attn_implementation="sdpa"):
-        super().__init__()
         if not isinstance(light_window_size, int) or light_window_size < 2:
             raise ValueError(
                 "`light_window_size` must be an int >= 2: each token sees light_window_size // 2 tokens on either side, "
@@ -127,32 +131,26 @@ class ConditionalRoutedAttention(nn.Module):
                                 d_kv=d_kv, num_heads=light_heads + heavy_heads, num_light_heads=light_heads,
                                 num_heavy_heads=heavy_heads, local_radius=light_window_size // 2)
 
-        self.config = config_with(heavy_dim_head)
-        self.norm = CoLT5LayerNorm(dim, self.config.layer_norm_epsilon)
+        config = config_with(heavy_dim_head)
+        super().__init__(config, (num_heavy_tokens_q, num_heavy_tokens_kv))
+        # 0.2.2 sizes the light heads apart from the heavy ones: the local attention reads a config of its own
         self.light_attention = CoLT5LocalAttention(config_with(light_dim_head))
-        self.heavy_attention = CoLT5HeavyAttention(self.config)
-        self.q_router = CoLT5Router(self.config, num_heavy_tokens_q)
-        self.kv_router = CoLT5Router(self.config, num_heavy_tokens_kv)
-        self.relative_attention_bias = nn.Embedding(self.config.relative_attention_num_buckets,
-                                                    light_heads + heavy_heads)
-        self.bias_rows = nn.Buffer(bias_table_rows(self.config), persistent=False)
+        self.norm = CoLT5LayerNorm(dim, config.layer_norm_epsilon)
+        self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, light_heads + heavy_heads)
+        self.bias_rows = nn.Buffer(bias_table_rows(config), persistent=False)
         init_weights(self)
         init.normal_(self.relative_attention_bias.weight, mean=0.0, std=dim**-0.5)  # T5's, as the encoder's table
 
     def forward(self, x, *, num_heavy_tokens_q=None, num_heavy_tokens_kv=None, mask=None):
         # x: (b, n, dim); mask: (b, n), True/1 at real tokens
-        config, mask = self.config, input_mask(x, mask)
-        hidden_states = self.norm(x)
-        light_bias_table, heavy_bias_weight = branch_bias_tables(config, self.relative_attention_bias, self.bias_rows)
-        light = self.light_attention(hidden_states, mask, light_bias_table)
-        q_routing, kv_routing = route_together(
-            [self.q_router, self.kv_router], hidden_states, mask, [num_heavy_tokens_q, num_heavy_tokens_kv]
-        )
-        heavy = self.heavy_attention(hidden_states, q_routing, kv_routing, heavy_bias_weight)
-        return light + scatter_tokens(heavy, q_routing.indices[:, 0], x.shape[1])
+        light_bias_table, heavy_bias_weight = branch_bias_tables(self.config, self.relative_attention_bias,
+                                                                 self.bias_rows)
+        out, _ = super().forward(self.norm(x), input_mask(x, mask), light_bias_table, heavy_bias_weight,
+                                 num_tokens=(num_heavy_tokens_q, num_heavy_tokens_kv))
+        return summed(out)
 
 
-class ConditionalRoutedCrossAttention(nn.Module):
+class ConditionalRoutedCrossAttention(CoLT5CrossAttention):
     """Routed queries of `x` attend to routed tokens of `context`, through `kv_routing_tokens` routes: the query heads
     are split evenly among the routes and route r's heads attend only to the context tokens route r picked. Queries
     are routed within each sample and do not see each other, so use it non-causally (a decoder's queries must not be
@@ -166,52 +164,40 @@ class ConditionalRoutedCrossAttention(nn.Module):
 
     def __init__(self, dim, *, num_tokens_q, num_tokens_kv, dim_head=64, heads=8, router_straight_through=True,
                  router_type="coor_descent", router_kwargs=None, kv_routing_tokens=1, attn_implementation="sdpa"):
-        super().__init__()
         if not isinstance(kv_routing_tokens, int) or kv_routing_tokens < 1 or heads % kv_routing_tokens:
             raise ValueError(
                 f"`heads` ({heads}) must be divisible by `kv_routing_tokens` ({kv_routing_tokens}): the query heads are "
                 "split evenly among the key/value routes"
             )
-        self.config = config = layer_config(
+        # the model's multi-route cross-attention with a key/value head per query head: route r's heads are the
+        # rows r * h/R * d .. (r + 1) * h/R * d of the key and value projections
+        config = layer_config(
             dim, router_type, router_kwargs, router_straight_through, attn_implementation, d_kv=dim_head,
             num_heads=heads, num_light_heads=heads, num_heavy_heads=heads,  # (the encoder's head counts: unused)
+            num_cross_attention_routes=kv_routing_tokens, num_cross_attention_kv_heads=heads // kv_routing_tokens,
         )
-        self.num_routes = kv_routing_tokens
+        super().__init__(config, layer_idx=0)
         self.norm = CoLT5LayerNorm(dim, config.layer_norm_epsilon)
         self.context_norm = CoLT5LayerNorm(dim, config.layer_norm_epsilon)
-        self.q = nn.Linear(dim, heads * dim_head, bias=False)
-        self.k = nn.Linear(dim, heads * dim_head, bias=False)  # route r's heads: rows r * h/R * d .. (r + 1) * h/R * d
-        self.v = nn.Linear(dim, heads * dim_head, bias=False)
-        self.o = nn.Linear(heads * dim_head, dim, bias=False)
         self.q_router = CoLT5Router(config, num_tokens_q)
         self.kv_router = CoLT5Router(config, num_tokens_kv, kv_routing_tokens)
         init_weights(self)
-        init.normal_(self.q.weight, mean=0.0, std=(dim * dim_head) ** -0.5)  # T5's rule, as the model's attention
-        init.normal_(self.k.weight, mean=0.0, std=dim**-0.5)
-        init.normal_(self.v.weight, mean=0.0, std=dim**-0.5)
-        init.normal_(self.o.weight, mean=0.0, std=(heads * dim_head) ** -0.5)
 
     def forward(self, x, context, *, num_tokens_q=None, num_tokens_kv=None, mask=None, context_mask=None):
         # x: (b, t, dim), mask: (b, t); context: (b, n, dim), context_mask: (b, n); masks True/1 at real tokens
-        b, t, _ = x.shape
-        routes = self.num_routes
         mask, context_mask = input_mask(x, mask), input_mask(context, context_mask, "context_mask")
         hidden_states, context = self.norm(x), self.context_norm(context)
         q_routing = self.q_router(hidden_states, mask, num_tokens_q)
         q_index = q_routing.indices[:, 0]  # (b, m)
-        query = self.q(gather_tokens(hidden_states, q_index))  # (b, m, h * d_kv)
-        query = query.unflatten(-1, (routes, -1, self.config.d_kv)).permute(0, 2, 3, 1, 4)  # (b, r, h / r, m, d_kv)
-
+        query = self.query_heads(gather_tokens(hidden_states, q_index))  # (b, h, m, d_kv)
         kv_routing = self.kv_router(context, context_mask, num_tokens_kv)  # (b, r, k) each
-
-        # every position projected once, then gathered per route: (b, n, h * d_kv) -> (b, r, h / r, k, d_kv)
-        key, value = (gather_route_heads(t, kv_routing, self.config.d_kv) for t in (self.k(context), self.v(context)))
-        keep = kv_routing.valid[:, :, None, None, :]  # (b, r, 1, 1, k)
+        key, value = self.key_values(context, kv_routing)  # (b, h, k, d_kv)
+        keep = kv_routing.valid[:, :1, None, :]  # (b, 1, 1, k): every route has the same valid slots
         bias = torch.zeros(keep.shape, dtype=query.dtype, device=x.device).masked_fill(~keep, mask_value(query.dtype))
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, _ = attention(self, query, key, value, bias)  # (b, r, h / r, m, d_kv)
-        out = self.o(out.permute(0, 3, 1, 2, 4).flatten(2)) * q_routing.weights[:, 0, :, None].to(x.dtype)
-        return scatter_tokens(out, q_index, t)
+        out, _ = attention(self, query, key, value, bias)
+        out = self.output(out, q_index.shape[1]) * q_routing.weights[:, 0, :, None].to(x.dtype)
+        return scatter_tokens(out, q_index, x.shape[1])
 
 
 class ConditionalRoutedTransformerBlock(nn.Module):

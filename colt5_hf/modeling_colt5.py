@@ -349,27 +349,32 @@ class CoLT5HeavyAttention(nn.Module):
 
 class CoLT5RoutedSelfAttention(nn.Module):
     """A_light(X) + s_q * A_heavy(X_q, s_kv * X_kv): local attention for every token plus full attention among the
-    tokens picked by two routers (queries: `attention_q_fraction`, keys/values: `attention_kv_fraction`), as a
-    `RoutedSum`."""
+    tokens picked by two routers, as a `RoutedSum`. The routers take `num_tokens`, a pair (queries, keys/values)
+    (default `config.attention_q_fraction` and `config.attention_kv_fraction`; see CoLT5Router), which a call may
+    override."""
 
-    def __init__(self, config: CoLT5Config):
+    def __init__(self, config: CoLT5Config, num_tokens=None):
         super().__init__()
         self.config = config
         self.light_attention = CoLT5LocalAttention(config)
         self.heavy_attention = CoLT5HeavyAttention(config)
-        self.q_router = CoLT5Router(config, config.attention_q_fraction)
-        self.kv_router = CoLT5Router(config, config.attention_kv_fraction)
+        q_tokens, kv_tokens = (config.attention_q_fraction, config.attention_kv_fraction) if num_tokens is None else (
+            num_tokens)
+        self.q_router = CoLT5Router(config, q_tokens)
+        self.kv_router = CoLT5Router(config, kv_tokens)
 
-    def forward(self, hidden_states, mask, light_bias_table, heavy_bias_weight, output_attentions=False):
-        # hidden_states: (b, n, d) normalised; mask: (b, n) bool; the bias tables of `branch_bias_tables`
+    def forward(self, hidden_states, mask, light_bias_table, heavy_bias_weight, output_attentions=False,
+                num_tokens=None):
+        # hidden_states: (b, n, d) normalised; mask: (b, n) bool; the bias tables of `branch_bias_tables`;
+        # num_tokens: None, or this call's (queries, keys/values) counts, either None for the router's own
         if output_attentions:
-            return self.forward_with_weights(hidden_states, mask, light_bias_table, heavy_bias_weight)
+            return self.forward_with_weights(hidden_states, mask, light_bias_table, heavy_bias_weight, num_tokens)
         light = self.light_attention(hidden_states, mask, light_bias_table)
-        q_routing, kv_routing = route_together([self.q_router, self.kv_router], hidden_states, mask)
+        q_routing, kv_routing = route_together([self.q_router, self.kv_router], hidden_states, mask, num_tokens)
         heavy = self.heavy_attention(hidden_states, q_routing, kv_routing, heavy_bias_weight)
         return RoutedSum(light, heavy, q_routing.indices[:, 0]), None
 
-    def forward_with_weights(self, hidden_states, mask, light_bias_table, heavy_bias_weight):
+    def forward_with_weights(self, hidden_states, mask, light_bias_table, heavy_bias_weight, num_tokens=None):
         """`forward` computed eagerly, with the attention weights over the sequence, (b, light + heavy heads, n, n):
         the light heads' band, and the heavy heads' weights at the rows of the routed queries and the columns of the
         routed keys, 0 elsewhere. Both branches' outputs are computed from these weights (read back from them), so
@@ -379,7 +384,7 @@ class CoLT5RoutedSelfAttention(nn.Module):
         dropout = self.config.dropout_rate if self.training else 0.0
         light_query, light_key, light_value, light_bias = light.blocks(hidden_states, mask, light_bias_table)
         light_probs = attention_probabilities(light_query, light_key, light_bias)  # (b, h, nb, block, 3 * block)
-        q_routing, kv_routing = route_together([self.q_router, self.kv_router], hidden_states, mask)
+        q_routing, kv_routing = route_together([self.q_router, self.kv_router], hidden_states, mask, num_tokens)
         heavy_query, heavy_key, heavy_value = heavy.heads(hidden_states, q_routing, kv_routing)
         heavy_bias = heavy.position_bias(q_routing, kv_routing, heavy_bias_weight.to(hidden_states.dtype))
         heavy_probs = attention_probabilities(heavy_query, heavy_key, heavy_bias)  # (b, h, m, m_kv)
@@ -527,13 +532,25 @@ class CoLT5CrossAttention(nn.Module):
         rows = torch.arange(length, device=positions.device)[:, None]
         return WeightsLayout(rows, positions, valid, length, encoder_length)
 
+    def query_heads(self, hidden_states):
+        """(b, t, d_model) -> queries (b, kv_heads, group * t, d_kv): the query heads sharing a key/value head are
+        consecutive, and are folded into the query length instead of copying keys and values to every head (the bias
+        does not depend on the query)."""
+        b, t, _ = hidden_states.shape
+        query = self.q(hidden_states).view(b, t, self.config.num_heads, -1).transpose(1, 2)  # (b, h, t, d_kv)
+        return query.reshape(b, self.num_kv_heads, -1, self.config.d_kv)
+
+    def output(self, out, t):
+        """(b, kv_heads, group * t, d_kv) attention output of `query_heads` -> (b, t, d_model)."""
+        b = out.shape[0]
+        return self.o(out.reshape(b, self.config.num_heads, t, -1).transpose(1, 2).reshape(b, t, -1))
+
     def forward(self, hidden_states, encoder_hidden_states, encoder_mask, cache, key_bias=None,
                 output_attentions=False):
         # hidden_states: (b, t, d); encoder_hidden_states: (b, n, d); encoder_mask: (b, n) bool; key_bias: this
         # module's `key_bias`, built once by the decoder for every layer (built here when not given)
-        b, t, _ = hidden_states.shape
-        heads = self.config.num_heads
-        query = self.q(hidden_states).view(b, t, heads, -1).transpose(1, 2)  # (b, h, t, d_kv)
+        t = hidden_states.shape[1]
+        query = self.query_heads(hidden_states)  # (b, kv_heads, group * t, d_kv)
         routing = None
         if cache is not None and cache.is_updated.get(self.layer_idx):
             layer = cache.cross_attention_cache.layers[self.layer_idx]
@@ -547,10 +564,6 @@ class CoLT5CrossAttention(nn.Module):
         # a static cache holds a slot per encoder position; only the first k were written
         k = self.key_length(encoder_mask.shape[-1])
         key, value = key[:, :, :k], value[:, :, :k]  # (b, kv_heads, k, d_kv)
-        # the query heads sharing a key/value head are consecutive: fold them into the query length instead of
-        # copying keys and values to every head (the bias does not depend on the query)
-        group = heads // self.num_kv_heads
-        query = query.reshape(b, self.num_kv_heads, group * t, -1)  # (b, kv_heads, group * t, d_kv)
         if key_bias is None or key_bias.dtype != query.dtype:  # under autocast the queries' dtype is autocast's
             key_bias = self.key_bias(encoder_mask, query.dtype)
         dropout = self.config.dropout_rate if self.training else 0.0
@@ -562,7 +575,7 @@ class CoLT5CrossAttention(nn.Module):
         else:
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
             out, _ = attention(self, query, key, value, key_bias, dropout=dropout)
-        return self.o(out.view(b, heads, t, -1).transpose(1, 2).reshape(b, t, -1)), weights
+        return self.output(out, t), weights
 
     def attention_with_weights(self, query, key, value, key_bias, dropout, routing, encoder_hidden_states,
                                encoder_mask):
