@@ -124,11 +124,10 @@ def tokenize_pairs(dataset, tokenizer, max_source_length: int | None, max_target
     return tokenized, report
 
 
-def demo_examples(count: int, seed: int, length: int = 256, reach: int = 30, letters: str = DEMO_LETTERS,
-                  filler: str = "."):
+def demo_examples(count: int, seed: int, length: int = 256, reach: int = 30):
     """The demo's long-input task: which letter comes first?
 
-    Each source is `length - 1` characters of filler holding two different capital letters; the target is the one
+    Each source is `length - 1` dots holding two different capital letters (`DEMO_LETTERS`); the target is the one
     that comes first. `reach` is how far a local-attention encoder sees (layers x radius: 30 for the tiny preset):
     each of its outputs depends on the `reach` tokens on either side. The letters sit at least `2 * reach + 4` apart
     and as far from either end, so no output depends on both letters, or on a letter and an end of the input.
@@ -147,10 +146,10 @@ def demo_examples(count: int, seed: int, length: int = 256, reach: int = 30, let
     last = length - 2 - margin  # the last position a letter may take
     examples = []
     for _ in range(count):
-        first, second = rng.sample(letters, 2)
+        first, second = rng.sample(DEMO_LETTERS, 2)
         first_position = rng.randint(margin, last - margin)
         second_position = rng.randint(first_position + margin, last)
-        chars = [filler] * (length - 1)
+        chars = ["."] * (length - 1)
         chars[first_position], chars[second_position] = first, second
         examples.append({"source": "".join(chars), "target": first})
     return examples

@@ -9,6 +9,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
+BLOCK = 128  # flex attention's query and key blocks: the input is padded to a multiple of it
 BIAS_GROUP = 16  # queries sharing one copy of the bias row, whose gradient the backward adds up atomically
 # The kernels' tiles for head dims up to 64 (larger ones keep inductor's choice: these were measured at 64 only,
 # and in float32 at 128 the forward's buffers would outgrow shared memory). Forward: 128 queries x 64 keys, 4 warps
@@ -42,8 +43,7 @@ def compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-def flex_local_attention(query, key, value, key_mask, bias_table, radius: int, block: int = 128,
-                         kernel_options=None):
+def flex_local_attention(query, key, value, key_mask, bias_table, radius: int, kernel_options=None):
     """softmax(q k^T + bias) v over the band |i - j| <= radius, unscaled (T5), as one flex attention call.
 
     query, key, value: (b, h, n, d); key_mask: (b, n) bool, False at keys no query may see; bias_table: (h, 2 *
@@ -55,11 +55,11 @@ def flex_local_attention(query, key, value, key_mask, bias_table, radius: int, b
     if kernel_options is None:
         kernel_options = LOCAL_KERNEL_OPTIONS if query.shape[-1] <= 64 else {}
     b, h, n, _ = query.shape
-    length = -(-n // block) * block
+    length = -(-n // BLOCK) * BLOCK
     if length != n:
         query, key, value = (torch.nn.functional.pad(t, (0, 0, 0, length - n)) for t in (query, key, value))
-    reach = -(-radius // block)
-    half = (reach + 1) * block - 1  # the largest |key - query| within the visited blocks
+    reach = -(-radius // BLOCK)
+    half = (reach + 1) * BLOCK - 1  # the largest |key - query| within the visited blocks
     offsets = torch.arange(-half, half + 1, device=bias_table.device)
     table = torch.where(  # (h, 2 * half + 1): offsets -half..half, -inf outside the band
         offsets.abs() <= radius, bias_table[:, (offsets + radius).clamp(0, 2 * radius)].float(), float("-inf")
@@ -81,10 +81,10 @@ def flex_local_attention(query, key, value, key_mask, bias_table, radius: int, b
     if torch.compiler.is_compiling():
         # inside an outer torch.compile: flex attention and the block mask are traced into its graph (a cached mask
         # or a separately compiled flex attention would break it); the mask is a few small kernels per call
-        attention, block_mask = flex_attention, band_block_mask.__wrapped__(length, reach, query.device, block)
+        attention, block_mask = flex_attention, band_block_mask.__wrapped__(length, reach, query.device, BLOCK)
     else:
         attention = compiled_flex_attention() if query.is_cuda else flex_attention
-        block_mask = band_block_mask(length, reach, query.device, block)
+        block_mask = band_block_mask(length, reach, query.device, BLOCK)
     out = attention(query, key, value, score_mod=relative_bias, block_mask=block_mask, scale=1.0,
                     kernel_options=kernel_options)
     return out[:, :, :n]

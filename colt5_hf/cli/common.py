@@ -158,14 +158,14 @@ def add_training_options(parser, steps, eval_steps, learning_rate, warmup_steps=
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def check_text(texts, option="--text"):
+def check_text(texts):
     """Text from the command line is UTF-8 or an error: Python keeps undecodable bytes of argv as lone surrogates,
     which the tokenizer cannot encode."""
     for text in texts:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
-            raise CommandError(f"{option} is not UTF-8 text (byte 0x{ord(text[error.start]) & 0xFF:02x} at "
+            raise CommandError(f"--text is not UTF-8 text (byte 0x{ord(text[error.start]) & 0xFF:02x} at "
                                f"character {error.start + 1}); pass UTF-8 text") from None
 
 
