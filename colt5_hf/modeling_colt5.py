@@ -358,10 +358,10 @@ class CoLT5RoutedSelfAttention(nn.Module):
         self.config = config
         self.light_attention = CoLT5LocalAttention(config)
         self.heavy_attention = CoLT5HeavyAttention(config)
-        q_tokens, kv_tokens = (config.attention_q_fraction, config.attention_kv_fraction) if num_tokens is None else (
-            num_tokens)
-        self.q_router = CoLT5Router(config, q_tokens)
-        self.kv_router = CoLT5Router(config, kv_tokens)
+        if num_tokens is None:
+            num_tokens = (config.attention_q_fraction, config.attention_kv_fraction)
+        self.q_router = CoLT5Router(config, num_tokens[0])
+        self.kv_router = CoLT5Router(config, num_tokens[1])
 
     def forward(self, hidden_states, mask, light_bias_table, heavy_bias_weight, output_attentions=False,
                 num_tokens=None):
