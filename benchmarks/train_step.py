@@ -139,18 +139,26 @@ def unique_graphs():
     return counters["stats"]["unique_graphs"]
 
 
-def make_step_timer(cuda, deadline):
+def make_step_timer(cuda, deadline, profile_step=None):
     """A TrainerCallback that records the wall time of every optimizer step (synchronized on CUDA) and the graphs
-    Dynamo compiled during it; past `deadline` (time.time()) it stops training after the current step."""
+    Dynamo compiled during it; past `deadline` (time.time()) it stops training after the current step. Step
+    `profile_step` (0-based) runs under torch.profiler, kept as `.profile`."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.step_s, self.graphs, self.stopped_by_budget = [], [], False
+            self.profile = None
 
         def on_step_begin(self, args, state, control, **kwargs):
             if cuda:
                 torch.cuda.synchronize()
+            if len(self.step_s) == profile_step:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if cuda:
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profile = torch.profiler.profile(activities=activities)
+                self.profile.__enter__()
             self.graphs_before = unique_graphs()
             self.started = time.perf_counter()
 
@@ -158,6 +166,8 @@ def make_step_timer(cuda, deadline):
             if cuda:
                 torch.cuda.synchronize()
             self.step_s.append(time.perf_counter() - self.started)
+            if self.profile is not None and len(self.step_s) == profile_step + 1:
+                self.profile.__exit__(None, None, None)
             self.graphs.append(unique_graphs() - self.graphs_before)
             if time.time() > deadline and not control.should_training_stop:
                 control.should_training_stop = True
@@ -165,6 +175,45 @@ def make_step_timer(cuda, deadline):
             return control
 
     return StepTimer()
+
+
+def step_profile(profile, step_s, name, n):
+    """What one profiled optimizer step spent: kernels launched, the time the GPU ran any kernel (the union of their
+    intervals: a step whose GPU is idle most of its wall time is bound by the host's launches), and the host's time in
+    the forwards of the encoder and the decoder and in the optimizer (their record_function scopes). The 25 kernels and
+    operators of most device time go to train_step_profile_<model>_<n>.txt."""
+    events = profile.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy_us, end = 0.0, float("-inf")
+    for start, stop in kernels:
+        busy_us += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    scopes = {}
+    for event in events:
+        for scope in ("encoder forward", "decoder forward", "Optimizer.step"):
+            if event.name.startswith(scope) and event.device_type == torch.autograd.DeviceType.CPU:
+                scopes[scope] = scopes.get(scope, 0.0) + event.cpu_time_total / 1e3
+    table_text = profile.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+    (out_dir() / f"train_step_profile_{name.replace('/', '-')}_{n}.txt").write_text(table_text)
+    return {"kernels": len(kernels), "gpu_busy_ms": busy_us / 1e3, "step_ms": step_s * 1e3,
+            "gpu_busy_fraction": busy_us / 1e6 / step_s, **{f"{k} host ms": v for k, v in scopes.items()}}
+
+
+def scope_forwards(model):
+    """record_function scopes around the encoder's and the decoder's forward, for the profile."""
+    def enter(scope):
+        def hook(module, args, kwargs=None):
+            module._profile_scope = torch.profiler.record_function(scope)
+            module._profile_scope.__enter__()
+        return hook
+
+    def leave(module, args, output):
+        module._profile_scope.__exit__(None, None, None)
+
+    for part in (model.get_encoder(), model.get_decoder()):
+        part.register_forward_pre_hook(enter("encoder forward" if part is model.get_encoder() else "decoder forward"))
+        part.register_forward_hook(leave)
 
 
 def train_row(name, n, args, device, deadline):
@@ -178,6 +227,8 @@ def train_row(name, n, args, device, deadline):
     try:
         started = time.perf_counter()
         model = build(name, args, device)
+        if args.profile:
+            scope_forwards(model)
         if cuda:
             torch.cuda.synchronize()
             result["weights_gib"] = torch.cuda.memory_allocated() / 2**30
@@ -189,7 +240,7 @@ def train_row(name, n, args, device, deadline):
             result["attn_implementation"] = model.config._attn_implementation
         max_steps = args.warmup_steps + args.steps
         dataset = RandomTokens(max_steps * args.accumulation, n, args.target_length, model.config.vocab_size, seed=n)
-        timer = make_step_timer(cuda, deadline)
+        timer = make_step_timer(cuda, deadline, max_steps - 1 if args.profile else None)
         # newer Transformers call the option activation_checkpointing and warn at the old name
         fields = Seq2SeqTrainingArguments.__dataclass_fields__
         checkpointing_field = "activation_checkpointing" if "activation_checkpointing" in fields else \
@@ -242,6 +293,8 @@ def train_row(name, n, args, device, deadline):
         if cuda:
             result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             result["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        if timer.profile is not None and len(timer.step_s) == max_steps:
+            result["profile"] = step_profile(timer.profile, timer.step_s[-1], name, n)
         return result
     except Exception as error:  # noqa: BLE001 - recorded, the benchmark goes on
         result["error"] = error_text(error)
@@ -293,6 +346,8 @@ def main():
     parser.add_argument("--attn-implementation", choices=["eager", "sdpa", "flex_attention"],
                         help="colt5-hf rows' attention implementation (default: the model's own choice)")
     parser.add_argument("--budget-s", type=float, default=540, help="skip the rows left after this many seconds")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile each row's last step (kernels, GPU busy time, host time per part)")
     parser.add_argument("--tiny", action="store_true", help="the tiny preset, for checking the script on the CPU")
     parser.add_argument("--name", default="train_step")
     parser.add_argument("--from-json", nargs="+", help="only print the table of earlier runs' JSON")
