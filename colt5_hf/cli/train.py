@@ -103,6 +103,17 @@ def finished(args, checkpoint):
     return True
 
 
+def prepare_run(args):
+    """What the training commands (train, uptrain) do before reading data: one process per GPU, quiet progress bars,
+    the output folder checked. Returns (the checkpoint to resume from or None, whether --resume found the run
+    finished, which then has nothing left to do)."""
+    check_one_process_per_gpu(args)
+    if args.quiet:  # also Transformers' own bars (loading and writing weights)
+        transformers.logging.disable_progress_bar()
+    resume_from = check_output_dir(args)
+    return resume_from, resume_from is not None and finished(args, resume_from)
+
+
 def run(args, callbacks=()):
     """`callbacks`: extra TrainerCallbacks (the tests stop a run with one)."""
     if args.train_file is None and not args.demo_task:
@@ -111,11 +122,8 @@ def run(args, callbacks=()):
         raise CommandError("give either --train-file or --demo-task, not both")
     if args.steps is None and args.demo_task:
         raise CommandError("--demo-task generates examples for a number of --steps: give --steps")
-    check_one_process_per_gpu(args)
-    if args.quiet:  # also Transformers' own bars (loading and writing weights)
-        transformers.logging.disable_progress_bar()
-    resume_from = check_output_dir(args)
-    if resume_from is not None and finished(args, resume_from):
+    resume_from, done = prepare_run(args)
+    if done:
         return
     cache_dir = Path(args.output_dir) / DATA_CACHE
     train_pairs = read_pairs(args, args.train_file, cache_dir=cache_dir) if args.train_file is not None else None

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import torch
-import transformers
 
 from ..configuration_colt5 import preset_names
 from ..data import load_documents, load_hub_documents
@@ -18,7 +17,6 @@ from .common import (
     add_training_options,
     apply_compile_option,
     batches,
-    check_one_process_per_gpu,
     check_saved_model,
     check_vocabulary,
     data_file_cache,
@@ -29,7 +27,7 @@ from .common import (
     positive_int,
     run_training,
 )
-from .train import check_output_dir, finished, summary
+from .train import prepare_run, summary
 
 
 DEFAULT_LENGTH = 16384  # CoLT5's long inputs (paper section 5); a model with max_input_length uses that instead
@@ -113,17 +111,18 @@ def target_limit(args, length):
     return args.max_target_length or max(length // 4, 1)
 
 
-def build_examples(args, tokenizer, data, mixture, train_documents, eval_documents, length):
-    """(training examples, {denoiser name: its evaluation examples} or None)."""
-    limit = target_limit(args, length)
-    train = pack(tokenized_stream(tokenizer, train_documents, data), mixture, data, length, limit, args.seed)
-    if eval_documents is None:
-        return train, None
-    stream = tokenized_stream(tokenizer, eval_documents, data)
-    # every denoiser on the whole evaluation text: each loss then measures the same documents
-    evaluation = {denoiser.name: Examples(pack(stream, mixture, data, length, limit, args.seed,
-                                               only=denoiser.name)[:args.eval_examples]) for denoiser in mixture}
-    return train, evaluation
+def training_examples(args, tokenizer, data, mixture, documents, length):
+    """The documents packed into examples, each with a denoiser drawn from the mixture."""
+    return pack(tokenized_stream(tokenizer, documents, data), mixture, data, length, target_limit(args, length),
+                args.seed)
+
+
+def evaluation_examples(args, tokenizer, data, mixture, documents, length):
+    """{denoiser name: Examples}: every denoiser on the whole evaluation text, so that each loss measures the same
+    documents; the first --eval-examples of each."""
+    stream = tokenized_stream(tokenizer, documents, data)
+    return {denoiser.name: Examples(pack(stream, mixture, data, length, target_limit(args, length), args.seed,
+                                         only=denoiser.name)[:args.eval_examples]) for denoiser in mixture}
 
 
 def describe(description, model, mixture, train, evaluation, length, max_target_length):
@@ -147,11 +146,8 @@ def run(args, callbacks=(), model=None):
         mixture = load_mixture(args.denoisers)
     except MixtureError as error:
         raise CommandError(f"--denoisers: {error}") from None
-    check_one_process_per_gpu(args)
-    if args.quiet:  # also Transformers' own bars (loading and writing weights)
-        transformers.logging.disable_progress_bar()
-    resume_from = check_output_dir(args)
-    if resume_from is not None and finished(args, resume_from):
+    resume_from, done = prepare_run(args)
+    if done:
         return
     if args.dataset is not None:
         train_documents = load_hub_documents(args.dataset, args.dataset_config, args.dataset_split, args.text_field,
@@ -173,7 +169,9 @@ def run(args, callbacks=(), model=None):
     check_vocabulary(tokenizer, model.config)
     length = args.length or getattr(model.config, "max_input_length", None) or DEFAULT_LENGTH
     denoising_setup(args, tokenizer, mixture, length)
-    train, evaluation = build_examples(args, tokenizer, data, mixture, train_documents, eval_documents, length)
+    train = training_examples(args, tokenizer, data, mixture, train_documents, length)
+    evaluation = None if eval_documents is None else evaluation_examples(args, tokenizer, data, mixture,
+                                                                         eval_documents, length)
     if is_main_process():
         describe(description, model, mixture, train, evaluation, length, target_limit(args, length))
     trainer = run_training(args, model, tokenizer, Examples(train), evaluation, callbacks, resume_from=resume_from,
