@@ -30,7 +30,7 @@ from .common import (
 from .train import prepare_run, summary
 
 
-DEFAULT_LENGTH = 16384  # CoLT5's long inputs (paper section 5); a model with max_input_length uses that instead
+DEFAULT_LENGTH = 16384  # the CoLT5 paper's long inputs; a model with max_input_length uses that instead
 
 
 def add_parser(commands):
