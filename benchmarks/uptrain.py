@@ -2,8 +2,8 @@
 
 The recipe of the CoLT5 paper at a small scale, every step on one device:
 
-1. Corpus: the .py, .md and .rst files of installed Python packages (`--packages`, in the site-packages of the Python
-   running this script), one document per file (files that are empty or not UTF-8 are left out). Ordered by a hash of
+1. Corpus: the .py, .md and .rst files of installed Python packages (`--packages`, where the Python running this
+   script imports them from), one document per file (files that are empty or not UTF-8 are left out). Ordered by a hash of
    their path, every 50th file goes to the evaluation set, of the others one in three to the uptraining part and the
    rest to the pre-training part.
 2. Dense source: a T5.1.1-shaped transformers T5ForConditionalGeneration (gated-GELU, untied head, no dropout, ByT5's
@@ -17,8 +17,8 @@ The recipe of the CoLT5 paper at a small scale, every step on one device:
 
 Reported: the evaluation loss of each denoiser on the evaluation set (Trainer's eval loss: the mean over examples of
 each batch's mean token loss) and their mean, at the start of step 4 and every `--eval-steps`; the forward FLOPs of
-one example (matrix products only, counted from the shapes: the encoder, the decoder at the mean target length and the
-LM head; CoLT5's light attention as its 2 * radius + 1 window, its routers' scores included, their coordinate descent
+one example (matrix products only, counted from the shapes: the encoder, the decoder and LM head at the target bound,
+--max-target-length, which overstates both sides' decoder alike; CoLT5's light attention as its 2 * radius + 1 window, its routers' scores included, their coordinate descent
 left out) and the measured seconds per optimizer step of each side (a TrainerCallback around each step, evaluation
 left out). Writes OUT/uptrain.json and OUT/uptrain.png (OUT: --out, else $OUT, else benchmarks/out) and prints the
 table; `--from-json` prints the table of an earlier run. The corpus and the models go to --work (default OUT); with
@@ -26,20 +26,20 @@ table; `--from-json` prints the table of an earlier run. The corpus and the mode
 time), --work a folder that lasts between them.
 
     nice -n 10 python benchmarks/uptrain.py                      # CPU, one thread: the README's table
-    # a GPU, in two processes: T5.1.1-small's shape (8 heads) at 4096 tokens
+    # a GPU, in two processes (each about 5-8 minutes on an H100, estimated from the FLOPs: not measured yet):
     python benchmarks/uptrain.py --stage pretrain --work runs/uptrain-gpu --device cuda --bf16 --size small \
-        --length 4096 --batch-size 8 --learning-rate 5e-4 --warmup-steps 100 --eval-steps 100 \
-        --pretrain-steps 1500 --steps 600 --packages torch transformers
+        --length 4096 --batch-size 4 --learning-rate 5e-4 --warmup-steps 100 --eval-steps 100 \
+        --pretrain-steps 2000 --steps 600 --packages torch transformers
     python benchmarks/uptrain.py --stage compare ...              # the same options
 """
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 import statistics
 import sys
-import sysconfig
 import time
 import zlib
 from pathlib import Path
@@ -69,13 +69,15 @@ def build_corpus(packages, folder):
     """OUT/corpus/{pretrain,uptrain,eval}.jsonl from the packages' files; returns what went where. The files, ordered
     by a hash of their path (the split does not follow packages or folders), go in turn: every 50th to the evaluation
     set, of the others one in three to the uptraining part and the rest to the pre-training part."""
-    root = Path(sysconfig.get_paths()["purelib"])
-    files = []
+    files, roots = [], {}
     skipped = 0
     for package in packages:
-        if not (root / package).is_dir():
-            raise SystemExit(f"package {package!r} is not installed in {root}")
-        for path in sorted((root / package).rglob("*")):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit(f"package {package!r} is not installed for {sys.executable}")
+        top = Path(next(iter(spec.submodule_search_locations)))
+        roots[package] = str(top.parent)
+        for path in sorted(top.rglob("*")):
             if path.suffix not in SUFFIXES or not path.is_file():
                 continue
             try:
@@ -84,7 +86,8 @@ def build_corpus(packages, folder):
                 skipped += 1
                 continue
             if text.strip():
-                files.append((zlib.crc32(str(path.relative_to(root)).encode()), str(path.relative_to(root)), text))
+                name = str(path.relative_to(top.parent))  # e.g. "peft/tuners/lora/model.py"
+                files.append((zlib.crc32(name.encode()), name, text))
     parts = {"pretrain": [], "uptrain": [], "eval": []}
     for index, (_, _, text) in enumerate(sorted(files)):
         parts["eval" if index % 50 == 0 else "uptrain" if index % 3 == 0 else "pretrain"].append(text)
@@ -96,7 +99,7 @@ def build_corpus(packages, folder):
             for text in texts:
                 file.write(json.dumps({"text": text}) + "\n")
     versions = {package: version_of(package) for package in packages}
-    return {"root": str(root), "packages": versions, "suffixes": list(SUFFIXES), "unreadable_files": skipped,
+    return {"roots": roots, "packages": versions, "suffixes": list(SUFFIXES), "unreadable_files": skipped,
             **{name: {"files": len(texts), "bytes": sum(len(t.encode()) for t in texts)} for name, texts in parts.items()}}
 
 
