@@ -26,7 +26,7 @@ PRESET_FOLDER = Path(__file__).resolve().parent / "presets"
 
 def preset_names() -> list[str]:
     """The presets shipped with the package: colt5-tiny, colt5-base, colt5-large, colt5-xl."""
-    return sorted(path.stem for path in PRESET_FOLDER.glob("*.json"))
+    return sorted(path.stem for path in PRESET_FOLDER.glob("colt5-*.json"))  # beside them: denoisers-*.json
 
 
 class CoLT5Config(PreTrainedConfig):

@@ -1,6 +1,8 @@
-"""Data for the colt5-hf command: text pairs from JSONL/CSV/Parquet files, tokenisation with explicit length limits,
-and the synthetic long-input task of the demo."""
+"""Data for the colt5-hf command: text pairs from JSONL/CSV/Parquet files, documents (text files, a field of those
+files, a Hub dataset) for uptraining, tokenisation with explicit length limits, and the synthetic long-input task of the
+demo."""
 
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -16,11 +18,13 @@ class DataError(ValueError):
     """A problem with the user's data, worded for the command line."""
 
 
-def load_pairs(path, source_field: str, target_field: str | None, cache_dir=None, in_memory: bool = False):
+def load_pairs(path, source_field: str, target_field: str | None, cache_dir=None, in_memory: bool = False,
+               source_option: str = "--source-field"):
     """A `datasets.Dataset` with the columns `source` (and `target`) read from a JSONL, JSON, CSV or Parquet file.
 
     datasets keeps the file as Arrow files in `cache_dir` (None: its own cache, HF_DATASETS_CACHE); `in_memory`: in
-    memory, through a temporary folder removed before returning."""
+    memory, through a temporary folder removed before returning. `source_option` is the option that names the source
+    field, for the errors."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -45,7 +49,7 @@ def load_pairs(path, source_field: str, target_field: str | None, cache_dir=None
     except Exception as error:  # the parsers' own errors name the line; keep them, add the file
         raise DataError(f"{path}: could not read it as {file_format}: {error or type(error).__name__}") from error
     fields = [source_field] + ([target_field] if target_field is not None else [])
-    for field, option in zip(fields, ("--source-field", "--target-field")):
+    for field, option in zip(fields, (source_option, "--target-field")):
         if field not in dataset.column_names:
             raise DataError(
                 f"{path}: no field {field!r} ({option}); the file has the fields {', '.join(dataset.column_names)}"
@@ -61,6 +65,53 @@ def load_pairs(path, source_field: str, target_field: str | None, cache_dir=None
             raise DataError(f"{path}: field {field!r} is empty or not text in {len(empty)} example(s), the first at "
                             f"row {empty[0]}")
     return dataset
+
+
+def load_documents(path, text_field: str, cache_dir=None, in_memory: bool = False) -> list[str]:
+    """The documents of a file: a plain text file (any suffix but those of FILE_FORMATS) is one document; a JSONL,
+    JSON, CSV or Parquet file holds one per row, in the field `text_field` (--text-field)."""
+    path = Path(path)
+    if path.suffix.lower() in FILE_FORMATS:
+        return load_pairs(path, text_field, None, cache_dir=cache_dir, in_memory=in_memory,
+                          source_option="--text-field")["source"]
+    if not path.is_file():
+        raise DataError(f"{'not a file' if path.exists() else 'data file not found'}: {path}")
+    check_utf8(path)
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path}: the file holds no text")
+    return [text]
+
+
+def load_hub_documents(name: str, config: str | None, split: str, text_field: str, limit: int) -> list[str]:
+    """The first `limit` documents of a dataset on the Hugging Face Hub, streamed (nothing is downloaded beyond
+    them). Without a network it is an error before anything is read: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set, or the
+    Hub unreachable."""
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(variable, "").upper() in ("1", "ON", "YES", "TRUE"):
+            raise DataError(f"--dataset {name}: {variable} is set, so the Hub is out of reach; export the dataset to "
+                            "JSONL or Parquet files where there is a network and pass them with --train-files")
+    datasets.disable_progress_bars()
+    try:
+        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+        documents = []
+        for row in rows:
+            if text_field not in row:
+                raise DataError(f"--dataset {name}: no field {text_field!r} (--text-field); its rows have the fields "
+                                f"{', '.join(row)}")
+            if isinstance(row[text_field], str) and row[text_field].strip():
+                documents.append(row[text_field])
+            if len(documents) == limit:
+                break
+    except DataError:
+        raise
+    except Exception as error:  # no network, no such dataset, split or config: datasets' own words, on one line
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise DataError(f"--dataset {name}: could not read it from the Hub ({message}); without a network, export "
+                        "the dataset to JSONL or Parquet files elsewhere and pass them with --train-files") from error
+    if not documents:
+        raise DataError(f"--dataset {name}: split {split!r} holds no text in the field {text_field!r}")
+    return documents
 
 
 def check_utf8(path):
@@ -155,4 +206,5 @@ def demo_examples(count: int, seed: int, length: int = 256, reach: int = 30):
     return examples
 
 
-__all__ = ["DataError", "load_pairs", "check_utf8", "tokenize_pairs", "demo_examples"]
+__all__ = ["DataError", "load_pairs", "load_documents", "load_hub_documents", "check_utf8", "tokenize_pairs",
+           "demo_examples"]

@@ -50,3 +50,31 @@ def test_train_step_tiny_writes_records_and_table(tmp_path, monkeypatch):
     assert "colt5-hf/eager" in table and "longt5-local" in table and "1.00x" in table
     # what --from-json prints: the table of the saved records
     assert benchmark_module("train_step", monkeypatch).table(records).strip() == table.strip()
+
+
+def test_uptrain_tiny_converts_exactly_and_reports_both_sides(tmp_path, monkeypatch):
+    """The uptraining experiment end to end on a few files: the all-routed conversion starts from the dense source's
+    loss, each run's evaluation at its start is the separate evaluation's, and CoLT5 counts fewer FLOPs."""
+    stdout = run_script("uptrain.py", ["--packages", "pluggy", "iniconfig", "--length", "64", "--pretrain-steps", "2",
+                                       "--steps", "2", "--eval-steps", "1", "--eval-examples", "2", "--batch-size", "2",
+                                       "--warmup-steps", "0", "--timing-skip", "0"], tmp_path, timeout=300)
+    record = json.loads((tmp_path / "uptrain.json").read_text())
+    assert sorted(record["corpus"]["packages"]) == ["iniconfig", "pluggy"] and record["corpus"]["eval"]["files"] >= 1
+    source, all_routed = record["start"]["dense source"], record["start"]["CoLT5, all routed"]
+    assert list(source) == ["R3", "R8", "X64", "S"]
+    assert all_routed == pytest.approx(source, rel=1e-5)
+    assert record["dense"]["eval"]["0"] == pytest.approx(source, rel=1e-6)
+    assert sorted(record["colt5"]["eval"], key=int) == ["0", "1", "2"]
+    assert record["colt5"]["eval"]["0"] != pytest.approx(source, rel=1e-3)  # routing 1/16 of the tokens changes it
+    flops = record["flops_per_example"]
+    assert 0 < flops["colt5"] < flops["dense"] and flops["target_tokens"] == 16
+    assert (tmp_path / "uptrain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    module = benchmark_module("uptrain", monkeypatch)
+    assert module.table(record).strip() in stdout
+    # the FLOP count of a one-layer dense T5 by hand: d 8, 2 heads of 2, d_ff 16, vocabulary 10, 4 inputs, 2 targets
+    from transformers import T5Config
+
+    config = T5Config(vocab_size=10, d_model=8, d_kv=2, num_heads=2, d_ff=16, num_layers=1, num_decoder_layers=1)
+    encoder = 4 * 4 * 8 * 4 + 2 * 2 * 4 * 4 * 4 + 3 * 4 * 8 * 16  # projections, scores and values, gated FF
+    decoder = (4 * 2 * 8 * 4 + 2 * 2 * 2 * 2 * 4) + (2 * 2 * 8 * 4 + 2 * 4 * 8 * 4 + 2 * 2 * 2 * 4 * 4) + 3 * 2 * 8 * 16
+    assert module.forward_flops(config, 4, 2) == 2 * (encoder + decoder + 2 * 8 * 10)

@@ -1,11 +1,13 @@
-"""The `colt5-hf` command: demo, train, evaluate, generate, convert, inspect. One module per command holds its options
-(`add_parser`) and its work (`run`); common.py holds what they share. docs/command.md documents the command.
+"""The `colt5-hf` command: demo, train, evaluate, generate, convert, uptrain, inspect. One module per command holds
+its options (`add_parser`) and its work (`run`); common.py holds what they share. docs/command.md documents the
+command.
 
     colt5-hf demo                                   # CoLT5 vs local attention on a long-input task, CPU, minutes
     colt5-hf train --model colt5-tiny --train-file train.jsonl --eval-file dev.jsonl --output-dir runs/my-model
     colt5-hf evaluate runs/my-model --file test.jsonl
     colt5-hf generate runs/my-model --text "a long document ..."
     colt5-hf convert google/flan-t5-base runs/flan-colt5-base
+    colt5-hf uptrain runs/flan-colt5-base --train-files docs/*.txt --length 16384 --output-dir runs/flan-colt5-ul2
     colt5-hf inspect runs/my-model --text "a long document ..." --output routing.png
 
 A failure is one line on stderr, `colt5-hf COMMAND: error: MESSAGE`, and an exit status: 0 done, 1 the work failed
@@ -20,11 +22,11 @@ import sys
 import torch
 
 from ..data import DataError
-from . import convert, demo, evaluate, generate, inspect, train
+from . import convert, demo, evaluate, generate, inspect, train, uptrain
 from .common import CommandError, one_line
 
 
-COMMANDS = (demo, train, evaluate, generate, convert, inspect)
+COMMANDS = (demo, train, evaluate, generate, convert, uptrain, inspect)
 EXIT_STATUS = ("exit status: 0 done, 1 the work failed, 2 usage error (options, files, data), 130 interrupted; "
                "--debug or COLT5_HF_DEBUG=1 shows the traceback of an error")
 

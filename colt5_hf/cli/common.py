@@ -1,5 +1,5 @@
 """What the colt5-hf commands share: their errors and option types, the checks of output paths, loading models and
-tokenizers, reading data, the Trainer set-up of the training commands (train, demo)."""
+tokenizers, reading data, the Trainer set-up of the training commands (train, demo, uptrain)."""
 
 import argparse
 import contextlib
@@ -141,8 +141,10 @@ def apply_compile_option(model, args):
     return model
 
 
-def add_training_options(parser, steps, eval_steps, learning_rate, warmup_steps=0, output_dir=None):
-    """Options of the training commands (train, demo) with their defaults; no `output_dir` default: required."""
+def add_training_options(parser, steps, eval_steps, learning_rate, warmup_steps=0, output_dir=None,
+                         eval_examples_help="examples of the demo task's evaluation set"):
+    """Options of the training commands (train, demo, uptrain) with their defaults; no `output_dir` default:
+    required."""
     parser.add_argument("--output-dir", default=output_dir, required=output_dir is None,
                         help="checkpoints and the final model (safetensors)"
                         + (f" (default: {output_dir})" if output_dir else ""))
@@ -152,10 +154,24 @@ def add_training_options(parser, steps, eval_steps, learning_rate, warmup_steps=
     parser.add_argument("--learning-rate", type=positive_float, default=learning_rate)
     parser.add_argument("--warmup-steps", type=non_negative_int, default=warmup_steps)
     parser.add_argument("--eval-steps", type=positive_int, default=eval_steps, help="evaluate (and log) every N steps")
-    parser.add_argument("--eval-examples", type=positive_int, default=256,
-                        help="examples of the demo task's evaluation set")
+    parser.add_argument("--eval-examples", type=positive_int, default=256, help=eval_examples_help)
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_run_options(parser, epochs):
+    """Options of the commands that train from files (train, uptrain): the length of the run, the optimizer's
+    extras, logging, checkpoints and resuming, precision."""
+    parser.add_argument("--epochs", type=positive_float, default=epochs,
+                        help="passes over the data when --steps is not given")
+    parser.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    parser.add_argument("--logging-steps", type=positive_int, help="(default: --eval-steps)")
+    parser.add_argument("--save-steps", type=positive_int, help="checkpoint every N steps (default: --eval-steps)")
+    parser.add_argument("--save-total-limit", type=positive_int, help="keep only the last N checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    parser.add_argument("--overwrite-output-dir", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
 
 
 def check_text(texts):
@@ -469,6 +485,7 @@ def training_arguments(args, has_eval):
         lr_scheduler_type="linear",
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps,
+        eval_on_start=has_eval and getattr(args, "eval_on_start", False),
         logging_steps=args.logging_steps or eval_steps,
         save_strategy="steps",
         save_steps=args.save_steps or eval_steps,
@@ -502,10 +519,11 @@ class CommandTrainer(Seq2SeqTrainer):
 
 
 def run_training(args, model, tokenizer, train_dataset, eval_dataset, callbacks=(), show_logs=True,
-                 resume_from=None):
-    """Seq2SeqTrainer on the tokenised datasets, from the checkpoint `resume_from` if given; returns the trainer after
-    training and saving to output_dir. Ctrl-C is one line saying where the run stopped. `args` of a command without
-    --resume (the demo) get no advice to resume."""
+                 resume_from=None, exact_match=True):
+    """Seq2SeqTrainer on the tokenised datasets (`eval_dataset` one dataset, or a dict of them, each evaluated and
+    logged under its name), from the checkpoint `resume_from` if given; returns the trainer after training and saving
+    to output_dir. `exact_match`: evaluation reports the exact match besides the loss. Ctrl-C is one line saying where
+    the run stopped. `args` of a command without --resume (the demo) get no advice to resume."""
     output_dir = Path(args.output_dir)
     resumable = hasattr(args, "resume")
     if args.overwrite_output_dir and resume_from is None:  # a stale checkpoint must not be resumed later
@@ -518,8 +536,8 @@ def run_training(args, model, tokenizer, train_dataset, eval_dataset, callbacks=
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        compute_metrics=exact_match_metrics if eval_dataset is not None else None,
-        preprocess_logits_for_metrics=argmax_logits if eval_dataset is not None else None,
+        compute_metrics=exact_match_metrics if eval_dataset is not None and exact_match else None,
+        preprocess_logits_for_metrics=argmax_logits if eval_dataset is not None and exact_match else None,
         callbacks=list(callbacks),
         resumable=resumable,
     )

@@ -17,6 +17,7 @@ from .common import (
     DEMO_EVAL_SEED,
     add_data_options,
     add_device_options,
+    add_run_options,
     add_training_options,
     apply_compile_option,
     check_one_process_per_gpu,
@@ -27,10 +28,7 @@ from .common import (
     is_main_process,
     load_model,
     load_tokenizer,
-    non_negative_float,
     parse_overrides,
-    positive_float,
-    positive_int,
     read_pairs,
     run_training,
     tokenize,
@@ -50,16 +48,7 @@ def add_parser(commands):
     parser.add_argument("--demo-task", action="store_true", help="train on the bundled synthetic task")
     add_data_options(parser)
     add_training_options(parser, steps=None, eval_steps=500, learning_rate=5e-4)
-    parser.add_argument("--epochs", type=positive_float, default=3.0,
-                        help="passes over the data when --steps is not given")
-    parser.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
-    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0)
-    parser.add_argument("--logging-steps", type=positive_int, help="(default: --eval-steps)")
-    parser.add_argument("--save-steps", type=positive_int, help="checkpoint every N steps (default: --eval-steps)")
-    parser.add_argument("--save-total-limit", type=positive_int, help="keep only the last N checkpoints")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    parser.add_argument("--overwrite-output-dir", action="store_true")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    add_run_options(parser, epochs=3.0)
     add_device_options(parser, "train")
     return parser
 
@@ -82,9 +71,11 @@ def check_output_dir(args):
 
 
 def summary(output_dir, steps, log_history):
-    """The command's last line on stdout: where the model is, its steps, its last losses and exact match."""
+    """The command's last line on stdout: where the model is, its steps, its last losses (uptrain: one evaluation
+    loss per denoiser, eval_NAME_loss) and exact match."""
     metrics = {key: value for entry in log_history for key, value in entry.items()}
-    kept = {key: metrics[key] for key in ("train_loss", "eval_loss", "eval_exact_match") if key in metrics}
+    kept = {key: value for key, value in metrics.items()
+            if key == "train_loss" or key.startswith("eval_") and key.endswith(("_loss", "_exact_match"))}
     return json.dumps({"output_dir": str(output_dir), "steps": steps, **kept})
 
 
@@ -112,6 +103,17 @@ def finished(args, checkpoint):
     return True
 
 
+def prepare_run(args):
+    """What the training commands (train, uptrain) do before reading data: one process per GPU, quiet progress bars,
+    the output folder checked. Returns (the checkpoint to resume from or None, whether --resume found the run
+    finished, which then has nothing left to do)."""
+    check_one_process_per_gpu(args)
+    if args.quiet:  # also Transformers' own bars (loading and writing weights)
+        transformers.logging.disable_progress_bar()
+    resume_from = check_output_dir(args)
+    return resume_from, resume_from is not None and finished(args, resume_from)
+
+
 def run(args, callbacks=()):
     """`callbacks`: extra TrainerCallbacks (the tests stop a run with one)."""
     if args.train_file is None and not args.demo_task:
@@ -120,11 +122,8 @@ def run(args, callbacks=()):
         raise CommandError("give either --train-file or --demo-task, not both")
     if args.steps is None and args.demo_task:
         raise CommandError("--demo-task generates examples for a number of --steps: give --steps")
-    check_one_process_per_gpu(args)
-    if args.quiet:  # also Transformers' own bars (loading and writing weights)
-        transformers.logging.disable_progress_bar()
-    resume_from = check_output_dir(args)
-    if resume_from is not None and finished(args, resume_from):
+    resume_from, done = prepare_run(args)
+    if done:
         return
     cache_dir = Path(args.output_dir) / DATA_CACHE
     train_pairs = read_pairs(args, args.train_file, cache_dir=cache_dir) if args.train_file is not None else None
