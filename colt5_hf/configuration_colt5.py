@@ -59,6 +59,9 @@ class CoLT5Config(PreTrainedConfig):
             keep the top k.
         router_straight_through: routed tokens are multiplied by exactly 1 in the forward pass, with the gradient of
             the soft scores; False: by the soft scores.
+        router_noise: scale of the logistic noise added to the router scores in training (eval is deterministic), so
+            that a route also tries tokens outside its top k: a token that is never routed gets no gradient of its own.
+            None: the router type's own (1 for "sinkhorn", 0 for the others, the paper's hard top-k).
 
     Decoder cross-attention:
         num_cross_attention_routes: R routes; the query heads are split evenly among them and each route attends to its
@@ -107,6 +110,7 @@ class CoLT5Config(PreTrainedConfig):
     router_fetch_ratio: float = 9 / 8
     router_temperature: float = 1.0
     router_straight_through: bool = True
+    router_noise: float | None = None
     num_cross_attention_routes: int = 1
     cross_attention_fraction: float = 1.0
     num_cross_attention_kv_heads: int = 1
@@ -174,6 +178,11 @@ class CoLT5Config(PreTrainedConfig):
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                     and value > 0):
                 raise ValueError(f"CoLT5Config: `{name}` must be a positive number, got {value!r}")
+        if self.router_noise is not None and not (
+            isinstance(self.router_noise, (int, float)) and not isinstance(self.router_noise, bool)
+            and math.isfinite(self.router_noise) and self.router_noise >= 0
+        ):
+            raise ValueError(f"CoLT5Config: `router_noise` must be None or a number >= 0, got {self.router_noise!r}")
         if not (isinstance(self.router_fetch_ratio, (int, float)) and math.isfinite(self.router_fetch_ratio)
                 and self.router_fetch_ratio >= 1):
             raise ValueError(f"CoLT5Config: `router_fetch_ratio` must be a finite number >= 1, got "

@@ -32,7 +32,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_colt5 import CoLT5Config
 from .fast_path import CompileReport, compiled_encoder_layer, encoder_compile_mode, length_bucket, own_gradients
-from .routing import ROUTER_TYPES, CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together
+from .routing import CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together, training_noise
 from .t5_attention import (
     ALL_ATTENTION_FUNCTIONS,
     attention_probabilities,
@@ -576,10 +576,11 @@ class CoLT5CrossAttention(nn.Module):
             weights = probs
         else:
             if routing is None:  # a cached step: the routes' tokens are chosen again, the same outside training
-                if self.training and ROUTER_TYPES[self.config.router_type].sampled:
+                if self.training and training_noise(self.config):
                     raise ValueError(
                         "output_attentions=True with cached cross-attention keys needs the routes' positions, which "
-                        f"{self.config.router_type} routers draw at random in training: call model.eval() or decode "
+                        "routers with training noise (`router_noise`, sinkhorn's own) draw at random in training: "
+                        "call model.eval() or decode "
                         "without a cache"
                     )
                 routing = self.route(encoder_hidden_states, encoder_mask)

@@ -136,6 +136,14 @@ ROUTER_TYPES = {
 }
 
 
+def training_noise(config) -> float:
+    """Scale of the logistic noise that perturbs the router scores in training: `config.router_noise`, or where that is
+    None, 1 for a router type that samples its routes (sinkhorn) and 0 for the others."""
+    if config.router_noise is not None:
+        return float(config.router_noise)
+    return 1.0 if ROUTER_TYPES[config.router_type].sampled else 0.0
+
+
 def logistic_noise(like):
     """Standard logistic noise shaped like `like`: the difference of two independent standard Gumbel variables."""
     uniform = torch.rand_like(like).clamp(min=torch.finfo(like.dtype).tiny)
@@ -168,7 +176,8 @@ class CoLT5Router(nn.Module):
         coor_descent: `coordinate_descent` for k_fetch = router_fetch_ratio * k tokens (epsilon `router_epsilon`);
         sinkhorn: `sinkhorn_top_k` of the scores / `router_temperature`, for k_fetch tokens; in training, logistic noise
             (the difference of the Gumbel noises of a token's two transport entries) perturbs the scores first, so a
-            route samples its tokens; in eval it is deterministic;
+            route samples its tokens; in eval it is deterministic (`config.router_noise` scales that noise, and adds
+            it to the other types);
         cum_softmax: `cumulative_softmax` of the scores / `router_temperature`.
     Every type selects the top k by score (perturbed score for sinkhorn in training), ties broken by position. For
     coordinate descent and Sinkhorn the soft score is a non-decreasing function of the score, so this is their hard
@@ -234,8 +243,11 @@ def select_routes(routers, scores, mask, num_tokens=None) -> list[RouterOutput]:
     ], dim=1)
     scores = torch.cat(scores, dim=1)  # (b, R, n)
     router_type = ROUTER_TYPES[config.router_type]
-    if router_type.sampled and routers[0].training:
-        scores = scores + logistic_noise(scores)
+    noise = training_noise(config)
+    if noise and routers[0].training:
+        # a route then also tries tokens it would not pick: the only way a token outside the routed set gets a gradient
+        # of its own (the soft top-k couples it to the routed tokens only through their common threshold)
+        scores = scores + noise * logistic_noise(scores)
     route_mask = mask[:, None, :].expand_as(scores)
     # exact ties (a repeated token scores alike in the first layer) go to the earlier position, where topk's choice
     # among ties would depend on the batch's shape

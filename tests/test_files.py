@@ -47,6 +47,7 @@ INVALID_VALUES = {
     "eos_token_id": [-1, 384, [1, 384], "1"],
     "router_type": ["top_k", "", None],
     "router_fetch_ratio": [0.5, 0, float("nan"), float("inf"), "2"],
+    "router_noise": [-0.5, float("nan"), float("inf"), "1", True],
     "dropout_rate": [-0.1, 1.0, "0.1", None],
     "dense_act_fn": ["no_such_activation", None],
     "is_encoder_decoder": [1, None],  # False is valid: an encoder model's config
