@@ -62,6 +62,9 @@ class CoLT5Config(PreTrainedConfig):
         router_noise: scale of the logistic noise added to the router scores in training (eval is deterministic), so
             that a route also tries tokens outside its top k: a token that is never routed gets no gradient of its own.
             None: the router type's own (1 for "sinkhorn", 0 for the others, the paper's hard top-k).
+        heavy_output_init: the heavy branch's output projections (heavy attention `o`, heavy feed-forward `wo`) start
+            at this multiple of their T5 initialisation when training from scratch; 0 starts the heavy branch at
+            exactly zero, so that its routers get no gradient until it computes something useful.
 
     Decoder cross-attention:
         num_cross_attention_routes: R routes; the query heads are split evenly among them and each route attends to its
@@ -111,6 +114,7 @@ class CoLT5Config(PreTrainedConfig):
     router_temperature: float = 1.0
     router_straight_through: bool = True
     router_noise: float | None = None
+    heavy_output_init: float = 1.0
     num_cross_attention_routes: int = 1
     cross_attention_fraction: float = 1.0
     num_cross_attention_kv_heads: int = 1
@@ -178,6 +182,9 @@ class CoLT5Config(PreTrainedConfig):
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                     and value > 0):
                 raise ValueError(f"CoLT5Config: `{name}` must be a positive number, got {value!r}")
+        if not (isinstance(self.heavy_output_init, (int, float)) and not isinstance(self.heavy_output_init, bool)
+                and math.isfinite(self.heavy_output_init) and self.heavy_output_init >= 0):
+            raise ValueError(f"CoLT5Config: `heavy_output_init` must be a number >= 0, got {self.heavy_output_init!r}")
         if self.router_noise is not None and not (
             isinstance(self.router_noise, (int, float)) and not isinstance(self.router_noise, bool)
             and math.isfinite(self.router_noise) and self.router_noise >= 0

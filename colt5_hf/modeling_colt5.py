@@ -835,10 +835,16 @@ class CoLT5PreTrainedModel(PreTrainedModel):
             init.normal_(module.wi_1.weight, mean=0.0, std=factor * d_model**-0.5)
             init.normal_(module.wo.weight, mean=0.0, std=factor * module.wo.in_features**-0.5)
         elif isinstance(module, (CoLT5LocalAttention, CoLT5HeavyAttention, CoLT5SelfAttention, CoLT5CrossAttention)):
+            heavy = self.config.heavy_output_init if isinstance(module, CoLT5HeavyAttention) else 1.0
             init.normal_(module.q.weight, mean=0.0, std=factor * (d_model * d_kv) ** -0.5)
             init.normal_(module.k.weight, mean=0.0, std=factor * d_model**-0.5)
             init.normal_(module.v.weight, mean=0.0, std=factor * d_model**-0.5)
-            init.normal_(module.o.weight, mean=0.0, std=factor * module.o.in_features**-0.5)
+            init.normal_(module.o.weight, mean=0.0, std=heavy * factor * module.o.in_features**-0.5)
+        elif isinstance(module, CoLT5RoutedFeedForward) and self.config.heavy_output_init != 1.0:
+            # after its feed-forwards (children first): scaled in place, drawing no random numbers of its own
+            output = module.heavy_feed_forward.wo.weight
+            if not getattr(output, "_is_hf_initialized", False):
+                output.mul_(self.config.heavy_output_init)
         elif isinstance(module, (CoLT5Encoder, CoLT5Decoder)):
             init.normal_(module.relative_attention_bias.weight, mean=0.0, std=factor * d_model**-0.5)
             if isinstance(module, CoLT5Encoder):

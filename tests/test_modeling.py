@@ -215,6 +215,39 @@ def test_initial_loss_is_about_log_vocabulary():
     assert all(log_vocabulary < loss < log_vocabulary + 1.0 for loss in losses), losses
 
 
+def test_heavy_output_init_zero_starts_the_heavy_branch_at_zero():
+    """heavy_output_init=0: the heavy attention's `o` and the heavy feed-forward's `wo` start at zero and every other
+    weight as by default (the same seed draws the same numbers); the heavy branch then adds exactly nothing, and the
+    routers get no gradient (their weights scale a zero output) while the output projections do."""
+    default = dict(build().named_parameters())
+    model = build(heavy_output_init=0.0).train()
+    heavy_outputs = {name for name in default
+                     if name.endswith(("heavy_attention.o.weight", "heavy_feed_forward.wo.weight"))}
+    assert len(heavy_outputs) == 2 * model.config.num_layers
+    for name, parameter in model.named_parameters():
+        if name in heavy_outputs:
+            assert not parameter.any(), name
+        else:
+            assert torch.equal(parameter, default[name]), name
+    halved = dict(build(heavy_output_init=0.5).named_parameters())
+    for name in heavy_outputs:
+        torch.testing.assert_close(halved[name], 0.5 * default[name])
+
+    input_ids, attention_mask = padded_batch()
+    assert_routing_active(model.config)
+    labels = decoder_ids(len(LENGTHS), 5)
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+    routers = [module for name, module in model.named_modules()
+               if name.startswith("encoder") and name.endswith("router")]
+    assert len(routers) == 3 * model.config.num_layers and all(not router.weight.grad.any() for router in routers)
+    assert all(dict(model.named_parameters())[name].grad.abs().sum() > 0 for name in heavy_outputs)
+    with torch.no_grad():  # which tokens are routed makes no difference: the same weights routing every token
+        every_token = build(heavy_output_init=0.0, attention_q_fraction=1.0, attention_kv_fraction=1.0,
+                            feed_forward_fraction=1.0)
+        expected = every_token.encoder(input_ids, attention_mask).last_hidden_state
+        torch.testing.assert_close(model.eval().encoder(input_ids, attention_mask).last_hidden_state, expected)
+
+
 @torch.no_grad()
 def test_initializer_factor_scales_every_parameter():
     """Same seed, factor 1 vs 2.5: every normal-initialised parameter is exactly 2.5x, every norm weight 2.5. A
