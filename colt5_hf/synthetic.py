@@ -80,6 +80,10 @@ class Batch:
 def check(task, length, geometry):
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; the tasks are {', '.join(TASKS)}")
+    if task == "nearest" and geometry.near_max < geometry.gap:
+        raise ValueError(f"nearest: the model's position buckets tell no distance beyond its local reach from a far "
+                         f"one (near_max {geometry.near_max} < gap {geometry.gap}): raise "
+                         "relative_attention_max_distance or lower the reach")
     shortest = minimum_length(task, geometry)
     if length < shortest:
         raise ValueError(f"{task}: inputs of {length} tokens are too short for items {geometry.gap} apart "

@@ -107,6 +107,10 @@ def test_geometry_follows_the_model():
     assert buckets[0] < buckets[1] == buckets[2]
     with pytest.raises(ValueError, match="too short"):
         synthetic.generate("nearest", 1, seed=0, length=300)
+    coarse = Geometry.of(CoLT5Config.from_preset("tiny", relative_attention_num_buckets=16,
+                                                 relative_attention_max_distance=16))
+    with pytest.raises(ValueError, match="near_max"):
+        synthetic.generate("nearest", 1, seed=0, length=2048, geometry=coarse)
 
 
 def bayes_accuracy_bounds(train, test):
