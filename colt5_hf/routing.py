@@ -150,6 +150,19 @@ def logistic_noise(like):
     return uniform.log() - (-uniform).log1p()
 
 
+class OneSidedGradient(torch.autograd.Function):
+    """Identity forward; backward passes only the negative part of the gradient: the part of the loss's gradient that
+    asks for more of a routed token (d loss / d weight < 0: its heavy output helped). `router_one_sided_gradient`."""
+
+    @staticmethod
+    def forward(ctx, weights):
+        return weights.view_as(weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp(max=0)
+
+
 class RouterOutput(NamedTuple):
     """What a router picked. Slot j of a route is a routed token only where `valid`: each sample's valid slots come
     first, in increasing position (see `top_k_positions`).
@@ -258,6 +271,8 @@ def select_routes(routers, scores, mask, num_tokens=None) -> list[RouterOutput]:
     weights = router_type.weights(scores, route_mask, k_fetch, config).gather(-1, indices)
     if config.router_straight_through:
         weights = 1.0 + (weights - weights.detach())  # forward value exactly 1, gradient of the soft score
+    if config.router_one_sided_gradient and weights.requires_grad:
+        weights = OneSidedGradient.apply(weights)
     every_token = (k == lengths[:, None])[..., None]  # (b, R, 1)
     weights = weights.masked_fill(every_token, 1.0).masked_fill(~valid, 0.0)
 

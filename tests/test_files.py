@@ -28,7 +28,7 @@ POSITIVE_INTEGERS = (
 )
 FRACTIONS = ("attention_q_fraction", "attention_kv_fraction", "feed_forward_fraction", "cross_attention_fraction")
 POSITIVE_NUMBERS = ("router_epsilon", "router_temperature", "layer_norm_epsilon", "initializer_factor")
-BOOLEANS = ("router_straight_through", "use_cache", "tie_word_embeddings")
+BOOLEANS = ("router_straight_through", "router_one_sided_gradient", "use_cache", "tie_word_embeddings")
 TOKEN_IDS = ("pad_token_id", "eos_token_id", "decoder_start_token_id")
 
 # field -> invalid values, each an error whose message names the field (the tiny preset: vocab 384, 4 decoder heads)
