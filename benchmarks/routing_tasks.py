@@ -44,7 +44,7 @@ VARIANTS = {
     "slow_router": dict(router_lr_scale=0.1),
 }
 TRAINING_OPTIONS = ("router_lr_scale",)
-DEFAULT_VARIANTS = ["preset", "full", "local"]
+DEFAULT_VARIANTS = ["preset", "full", "one_sided", "zero_heavy", "local:0"]
 THRESHOLD = 0.95
 
 
@@ -335,14 +335,14 @@ def report(out):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["order", "nearest", "hops"])
+    parser.add_argument("--tasks", nargs="+", default=None, help="default: the suite (synthetic.SUITE)")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="VARIANT[:SEEDS]",
                         help=f"of {', '.join(VARIANTS)}; local:0,1 runs seeds 0 and 1 only (default: --seeds)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-examples", type=int, default=256)
@@ -353,7 +353,8 @@ def main():
                         help="stop a run after this many evaluations in a row at >= 95%% (0: never)")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="config fields for every variant, e.g. local_radius=7 (JSON values)")
-    parser.add_argument("--filler", default=None, help="filler characters (default: the lowercase letters)")
+    parser.add_argument("--filler", default=None,
+                        help="filler characters (default: synthetic.FILLER, dots; synthetic.NOISE: the lowercase letters)")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="stop every run still training this many seconds after the start")
     parser.add_argument("--force", action="store_true", help="train again runs whose JSON exists")
@@ -368,6 +369,10 @@ def main():
 
     args.cpu = args.cpu or not torch.cuda.is_available()
     args.set = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    if args.tasks is None:
+        from colt5_hf.synthetic import SUITE
+
+        args.tasks = list(SUITE)
     args.out = args.out or os.path.join(os.environ.get("OUT", "benchmarks/out"), "routing_tasks")
     variants = {}
     for spec in args.variants:

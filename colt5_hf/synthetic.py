@@ -1,18 +1,22 @@
 """Long-range synthetic tasks: relations between tokens too far apart for local attention, with the accuracy that each
 kind of shortcut can reach written down (`calibration`).
 
-Every input is `length` tokens, ByT5 bytes (token = byte + 3, the tokenizer the command uses by default): `length - 1`
-characters and the end-of-sequence token. The characters are random lowercase letters (filler) holding a few items made
-of capital letters and punctuation; the target is one capital letter. Items keep `gap` = 2 * reach + 4 positions from
-each other and from both ends of the input, where reach = layers x local radius is how far a local-attention encoder
-sees on each side of a token: no output of such an encoder depends on two items, or on an item and an end of the input.
+Every input is `length` tokens, ByT5 bytes (token = byte + 3, the tokenizer the command uses by default):
+`length - 1` characters and the end-of-sequence token. The characters are filler (dots, as in the demo, or random
+lowercase letters: `filler=NOISE`) holding a few items made of capital letters and punctuation; the target is one
+capital letter. Items keep `gap` = 2 * reach + 4 positions from each other and from both ends of the input, where
+reach = layers x local radius is how far a local-attention encoder sees on each side of a token: no output of such an
+encoder depends on two items, or on an item and an end of the input.
 
     order    two different letters; answer the one that comes first.
     nearest  an anchor '#' and two different letters, one of them `near` (gap .. the last distance that the heavy
              attention's relative position buckets tell apart from farther ones) positions from it, the other `far`
              (the top bucket on) on either side; answer the nearer letter.
-    hops     pairs "K>V" (key K, value V) and a query "?Q": answer the value of the value of Q (two hops, through the
-             pair whose key is the first hop's value).
+    chain    an anchor '#' and three different letters: A near the anchor, B near A on the side away from the
+             anchor, C far from both and from the anchor; answer the letter nearest to the letter nearest to the anchor
+             (B: two hops, each a distance comparison).
+    hops     pairs "K>V" (key K, value V) and a query "?Q": answer the value of the value of Q (two hops through
+             contents). Not in SUITE: the tiny preset does not learn it in 3000 steps, even with every token routed.
 
 The tasks follow a model's geometry (`Geometry.of(config)`): its reach and its heavy attention's position buckets.
 Generation is deterministic per seed (numpy's PCG64), and a training stream seeds each step on its own
@@ -26,14 +30,17 @@ import numpy as np
 import torch
 
 
-TASKS = ("order", "nearest", "hops")
-FILLER = "abcdefghijklmnopqrstuvwxyz"
+TASKS = ("order", "nearest", "chain", "hops")
+SUITE = ("order", "nearest", "chain")  # the relations the tiny preset learns within a few thousand steps
+FILLER = "."  # the demo's dots; NOISE: every item then also stands out from varied text, which routers find harder
+NOISE = "abcdefghijklmnopqrstuvwxyz"
 LETTERS = "ABCDEFGHIJKL"  # the capital letters items are made of; answers are one of them
 BYTE_OFFSET = 3  # ByT5: token = byte + 3 (0 pad, 1 end of sequence, 2 unknown)
 EOS = 1
 EVAL_SEED = 1_000_033  # held-out examples: a seed no training stream uses (streams seed (seed, step) pairs)
 HOPS_PAIRS = 5  # pairs of the hops task: the two of the chain and three others
-ITEM_LENGTH = {"order": 1, "nearest": 1, "hops": 3}  # characters of the task's longest item
+CHAIN_OTHERS = 1  # letters of the chain task besides the two of the chain
+ITEM_LENGTH = {"order": 1, "nearest": 1, "chain": 1, "hops": 3}  # characters of the task's longest item
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,8 @@ class Batch:
 def check(task, length, geometry):
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; the tasks are {', '.join(TASKS)}")
-    if task == "nearest" and geometry.near_max < geometry.gap:
-        raise ValueError(f"nearest: the model's position buckets tell no distance beyond its local reach from a far "
+    if task in ("nearest", "chain") and geometry.near_max < geometry.gap:
+        raise ValueError(f"{task}: the model's position buckets tell no distance beyond its local reach from a far "
                          f"one (near_max {geometry.near_max} < gap {geometry.gap}): raise "
                          "relative_attention_max_distance or lower the reach")
     shortest = minimum_length(task, geometry)
@@ -96,6 +103,8 @@ def minimum_length(task, geometry):
         return 3 * gap + 3
     if task == "nearest":
         return 2 * gap + 2 * (geometry.far_min + gap) + 2
+    if task == "chain":  # room for the other letter beside any chain (up to 2 near_max long) and its far_min margins
+        return 2 * gap + 2 * geometry.near_max + 2 * geometry.far_min + 1
     return (HOPS_PAIRS + 1) * (ITEM_LENGTH["hops"] + gap) + gap + 1
 
 
@@ -135,6 +144,34 @@ def nearest_positions(rng, count, length, geometry):
     return out[:count]
 
 
+def chain_positions(rng, count, length, geometry):
+    """(count, 5): the anchor's, A's (near the anchor), B's (near A, on the side away from the anchor) and the other
+    letters' positions. The anchor, the two distances (uniform in gap .. near_max) and the side are drawn together by
+    rejection, uniform among the placements that fit; then the other letter, uniform among the places at least far_min
+    from the anchor, A and B (drawn again until it fits; `minimum_length` leaves room for it beside any chain), which
+    leaves the chain's distribution as it was."""
+    gap, last = geometry.gap, length - 2 - geometry.gap
+    chain = np.empty((0, 3), dtype=np.int64)
+    while len(chain) < count:
+        draws = 4 * (count - len(chain)) + 16
+        side = rng.choice([-1, 1], draws)
+        anchor = rng.integers(gap, last + 1, draws)
+        first = anchor + side * rng.integers(gap, geometry.near_max + 1, draws)
+        second = first + side * rng.integers(gap, geometry.near_max + 1, draws)
+        positions = np.stack([anchor, first, second], axis=1)
+        chain = np.concatenate([chain, positions[((positions >= gap) & (positions <= last)).all(1)]])
+    chain = chain[:count]
+    others = np.zeros((count, CHAIN_OTHERS), dtype=np.int64)
+    todo = np.arange(count)
+    while len(todo):
+        candidates = rng.integers(gap, last + 1, (len(todo), CHAIN_OTHERS))
+        far = (np.abs(candidates[:, :, None] - chain[todo, None, :]) >= geometry.far_min).all((1, 2))
+        apart = (np.abs(np.diff(np.sort(candidates, axis=1), axis=1)) >= gap).all(1)
+        others[todo[far & apart]] = candidates[far & apart]
+        todo = todo[~(far & apart)]
+    return np.concatenate([chain, others], axis=1)
+
+
 def hops_items(rng, count, length, geometry):
     """(count, 6) item starts (the query's first, then the pairs': the chain's first, its second, three others) and
     (count, 6) letters (the query Q; the keys of the pairs; ...) as (keys (count, 5), values (count, 5), query
@@ -155,6 +192,12 @@ def hops_items(rng, count, length, geometry):
 def render(task, rng, count, length, geometry, filler=FILLER):
     """(chars (count, length - 1) uint8 bytes, answers (count,) bytes, items (count, m) positions)."""
     chars = np.frombuffer(filler.encode(), dtype=np.uint8)[rng.integers(0, len(filler), (count, length - 1))]
+    if task == "chain":
+        positions = chain_positions(rng, count, length, geometry)
+        picks = rng.random((count, len(LETTERS))).argsort(axis=1)[:, :2 + CHAIN_OTHERS]
+        chars[np.arange(count), positions[:, 0]] = ord("#")
+        chars[np.arange(count)[:, None], positions[:, 1:]] = np.frombuffer(LETTERS.encode(), dtype=np.uint8)[picks]
+        return chars, np.frombuffer(LETTERS.encode(), dtype=np.uint8)[picks[:, 1]], positions
     letter_bytes = np.frombuffer(LETTERS.encode(), dtype=np.uint8)
     rows = np.arange(count)[:, None]
     if task == "order":
@@ -213,15 +256,18 @@ def examples(task, count, seed, length=512, geometry=TINY, filler=FILLER):
 def calibration(task, length=512, geometry=TINY) -> dict:
     """What each kind of model can reach on `task` (shares of examples answered right):
 
-    chance: guessing among the letters that could be the answer (order, nearest: the two in the input).
+    chance: guessing among the letters that could be the answer (order, nearest: the two in the input; chain: the
+        three).
     local: any model whose encoder relates no two items (local attention alone; the decoder's cross-attention has no
-        positions). order, nearest: swapping the two letters permutes such an encoder's outputs and leaves the
-        distribution of inputs as it was, so it is right half the time. hops: with two decoder layers (the tiny
-        preset's), cross-attention can look up the query's letter and then the pair it keys, not a third item: the
-        best it can do is guess the answer among the other pairs' values (computed over 20000 examples).
+        positions). order, nearest, chain: swapping letters permutes such an encoder's outputs and leaves the
+        distribution of inputs as it was, so it is right as often as a guess among them. hops: with two decoder
+        layers (the tiny preset's), cross-attention can look up the query's letter and then the pair it keys, not a
+        third item: the best it can do is guess the answer among the other pairs' values (over 20000 examples).
     shortcut: the best answer from the absolute positions of tokens without their relation. order: from where one of
         the two letters sits (exact, over every placement); nearest: from where both letters sit, without the anchor
-        (exact); hops: positions carry nothing, as local.
+        (exact); chain: relating the letters but not the anchor, which finds the close pair A, B, then picking B
+        from where both sit (exact; C's position, which only tells where the anchor is not, is left out); hops:
+        positions carry nothing, as local.
     true: a model that relates the items: 1.0.
     """
     check(task, length, geometry)
@@ -233,6 +279,9 @@ def calibration(task, length=512, geometry=TINY) -> dict:
         local = 0.5
         shortcut = nearest_shortcut(length, geometry)
         chance = 0.5
+    elif task == "chain":
+        local = chance = 1 / (2 + CHAIN_OTHERS)
+        shortcut = chain_shortcut(length, geometry)
     else:
         local = shortcut = hops_content_bound(length, geometry)
         chance = 1 / (len(LETTERS) - 2)
@@ -272,6 +321,24 @@ def nearest_shortcut(length, geometry):
             weight += np.clip(np.minimum(high, last_d) - np.maximum(low, first) + 1, 0, None)
     letters_fit = (x >= gap) & (x <= last) & (y >= gap) & (y <= last) & (np.abs(y - x) >= gap)
     weight *= letters_fit
+    return float(np.maximum(weight, weight.T).sum() / 2 / weight.sum())
+
+
+@lru_cache(maxsize=None)
+def chain_shortcut(length, geometry):
+    """Bayes accuracy of telling B from A by their positions (x: A's, y: B's): every (anchor, d1, side, d2) placement
+    that puts them there counted once, as `chain_positions` draws them; for each pair of positions, the better of the
+    two assignments."""
+    gap, last = geometry.gap, length - 2 - geometry.gap
+    x = np.arange(length)[:, None]
+    y = np.arange(length)[None, :]
+    side = np.sign(y - x)
+    # the anchor x - side * d1 inside the margins, d1 in gap .. near_max
+    low = np.maximum(gap, np.where(side > 0, x - last, gap - x))
+    high = np.minimum(geometry.near_max, np.where(side > 0, x - gap, last - x))
+    weight = np.clip(high - low + 1, 0, None).astype(float)
+    weight *= (x >= gap) & (x <= last) & (y >= gap) & (y <= last)
+    weight *= (np.abs(y - x) >= gap) & (np.abs(y - x) <= geometry.near_max)
     return float(np.maximum(weight, weight.T).sum() / 2 / weight.sum())
 
 

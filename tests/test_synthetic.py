@@ -52,6 +52,23 @@ def test_nearest_answers_the_letter_nearer_the_anchor_at_distances_the_buckets_t
 
 
 @pytest.mark.parametrize("length", [512, 2048])
+def test_chain_answers_the_letter_nearest_the_letter_nearest_the_anchor(length):
+    for example in synthetic.examples("chain", 64, seed=6, length=length):
+        items = parse(example["source"])
+        (anchor,) = [p for p, c in items.items() if c == "#"]
+        letters = {p: c for p, c in items.items() if c != "#"}
+        assert len(set(letters.values())) == 3
+        check_spacing(items, length, TINY.gap)
+        first = min(letters, key=lambda p: abs(p - anchor))
+        second = min((p for p in letters if p != first), key=lambda p: abs(p - first))
+        other = next(p for p in letters if p not in (first, second))
+        assert TINY.gap <= abs(first - anchor) <= TINY.near_max and TINY.gap <= abs(second - first) <= TINY.near_max
+        assert (second - first) * (first - anchor) > 0  # B lies beyond A, seen from the anchor
+        assert min(abs(other - p) for p in (anchor, first, second)) >= TINY.far_min
+        assert example["target"] == letters[second]
+
+
+@pytest.mark.parametrize("length", [512, 2048])
 def test_hops_answers_the_value_of_the_querys_value(length):
     for example in synthetic.examples("hops", 64, seed=5, length=length):
         source = example["source"]
@@ -89,9 +106,11 @@ def test_ids_are_byt5_bytes_and_items_locate_the_non_filler_tokens(task):
         assert sorted(items[items >= 0].tolist()) == sorted(parse(example["source"]))
 
 
-def test_dot_filler_gives_the_demos_dots():
-    example = synthetic.examples("order", 1, seed=0, length=512, filler=".")[0]
+def test_filler_is_the_demos_dots_or_lowercase_noise():
+    example = synthetic.examples("order", 1, seed=0, length=512)[0]
     assert set(example["source"]) - set(synthetic.LETTERS) == {"."}
+    noisy = synthetic.examples("order", 1, seed=0, length=512, filler=synthetic.NOISE)[0]
+    assert len(set(noisy["source"]) - set(synthetic.LETTERS)) == 26
     with pytest.raises(ValueError, match="filler"):
         synthetic.generate("order", 1, seed=0, filler="aB")
 
@@ -152,6 +171,23 @@ def test_nearest_shortcut_lies_between_the_estimates_of_a_bayes_classifier_on_sa
     assert low - 0.002 <= exact <= high + 0.002 and high - low < 0.03
 
 
+def test_chain_shortcut_lies_between_the_estimates_of_a_bayes_classifier_on_samples():
+    """The exact shortcut (B told from A by their positions) against that classifier estimated on 2 x 300000 drawn
+    examples at a short length."""
+    geometry = Geometry(reach=2, near_max=14, far_min=15)
+    length = synthetic.minimum_length("chain", geometry) + 6
+    counts = []
+    for seed in (0, 1):
+        positions = synthetic.chain_positions(np.random.default_rng(seed), 300_000, length, geometry)
+        table = np.zeros((length, length))
+        np.add.at(table, (positions[:, 1], positions[:, 2]), 1)  # [A, B]
+        upper = np.triu_indices(length, 1)
+        counts.append(np.stack([table[upper], table.T[upper]], 1))
+    low, high = bayes_accuracy_bounds(*counts)
+    exact = synthetic.chain_shortcut(length, geometry)
+    assert low - 0.002 <= exact <= high + 0.002 and high - low < 0.03
+
+
 def test_calibration_ceilings_lie_below_the_threshold_of_a_solution():
     """A run at >= 95% has learned the relation: no shortcut or local model reaches that far."""
     for length in (512, 2048):
@@ -159,3 +195,4 @@ def test_calibration_ceilings_lie_below_the_threshold_of_a_solution():
             calibration = synthetic.calibration(task, length)
             assert calibration["chance"] <= calibration["local"] <= calibration["shortcut"] < 0.9
             assert calibration["true"] == 1.0
+    assert set(synthetic.SUITE) < set(TASKS)
