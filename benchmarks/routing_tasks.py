@@ -102,8 +102,10 @@ def recall_by_token(model, data, device):
         label = f"{parts[2]}.{ {'q_router': 'q', 'kv_router': 'kv', 'router': 'ff'}[parts[-1]] }"
         picked = calls[0]
         kept = torch.zeros_like(items).scatter(1, picked.indices[:, 0], picked.valid[:, 0])
-        result[label] = {chr(token - synthetic.BYTE_OFFSET): round(kept[items & (ids == token)].float().mean().item(), 3)
-                         for token in ids[items].unique().tolist()}
+        result[label] = {
+            chr(token - synthetic.BYTE_OFFSET): round(kept[items & (ids == token)].float().mean().item(), 3)
+            for token in ids[items].unique().tolist()
+        }
     return result
 
 
@@ -354,7 +356,7 @@ def main():
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="config fields for every variant, e.g. local_radius=7 (JSON values)")
     parser.add_argument("--filler", default=None,
-                        help="filler characters (default: synthetic.FILLER, dots; synthetic.NOISE: the lowercase letters)")
+                        help="filler characters (default: synthetic.FILLER, dots; synthetic.NOISE: lowercase letters)")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="stop every run still training this many seconds after the start")
     parser.add_argument("--force", action="store_true", help="train again runs whose JSON exists")
