@@ -59,6 +59,17 @@ class CoLT5Config(PreTrainedConfig):
             keep the top k.
         router_straight_through: routed tokens are multiplied by exactly 1 in the forward pass, with the gradient of
             the soft scores; False: by the soft scores.
+        router_one_sided_gradient: the routers learn only from the part of the gradient that asks for more of a routed
+            token (its heavy output helped); the part that asks for less is dropped, so a token leaves the routed set
+            only when others outscore it. Early in training the heavy branch's output is noise that hurts the tokens
+            the loss depends on most, and the paper's two-sided gradient routes exactly those tokens out, where
+            nothing brings them back (benchmarks/routing_tasks.py). False: the paper's straight-through gradient.
+        router_noise: scale of the logistic noise added to the router scores in training (eval is deterministic), so
+            that a route also tries tokens outside its top k: a token that is never routed gets no gradient of its own.
+            None: the router type's own (1 for "sinkhorn", 0 for the others, the paper's hard top-k).
+        heavy_output_init: the heavy branch's output projections (heavy attention `o`, heavy feed-forward `wo`) start
+            at this multiple of their T5 initialisation when training from scratch; 0 starts the heavy branch at
+            exactly zero, so that its routers get no gradient until it computes something useful.
 
     Decoder cross-attention:
         num_cross_attention_routes: R routes; the query heads are split evenly among them and each route attends to its
@@ -107,6 +118,9 @@ class CoLT5Config(PreTrainedConfig):
     router_fetch_ratio: float = 9 / 8
     router_temperature: float = 1.0
     router_straight_through: bool = True
+    router_one_sided_gradient: bool = False
+    router_noise: float | None = None
+    heavy_output_init: float = 1.0
     num_cross_attention_routes: int = 1
     cross_attention_fraction: float = 1.0
     num_cross_attention_kv_heads: int = 1
@@ -174,6 +188,14 @@ class CoLT5Config(PreTrainedConfig):
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                     and value > 0):
                 raise ValueError(f"CoLT5Config: `{name}` must be a positive number, got {value!r}")
+        if not (isinstance(self.heavy_output_init, (int, float)) and not isinstance(self.heavy_output_init, bool)
+                and math.isfinite(self.heavy_output_init) and self.heavy_output_init >= 0):
+            raise ValueError(f"CoLT5Config: `heavy_output_init` must be a number >= 0, got {self.heavy_output_init!r}")
+        if self.router_noise is not None and not (
+            isinstance(self.router_noise, (int, float)) and not isinstance(self.router_noise, bool)
+            and math.isfinite(self.router_noise) and self.router_noise >= 0
+        ):
+            raise ValueError(f"CoLT5Config: `router_noise` must be None or a number >= 0, got {self.router_noise!r}")
         if not (isinstance(self.router_fetch_ratio, (int, float)) and math.isfinite(self.router_fetch_ratio)
                 and self.router_fetch_ratio >= 1):
             raise ValueError(f"CoLT5Config: `router_fetch_ratio` must be a finite number >= 1, got "
@@ -191,7 +213,8 @@ class CoLT5Config(PreTrainedConfig):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"CoLT5Config: `{name}` must be a positive number, got {value!r}")
-        for name in ("router_straight_through", "use_cache", "tie_word_embeddings", "is_encoder_decoder"):
+        for name in ("router_straight_through", "router_one_sided_gradient", "use_cache", "tie_word_embeddings",
+                     "is_encoder_decoder"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CoLT5Config: `{name}` must be True or False, got {getattr(self, name)!r}")
         if self.dense_act_fn not in ACT2FN:

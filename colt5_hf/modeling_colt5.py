@@ -32,7 +32,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_colt5 import CoLT5Config
 from .fast_path import CompileReport, compiled_encoder_layer, encoder_compile_mode, length_bucket, own_gradients
-from .routing import ROUTER_TYPES, CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together
+from .routing import CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together, training_noise
 from .t5_attention import (
     ALL_ATTENTION_FUNCTIONS,
     attention_probabilities,
@@ -589,10 +589,11 @@ class CoLT5CrossAttention(nn.Module):
             weights = probs
         else:
             if routing is None:  # a cached step: the routes' tokens are chosen again, the same outside training
-                if self.training and ROUTER_TYPES[self.config.router_type].sampled:
+                if self.training and training_noise(self.config):
                     raise ValueError(
                         "output_attentions=True with cached cross-attention keys needs the routes' positions, which "
-                        f"{self.config.router_type} routers draw at random in training: call model.eval() or decode "
+                        "routers with training noise (`router_noise`, sinkhorn's own) draw at random in training: "
+                        "call model.eval() or decode "
                         "without a cache"
                     )
                 routing = self.route(encoder_hidden_states, encoder_mask)
@@ -835,22 +836,32 @@ class CoLT5PreTrainedModel(PreTrainedModel):
         super()._initialize_weights(module)
 
     def _init_weights(self, module):
-        """T5.1.1's initialisation, extended to the CoLT5 branches and routers."""
+        """T5.1.1's initialisation, extended to the CoLT5 branches and routers; the untied LM head as in T5X (fan-in)."""
         factor = self.config.initializer_factor
         d_model, d_kv = self.config.d_model, self.config.d_kv
         if isinstance(module, CoLT5LayerNorm):
             init.constant_(module.weight, factor)
         elif isinstance(module, CoLT5ForConditionalGeneration) and not self.config.tie_word_embeddings:
-            init.normal_(module.lm_head.weight, mean=0.0, std=factor)
+            # T5X's fan-in scaling: the decoder's RMS-normalised outputs give logits of about unit scale, so training
+            # from scratch starts at a loss of about ln(vocab_size). Transformers' T5 draws std 1.0, logits of scale
+            # sqrt(d_model) (a loss of 25 for the tiny preset), which slows early training. Checkpoints and conversion
+            # load the head, so they are unaffected.
+            init.normal_(module.lm_head.weight, mean=0.0, std=factor * d_model**-0.5)
         elif isinstance(module, CoLT5GatedFeedForward):
             init.normal_(module.wi_0.weight, mean=0.0, std=factor * d_model**-0.5)
             init.normal_(module.wi_1.weight, mean=0.0, std=factor * d_model**-0.5)
             init.normal_(module.wo.weight, mean=0.0, std=factor * module.wo.in_features**-0.5)
         elif isinstance(module, (CoLT5LocalAttention, CoLT5HeavyAttention, CoLT5SelfAttention, CoLT5CrossAttention)):
+            heavy = self.config.heavy_output_init if isinstance(module, CoLT5HeavyAttention) else 1.0
             init.normal_(module.q.weight, mean=0.0, std=factor * (d_model * d_kv) ** -0.5)
             init.normal_(module.k.weight, mean=0.0, std=factor * d_model**-0.5)
             init.normal_(module.v.weight, mean=0.0, std=factor * d_model**-0.5)
-            init.normal_(module.o.weight, mean=0.0, std=factor * module.o.in_features**-0.5)
+            init.normal_(module.o.weight, mean=0.0, std=heavy * factor * module.o.in_features**-0.5)
+        elif isinstance(module, CoLT5RoutedFeedForward) and self.config.heavy_output_init != 1.0:
+            # after its feed-forwards (children first): scaled in place, drawing no random numbers of its own
+            output = module.heavy_feed_forward.wo.weight
+            if not getattr(output, "_is_hf_initialized", False):
+                output.mul_(self.config.heavy_output_init)
         elif isinstance(module, (CoLT5Encoder, CoLT5Decoder)):
             init.normal_(module.relative_attention_bias.weight, mean=0.0, std=factor * d_model**-0.5)
             if isinstance(module, CoLT5Encoder):

@@ -136,10 +136,31 @@ ROUTER_TYPES = {
 }
 
 
+def training_noise(config) -> float:
+    """Scale of the logistic noise that perturbs the router scores in training: `config.router_noise`, or where that is
+    None, 1 for a router type that samples its routes (sinkhorn) and 0 for the others."""
+    if config.router_noise is not None:
+        return float(config.router_noise)
+    return 1.0 if ROUTER_TYPES[config.router_type].sampled else 0.0
+
+
 def logistic_noise(like):
     """Standard logistic noise shaped like `like`: the difference of two independent standard Gumbel variables."""
     uniform = torch.rand_like(like).clamp(min=torch.finfo(like.dtype).tiny)
     return uniform.log() - (-uniform).log1p()
+
+
+class OneSidedGradient(torch.autograd.Function):
+    """Identity forward; backward passes only the negative part of the gradient: the part of the loss's gradient that
+    asks for more of a routed token (d loss / d weight < 0: its heavy output helped). `router_one_sided_gradient`."""
+
+    @staticmethod
+    def forward(ctx, weights):
+        return weights.view_as(weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp(max=0)
 
 
 class RouterOutput(NamedTuple):
@@ -168,7 +189,8 @@ class CoLT5Router(nn.Module):
         coor_descent: `coordinate_descent` for k_fetch = router_fetch_ratio * k tokens (epsilon `router_epsilon`);
         sinkhorn: `sinkhorn_top_k` of the scores / `router_temperature`, for k_fetch tokens; in training, logistic noise
             (the difference of the Gumbel noises of a token's two transport entries) perturbs the scores first, so a
-            route samples its tokens; in eval it is deterministic;
+            route samples its tokens; in eval it is deterministic (`config.router_noise` scales that noise, and adds
+            it to the other types);
         cum_softmax: `cumulative_softmax` of the scores / `router_temperature`.
     Every type selects the top k by score (perturbed score for sinkhorn in training), ties broken by position. For
     coordinate descent and Sinkhorn the soft score is a non-decreasing function of the score, so this is their hard
@@ -234,8 +256,11 @@ def select_routes(routers, scores, mask, num_tokens=None) -> list[RouterOutput]:
     ], dim=1)
     scores = torch.cat(scores, dim=1)  # (b, R, n)
     router_type = ROUTER_TYPES[config.router_type]
-    if router_type.sampled and routers[0].training:
-        scores = scores + logistic_noise(scores)
+    noise = training_noise(config)
+    if noise and routers[0].training:
+        # a route then also tries tokens it would not pick: the only way a token outside the routed set gets a gradient
+        # of its own (the soft top-k couples it to the routed tokens only through their common threshold)
+        scores = scores + noise * logistic_noise(scores)
     route_mask = mask[:, None, :].expand_as(scores)
     # exact ties (a repeated token scores alike in the first layer) go to the earlier position, where topk's choice
     # among ties would depend on the batch's shape
@@ -246,6 +271,8 @@ def select_routes(routers, scores, mask, num_tokens=None) -> list[RouterOutput]:
     weights = router_type.weights(scores, route_mask, k_fetch, config).gather(-1, indices)
     if config.router_straight_through:
         weights = 1.0 + (weights - weights.detach())  # forward value exactly 1, gradient of the soft score
+    if config.router_one_sided_gradient and weights.requires_grad:
+        weights = OneSidedGradient.apply(weights)
     every_token = (k == lengths[:, None])[..., None]  # (b, R, 1)
     weights = weights.masked_fill(every_token, 1.0).masked_fill(~valid, 0.0)
 

@@ -93,6 +93,33 @@ def test_partition_of_weights():
     assert torch.equal(converted.lm_head.weight, source.lm_head.weight)
 
 
+def test_converted_weights_do_not_depend_on_the_head_initialisation(monkeypatch):
+    """Conversion overwrites the LM head, so the initialisation a model trained from scratch gets (T5X's fan-in head)
+    leaves converted models as they were with Transformers' T5 initialisation (std 1.0): under the same seed, every
+    converted weight is equal, the routers' fresh ones included (both draw the same random numbers)."""
+    source = source_t5()
+    config = colt5_config_from_source(source.config)
+    torch.manual_seed(5)
+    converted = convert_t5_to_colt5(source, config).state_dict()
+    original_init = CoLT5ForConditionalGeneration._init_weights
+
+    def t5_head_init(self, module):
+        original_init(self, module)
+        if isinstance(module, CoLT5ForConditionalGeneration):
+            torch.nn.init.normal_(module.lm_head.weight, std=1.0)
+
+    monkeypatch.setattr(CoLT5ForConditionalGeneration, "_init_weights", t5_head_init)
+    torch.manual_seed(5)
+    fresh_t5_head = CoLT5ForConditionalGeneration(config)
+    assert 0.9 < fresh_t5_head.lm_head.weight.std() < 1.1  # the patch is in force
+    torch.manual_seed(5)
+    with_t5_head = convert_t5_to_colt5(source, config).state_dict()
+    assert converted.keys() == with_t5_head.keys()
+    for name, weight in converted.items():
+        assert torch.equal(weight, with_t5_head[name]), name
+    assert torch.equal(converted["lm_head.weight"], source.lm_head.weight)
+
+
 def test_multi_query_conversion_mean_pools_and_stays_close():
     source = source_t5()
     # trained cross-attention heads are largely redundant (the premise of GQA uptraining): give the four key/value

@@ -28,7 +28,7 @@ POSITIVE_INTEGERS = (
 )
 FRACTIONS = ("attention_q_fraction", "attention_kv_fraction", "feed_forward_fraction", "cross_attention_fraction")
 POSITIVE_NUMBERS = ("router_epsilon", "router_temperature", "layer_norm_epsilon", "initializer_factor")
-BOOLEANS = ("router_straight_through", "use_cache", "tie_word_embeddings")
+BOOLEANS = ("router_straight_through", "router_one_sided_gradient", "use_cache", "tie_word_embeddings")
 TOKEN_IDS = ("pad_token_id", "eos_token_id", "decoder_start_token_id")
 
 # field -> invalid values, each an error whose message names the field (the tiny preset: vocab 384, 4 decoder heads)
@@ -47,6 +47,8 @@ INVALID_VALUES = {
     "eos_token_id": [-1, 384, [1, 384], "1"],
     "router_type": ["top_k", "", None],
     "router_fetch_ratio": [0.5, 0, float("nan"), float("inf"), "2"],
+    "router_noise": [-0.5, float("nan"), float("inf"), "1", True],
+    "heavy_output_init": [-1.0, float("nan"), float("inf"), "0", None, True],
     "dropout_rate": [-0.1, 1.0, "0.1", None],
     "dense_act_fn": ["no_such_activation", None],
     "is_encoder_decoder": [1, None],  # False is valid: an encoder model's config

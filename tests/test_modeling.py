@@ -155,13 +155,16 @@ def test_tied_word_embeddings_tie_lm_head_and_survive_save_and_load(tmp_path):
 
 
 def expected_init(name, shape, config):
-    """T5.1.1's initialisation, extended to CoLT5: ("constant", value) or ("normal", std), from the parameter's name."""
+    """T5.1.1's initialisation, extended to CoLT5 (the untied head: T5X's): ("constant", value) or ("normal", std), from
+    the parameter's name."""
     factor, d_model, d_kv = config.initializer_factor, config.d_model, config.d_kv
     leaf = name.split(".")[-2]
     if "layer_norm" in leaf:
         return "constant", factor
-    if leaf in ("embed_tokens", "lm_head"):
+    if leaf == "embed_tokens":
         return "normal", factor
+    if leaf == "lm_head":
+        return "normal", factor * d_model**-0.5  # T5X's fan-in scaling of the untied head
     if leaf in ("relative_attention_bias", "router", "q_router", "kv_router", "k", "v", "wi_0", "wi_1"):
         return "normal", factor * d_model**-0.5
     if leaf == "q":
@@ -197,6 +200,52 @@ def test_encoder_bias_rows_follow_t5_bucketing_after_loading(tmp_path):
     expected = torch.cat([torch.arange(8), T5Attention._relative_position_bucket(offsets, True, 8, 12)])
     assert torch.equal(model.encoder.bias_rows, expected)
     assert "encoder.bias_rows" not in model.state_dict()
+
+
+@torch.no_grad()
+def test_initial_loss_is_about_log_vocabulary():
+    """Trained from scratch, the tiny model starts near the loss of a uniform guess, ln(384) = 5.95: the untied head's
+    fan-in initialisation gives logits of unit scale (cross-entropy about ln V + var / 2). Transformers' T5 head,
+    std 1.0, starts at about 25 here."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, 384, (8, 64), generator=generator)
+    labels = torch.randint(3, 384, (8, 6), generator=generator)
+    losses = [build(seed=seed)(input_ids=input_ids, labels=labels).loss.item() for seed in range(3)]
+    log_vocabulary = math.log(384)
+    assert all(log_vocabulary < loss < log_vocabulary + 1.0 for loss in losses), losses
+
+
+def test_heavy_output_init_zero_starts_the_heavy_branch_at_zero():
+    """heavy_output_init=0: the heavy attention's `o` and the heavy feed-forward's `wo` start at zero and every other
+    weight as by default (the same seed draws the same numbers); the heavy branch then adds exactly nothing, and the
+    routers get no gradient (their weights scale a zero output) while the output projections do."""
+    default = dict(build().named_parameters())
+    model = build(heavy_output_init=0.0).train()
+    heavy_outputs = {name for name in default
+                     if name.endswith(("heavy_attention.o.weight", "heavy_feed_forward.wo.weight"))}
+    assert len(heavy_outputs) == 2 * model.config.num_layers
+    for name, parameter in model.named_parameters():
+        if name in heavy_outputs:
+            assert not parameter.any(), name
+        else:
+            assert torch.equal(parameter, default[name]), name
+    halved = dict(build(heavy_output_init=0.5).named_parameters())
+    for name in heavy_outputs:
+        torch.testing.assert_close(halved[name], 0.5 * default[name])
+
+    input_ids, attention_mask = padded_batch()
+    assert_routing_active(model.config)
+    labels = decoder_ids(len(LENGTHS), 5)
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+    routers = [module for name, module in model.named_modules()
+               if name.startswith("encoder") and name.endswith("router")]
+    assert len(routers) == 3 * model.config.num_layers and all(not router.weight.grad.any() for router in routers)
+    assert all(dict(model.named_parameters())[name].grad.abs().sum() > 0 for name in heavy_outputs)
+    with torch.no_grad():  # which tokens are routed makes no difference: the same weights routing every token
+        every_token = build(heavy_output_init=0.0, attention_q_fraction=1.0, attention_kv_fraction=1.0,
+                            feed_forward_fraction=1.0)
+        expected = every_token.encoder(input_ids, attention_mask).last_hidden_state
+        torch.testing.assert_close(model.eval().encoder(input_ids, attention_mask).last_hidden_state, expected)
 
 
 @torch.no_grad()

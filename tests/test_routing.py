@@ -320,6 +320,68 @@ def test_routers_run_together_equal_each_router_alone(router_type, straight_thro
         select_routes([routers[0], make_router(router_config())], scores[:2], mask)
 
 
+def test_router_noise_lets_a_route_try_tokens_outside_its_top_k_in_training_only():
+    """router_noise (exploration): in training, logistic noise of that scale perturbs the scores before the top k, so
+    tokens that the scores rank below the threshold are routed too, and their gradient reaches the router; eval
+    picks the noise-free top k. Without it a token ranked out of the top k is never routed."""
+    hidden_states, mask = padded_batch([64, 40], 64, seed=7)
+    clean = make_router(router_config(feed_forward_fraction=0.125), seed=7)
+    noisy = make_router(router_config(feed_forward_fraction=0.125, router_noise=2.0), seed=7)
+    clean_routes = clean(hidden_states, mask)
+    noisy.eval()
+    assert torch.equal(noisy(hidden_states, mask).indices, clean_routes.indices)
+    noisy.train(), clean.train()
+    torch.manual_seed(0)
+    tried, clean_tried = torch.zeros(2, 64, dtype=torch.bool), torch.zeros(2, 64, dtype=torch.bool)
+    for _ in range(20):
+        for router, seen in ((noisy, tried), (clean, clean_tried)):
+            out = router(hidden_states, mask)
+            for i in range(2):
+                seen[i, out.indices[i, 0][out.valid[i, 0]]] = True
+    assert torch.equal(clean_tried.sum(-1), clean_routes.valid[:, 0].sum(-1))  # always the same k tokens
+    assert (tried.sum(-1) >= 3 * clean_tried.sum(-1)).all()  # k = 8 and 5 per call: 45 and 27 tokens tried
+    assert not (tried & ~mask).any()  # never a padding token
+    # a token far below the threshold gets gradient once noise routes it
+    out = noisy(hidden_states, mask)
+    weights = torch.zeros(2, 64).scatter(1, out.indices[:, 0], out.weights[:, 0])
+    raw = torch.einsum("bnd,rd->bn", hidden_states, noisy.weight.detach())
+    below = raw[0] < raw[0][clean_routes.indices[0, 0]].min()
+    assert (weights[0][below] > 0).any()
+    weights.sum().backward()
+    assert torch.isfinite(noisy.weight.grad).all() and noisy.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("straight_through", [True, False])
+def test_one_sided_gradient_keeps_only_the_asks_for_more(straight_through):
+    """router_one_sided_gradient: the same routes and weights; the router's gradient is the one the two-sided router
+    gets when every routed token's d loss / d weight above 0 (its heavy output hurt) is set to 0; a loss that every
+    routed token hurts moves no router weight."""
+    hidden_states, mask = padded_batch([48, 30, 9], 48, seed=8)
+    two_sided = make_router(router_config(router_straight_through=straight_through), routes=2, seed=8)
+    one_sided = make_router(router_config(router_straight_through=straight_through, router_one_sided_gradient=True),
+                            routes=2, seed=8)
+    expected, out = two_sided(hidden_states, mask), one_sided(hidden_states, mask)
+    assert torch.equal(out.indices, expected.indices) and torch.equal(out.weights, expected.weights)
+    upstream = torch.randn(out.weights.shape, generator=torch.Generator().manual_seed(8))
+    assert (upstream[out.valid] > 0).any() and (upstream[out.valid] < 0).any()
+    (out.weights * upstream).sum().backward()
+    (expected.weights * upstream.clamp(max=0)).sum().backward()
+    assert one_sided.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(one_sided.weight.grad, two_sided.weight.grad, atol=1e-7, rtol=1e-6)
+    one_sided.weight.grad = None
+    one_sided(hidden_states, mask).weights.sum().backward()  # more weight on any routed token raises the loss
+    assert not one_sided.weight.grad.any()
+
+
+def test_router_noise_none_is_the_router_types_own():
+    from colt5_hf.routing import training_noise
+
+    assert training_noise(router_config()) == 0.0  # coordinate descent: the paper's deterministic top k
+    assert training_noise(router_config(router_type="sinkhorn")) == 1.0
+    assert training_noise(router_config(router_type="sinkhorn", router_noise=0.0)) == 0.0
+    assert training_noise(router_config(router_noise=0.5)) == 0.5
+
+
 # ----------------------------------------------------------------------------------------------- gather / scatter
 
 
