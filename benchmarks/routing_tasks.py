@@ -269,15 +269,21 @@ def group(records):
     return groups
 
 
+def order_key(length, task, variant):
+    """Rows by length, then task as in synthetic.TASKS, then variant as in VARIANTS (others last, by name)."""
+    from colt5_hf.synthetic import TASKS
+
+    return (length, TASKS.index(task) if task in TASKS else len(TASKS), task,
+            list(VARIANTS).index(variant) if variant in VARIANTS else len(VARIANTS), variant)
+
+
 def table(records):
     """Markdown: per length, task and variant, the seeds at >= 95%, the steps they took (median, worst), the final and
     the worst accuracy, and the steps relative to full routing's median."""
     groups = group(records)
     lines = ["| length | task | variant | seeds >= 95% | steps to 95% (median / max) | vs full | final accuracy "
              "(mean / min) | shortcut / local ceilings |", "|---|---|---|---|---|---|---|---|"]
-    for (length, task, variant), runs in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1],
-                                                                                list(VARIANTS).index(item[0][2])
-                                                                                if item[0][2] in VARIANTS else 99)):
+    for (length, task, variant), runs in sorted(groups.items(), key=lambda item: order_key(*item[0])):
         reached = [r["steps_to_threshold"] for r in runs if r["steps_to_threshold"] is not None]
         full = [r["steps_to_threshold"] for r in groups.get((length, task, "full"), [])
                 if r["steps_to_threshold"] is not None]
@@ -286,8 +292,11 @@ def table(records):
                  if reached and full and len(reached) == len(runs) else "-")
         finals = [r["final_accuracy"] for r in runs]
         calibration = runs[0]["calibration"]
-        budget = max(r["steps_done"] for r in runs)
-        lines.append(f"| {length} | {task} | {variant} | {len(reached)}/{len(runs)} (of {budget} steps) | {steps} | "
+        budget = f"{max(r['steps'] for r in runs)} steps"
+        cut = [r["steps_done"] for r in runs if r["stopped"] in ("deadline", "unfinished")]
+        if cut:  # runs stopped before their budget without reaching 95% for good
+            budget += f"; {len(cut)} cut at {min(cut)}-{max(cut)}"
+        lines.append(f"| {length} | {task} | {variant} | {len(reached)}/{len(runs)} (of {budget}) | {steps} | "
                      f"{ratio} | {100 * statistics.fmean(finals):.1f}% / {100 * min(finals):.1f}% | "
                      f"{100 * calibration['shortcut']:.0f}% / {100 * calibration['local']:.0f}% |")
     return "\n".join(lines)
@@ -298,7 +307,7 @@ def plot(records, path):
     from matplotlib.figure import Figure
 
     groups = group(records)
-    rows = sorted({(length, task) for length, task, _ in groups})
+    rows = sorted({(length, task) for length, task, _ in groups}, key=lambda row: order_key(*row, "preset"))
     columns = [v for v in VARIANTS if any(key[2] == v for key in groups)]
     columns += sorted({key[2] for key in groups} - set(columns))
     figure = Figure(figsize=(3.2 * len(columns), 2.4 * len(rows)), layout="constrained")
@@ -316,6 +325,8 @@ def plot(records, path):
                 ax.axhline(calibration["local"], color="grey", linestyle=":", linewidth=0.8)
             ax.axhline(THRESHOLD, color="black", linewidth=0.5)
             ax.set_ylim(0, 1.02)
+            if runs and i == 0 and j == 0:
+                ax.legend(fontsize=6, loc="lower right")
             ax.set_title(f"{task} {length}: {variant}", fontsize=9)
             if i == len(rows) - 1:
                 ax.set_xlabel("step")
@@ -331,9 +342,12 @@ def report(out):
         raise SystemExit(f"no runs under {out}/runs")
     text = table(records)
     (Path(out) / "routing_tasks.md").write_text(text + "\n")
-    plot(records, Path(out) / "routing_tasks.png")
     print(text)
-    print(f"\n{len(records)} runs; table {Path(out) / 'routing_tasks.md'}, curves {Path(out) / 'routing_tasks.png'}")
+    try:
+        curves = plot(records, Path(out) / "routing_tasks.png")
+    except ImportError:  # a machine without matplotlib keeps the records: --from-json draws them elsewhere
+        curves = "not drawn (no matplotlib here; --from-json elsewhere)"
+    print(f"\n{len(records)} runs; table {Path(out) / 'routing_tasks.md'}, curves {curves}")
 
 
 def main():
