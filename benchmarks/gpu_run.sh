@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # What one call on a GPU machine runs: GPU tests, then the benchmarks, every log and result under $OUT.
 # Usage: bash benchmarks/gpu_run.sh [tests] [parts] [routing] [profile] [encoder] [generate] [limits] [train] [multigpu]
-# (default: all but parts, train (a call of its own: it fills its 540 s budget) and multigpu, which needs 2 GPUs)
+#        [routing_tasks]
+# (default: all but parts, train and routing_tasks (calls of their own: they fill their budgets) and multigpu, which
+# needs 2 GPUs)
 # TEST_FILES picks the test files of the tests stage (default: both GPU test files).
 # Wheels for packages the machine lacks (colt5-attention 0.2.2 and its dependencies) are taken from .whl/ if present.
 set -u
@@ -29,6 +31,7 @@ for stage in $stages; do
     generate) timeout ${GENERATE_TIMEOUT:-240} python3 benchmarks/generate.py ${GENERATE_ARGS:-} 2>&1 | tee -a "$log" ;;
     limits) timeout ${LIMITS_TIMEOUT:-420} python3 benchmarks/limits.py ${LIMITS_ARGS:-} 2>&1 | tail -12 | tee -a "$log" ;;
     train) timeout ${TRAIN_TIMEOUT:-580} python3 benchmarks/train_step.py ${TRAIN_ARGS:-} 2>&1 | tee -a "$log" ;;
+    routing_tasks) timeout ${ROUTING_TASKS_TIMEOUT:-580} python3 benchmarks/routing_tasks.py --jobs 16 --deadline-s 480 ${ROUTING_TASKS_ARGS:-} --out "$OUT/routing_tasks" 2>&1 | tail -40 | tee -a "$log" ;;
     multigpu) OUT=$OUT timeout ${MULTIGPU_TIMEOUT:-540} bash scripts/check_multi_gpu.sh 2>&1 | tail -40 | tee -a "$log" ;;
   esac
 done

@@ -8,7 +8,7 @@ under --out (default $OUT or benchmarks/out/routing_tasks): the accuracy curve (
 examples at every evaluation), the share of the answer's tokens each router keeps, and the first step at >= 95%. Then a
 table (routing_tasks.md) and the curves (routing_tasks.png).
 
-    python benchmarks/routing_tasks.py --jobs 16                       # the default grid (GPU: about 8 minutes)
+    python benchmarks/routing_tasks.py --jobs 16 --deadline-s 480      # the default grid, on a GPU
     python benchmarks/routing_tasks.py --jobs 2 --cpu --tasks order --seeds 0 --steps 200
     python benchmarks/routing_tasks.py --from-json benchmarks/out/routing_tasks   # table and PNG of saved runs
 
@@ -44,7 +44,7 @@ VARIANTS = {
     "slow_router": dict(router_lr_scale=0.1),
 }
 TRAINING_OPTIONS = ("router_lr_scale",)
-DEFAULT_VARIANTS = ["preset", "full", "one_sided", "zero_heavy", "local:0"]
+DEFAULT_VARIANTS = ["preset", "full", "one_sided", "local:0"]
 THRESHOLD = 0.95
 
 
@@ -64,49 +64,50 @@ def build_model(variant, seed, overrides=None):
     return model
 
 
-def item_recall(model, data, device):
-    """For every encoder router: the share of the answer's tokens (data.items) among those it keeps, averaged over
-    the examples."""
+def kept_tokens(model, data, device):
+    """{router ("<layer>.q", "<layer>.kv", "<layer>.ff"): (b, n) bool, the tokens it keeps} in one encoder pass."""
     import torch
 
     with torch.no_grad(), model.record_routing() as routing:
         model.encoder(input_ids=data.input_ids.to(device))
-    recall = {}
-    items = data.items.to(device)
+    kept = {}
     for name, calls in routing.items():
         parts = name.split(".")  # encoder.block.<i>.attention.q_router / .kv_router / feed_forward.router
         label = f"{parts[2]}.{ {'q_router': 'q', 'kv_router': 'kv', 'router': 'ff'}[parts[-1]] }"
-        picked = calls[0]
-        kept = (picked.indices[:, 0, :, None] == items[:, None, :]) & picked.valid[:, 0, :, None]  # (b, k, m)
-        real = items >= 0
-        recall[label] = ((kept.any(1) & real).sum(1) / real.sum(1)).mean().item()
-    return recall
+        picked = calls[0]  # a route's positions are distinct: the invalid slots' False lands on no valid slot's True
+        kept[label] = torch.zeros(data.input_ids.shape, dtype=torch.bool, device=device).scatter(
+            1, picked.indices[:, 0], picked.valid[:, 0])
+    return kept
+
+
+def item_mask(data, device):
+    """(b, n) bool: the answer's tokens (data.items)."""
+    import torch
+
+    positions = data.items.to(device)
+    return torch.zeros(data.input_ids.shape, dtype=torch.bool, device=device).scatter(
+        1, positions.clamp(min=0), positions >= 0)
+
+
+def item_recall(model, data, device):
+    """For every encoder router: the share of the answer's tokens among those it keeps, averaged over the examples."""
+    items = item_mask(data, device)
+    return {label: ((kept & items).sum(1) / items.sum(1)).mean().item()
+            for label, kept in kept_tokens(model, data, device).items()}
 
 
 def recall_by_token(model, data, device):
     """For every encoder router: {item character: share of its occurrences (as an item) that the router keeps}.
     In the first layer a router scores a token by its embedding alone, so it keeps every occurrence of a character
     or none (a character it never keeps there gets no gradient of its own)."""
-    import torch
-
     from colt5_hf import synthetic
 
-    with torch.no_grad(), model.record_routing() as routing:
-        model.encoder(input_ids=data.input_ids.to(device))
-    ids = data.input_ids.to(device)
-    positions = data.items.to(device)
-    items = torch.zeros_like(ids, dtype=torch.bool).scatter(1, positions.clamp(min=0), positions >= 0)
-    result = {}
-    for name, calls in routing.items():
-        parts = name.split(".")
-        label = f"{parts[2]}.{ {'q_router': 'q', 'kv_router': 'kv', 'router': 'ff'}[parts[-1]] }"
-        picked = calls[0]
-        kept = torch.zeros_like(items).scatter(1, picked.indices[:, 0], picked.valid[:, 0])
-        result[label] = {
-            chr(token - synthetic.BYTE_OFFSET): round(kept[items & (ids == token)].float().mean().item(), 3)
-            for token in ids[items].unique().tolist()
-        }
-    return result
+    items, ids = item_mask(data, device), data.input_ids.to(device)
+    return {
+        label: {chr(token - synthetic.BYTE_OFFSET): round(kept[items & (ids == token)].float().mean().item(), 3)
+                for token in ids[items].unique().tolist()}
+        for label, kept in kept_tokens(model, data, device).items()
+    }
 
 
 def evaluate(model, data, device, batch_size):
@@ -268,15 +269,21 @@ def group(records):
     return groups
 
 
+def order_key(length, task, variant):
+    """Rows by length, then task as in synthetic.TASKS, then variant as in VARIANTS (others last, by name)."""
+    from colt5_hf.synthetic import TASKS
+
+    return (length, TASKS.index(task) if task in TASKS else len(TASKS), task,
+            list(VARIANTS).index(variant) if variant in VARIANTS else len(VARIANTS), variant)
+
+
 def table(records):
     """Markdown: per length, task and variant, the seeds at >= 95%, the steps they took (median, worst), the final and
     the worst accuracy, and the steps relative to full routing's median."""
     groups = group(records)
     lines = ["| length | task | variant | seeds >= 95% | steps to 95% (median / max) | vs full | final accuracy "
              "(mean / min) | shortcut / local ceilings |", "|---|---|---|---|---|---|---|---|"]
-    for (length, task, variant), runs in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1],
-                                                                                list(VARIANTS).index(item[0][2])
-                                                                                if item[0][2] in VARIANTS else 99)):
+    for (length, task, variant), runs in sorted(groups.items(), key=lambda item: order_key(*item[0])):
         reached = [r["steps_to_threshold"] for r in runs if r["steps_to_threshold"] is not None]
         full = [r["steps_to_threshold"] for r in groups.get((length, task, "full"), [])
                 if r["steps_to_threshold"] is not None]
@@ -285,8 +292,11 @@ def table(records):
                  if reached and full and len(reached) == len(runs) else "-")
         finals = [r["final_accuracy"] for r in runs]
         calibration = runs[0]["calibration"]
-        budget = max(r["steps_done"] for r in runs)
-        lines.append(f"| {length} | {task} | {variant} | {len(reached)}/{len(runs)} (of {budget} steps) | {steps} | "
+        budget = f"{max(r['steps'] for r in runs)} steps"
+        cut = [r["steps_done"] for r in runs if r["stopped"] in ("deadline", "unfinished")]
+        if cut:  # runs stopped before their budget without reaching 95% for good
+            budget += f"; {len(cut)} cut at {min(cut)}-{max(cut)}"
+        lines.append(f"| {length} | {task} | {variant} | {len(reached)}/{len(runs)} (of {budget}) | {steps} | "
                      f"{ratio} | {100 * statistics.fmean(finals):.1f}% / {100 * min(finals):.1f}% | "
                      f"{100 * calibration['shortcut']:.0f}% / {100 * calibration['local']:.0f}% |")
     return "\n".join(lines)
@@ -297,7 +307,7 @@ def plot(records, path):
     from matplotlib.figure import Figure
 
     groups = group(records)
-    rows = sorted({(length, task) for length, task, _ in groups})
+    rows = sorted({(length, task) for length, task, _ in groups}, key=lambda row: order_key(*row, "preset"))
     columns = [v for v in VARIANTS if any(key[2] == v for key in groups)]
     columns += sorted({key[2] for key in groups} - set(columns))
     figure = Figure(figsize=(3.2 * len(columns), 2.4 * len(rows)), layout="constrained")
@@ -315,6 +325,8 @@ def plot(records, path):
                 ax.axhline(calibration["local"], color="grey", linestyle=":", linewidth=0.8)
             ax.axhline(THRESHOLD, color="black", linewidth=0.5)
             ax.set_ylim(0, 1.02)
+            if runs and i == 0 and j == 0:
+                ax.legend(fontsize=6, loc="lower right")
             ax.set_title(f"{task} {length}: {variant}", fontsize=9)
             if i == len(rows) - 1:
                 ax.set_xlabel("step")
@@ -330,9 +342,12 @@ def report(out):
         raise SystemExit(f"no runs under {out}/runs")
     text = table(records)
     (Path(out) / "routing_tasks.md").write_text(text + "\n")
-    plot(records, Path(out) / "routing_tasks.png")
     print(text)
-    print(f"\n{len(records)} runs; table {Path(out) / 'routing_tasks.md'}, curves {Path(out) / 'routing_tasks.png'}")
+    try:
+        curves = plot(records, Path(out) / "routing_tasks.png")
+    except ImportError:  # a machine without matplotlib keeps the records: --from-json draws them elsewhere
+        curves = "not drawn (no matplotlib here; --from-json elsewhere)"
+    print(f"\n{len(records)} runs; table {Path(out) / 'routing_tasks.md'}, curves {curves}")
 
 
 def main():
@@ -351,7 +366,7 @@ def main():
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even where there is a GPU")
-    parser.add_argument("--stable-evals", type=int, default=5,
+    parser.add_argument("--stable-evals", type=int, default=3,
                         help="stop a run after this many evaluations in a row at >= 95%% (0: never)")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="config fields for every variant, e.g. local_radius=7 (JSON values)")

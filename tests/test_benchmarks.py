@@ -106,7 +106,12 @@ def test_routing_tasks_writes_records_table_and_curves(tmp_path, monkeypatch):
             assert all(0 <= share <= 1 for share in recall.values())
     assert next(r for r in records if r["variant"] == "one_sided")["config"] == {"router_one_sided_gradient": True}
     table = (tmp_path / "routing_tasks.md").read_text()
-    assert table.strip() in stdout and "| 160 | order | one_sided | 0/2" in table
+    assert table.strip() in stdout and "| 160 | order | one_sided | 0/2 (of 4 steps) |" in table
     assert (tmp_path / "routing_tasks.png").read_bytes()[:4] == b"\x89PNG"
     module = benchmark_module("routing_tasks", monkeypatch)
     assert module.table(module.load_records(tmp_path)).strip() == table.strip()
+    # a run killed from outside left only its last evaluation: counted, and the table says where it was cut
+    preset = next(r for r in records if r["variant"] == "preset")
+    cut = {**preset, "seed": 7, "stopped": "unfinished", "steps_done": 2, "curve": preset["curve"][:2]}
+    (tmp_path / "runs" / "160" / "order.preset.seed7.partial").write_text(json.dumps(cut))
+    assert "| 160 | order | preset | 0/3 (of 4 steps; 1 cut at 2-2) |" in module.table(module.load_records(tmp_path))
