@@ -31,7 +31,14 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_colt5 import CoLT5Config
-from .fast_path import CompileReport, compiled_encoder_layer, encoder_compile_mode, length_bucket, own_gradients
+from .fast_path import (
+    CompileReport,
+    before_compiled_blocks,
+    compiled_layer,
+    encoder_compile_mode,
+    length_bucket,
+    pad_to_bucket,
+)
 from .routing import ROUTER_TYPES, CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together
 from .t5_attention import (
     ALL_ATTENTION_FUNCTIONS,
@@ -413,7 +420,7 @@ class CoLT5EncoderBlock(GradientCheckpointingLayer):
                 compile_mode=None):
         # compile_mode: None (eager) or the torch.compile mode the layer runs under (`fast_path.encoder_compile_mode`)
         if compile_mode is not None:
-            layer = compiled_encoder_layer(CoLT5EncoderBlock.layer, compile_mode)
+            layer = compiled_layer(CoLT5EncoderBlock.layer, compile_mode)
             return layer(self, hidden_states, mask, light_bias_table, heavy_bias_weight)
         return self.layer(hidden_states, mask, light_bias_table, heavy_bias_weight, output_attentions)
 
@@ -660,7 +667,7 @@ class CoLT5Encoder(nn.Module):
         self.block = nn.ModuleList([CoLT5EncoderBlock(config) for _ in range(config.num_layers)])
         self.final_layer_norm = CoLT5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
-        self.compile_report = CompileReport()
+        self.compile_report = CompileReport("encoder")
 
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
@@ -686,13 +693,8 @@ class CoLT5Encoder(nn.Module):
         checkpointing = self.training and any(block.gradient_checkpointing for block in self.block)
         compile_mode = encoder_compile_mode(config, hidden_states, output_attentions, checkpointing)
         if compile_mode is not None:  # padded to its length bucket: one compilation serves every length in it
-            bucket = length_bucket(n)
-            hidden_states = F.pad(hidden_states, (0, 0, 0, bucket - n))  # (b, bucket, d)
-            mask = F.pad(mask, (0, bucket - n), value=False)
-            if compile_mode == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()  # a new step: the graphs' earlier outputs are spent
-                if torch.is_grad_enabled():
-                    own_gradients(self.block)
+            hidden_states, mask = pad_to_bucket(hidden_states), pad_to_bucket(mask, value=False)
+            before_compiled_blocks(compile_mode, self.block, begins_step=True)
         compiling = self.compile_report.start(compile_mode, hidden_states, self.training) if compile_mode else None
 
         # Collected here rather than by Transformers' output recorders (`_can_record_outputs`, hooks on the layers'

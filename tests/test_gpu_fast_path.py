@@ -126,8 +126,8 @@ def test_the_command_trains_evaluates_and_generates_on_the_fast_path(tmp_path, m
     from colt5_hf import modeling_colt5
 
     calls = []  # the modes the encoder's compiled layer was asked for
-    compiled_layer = modeling_colt5.compiled_encoder_layer
-    monkeypatch.setattr(modeling_colt5, "compiled_encoder_layer",
+    compiled_layer = modeling_colt5.compiled_layer
+    monkeypatch.setattr(modeling_colt5, "compiled_layer",
                         lambda layer, mode: calls.append(mode) or compiled_layer(layer, mode))
     output = tmp_path / "run"
     assert main(["train", "--model", "colt5-tiny", "--demo-task", "--demo-length", "600", "--steps", "2",
