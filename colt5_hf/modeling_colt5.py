@@ -1025,7 +1025,8 @@ class CoLT5Model(CoLT5PreTrainedModel):
 def encode_decode(model, *, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
                   cache, inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states):
     """Encoder (unless `encoder_outputs` are given), then decoder: the body of CoLT5Model and
-    CoLT5ForConditionalGeneration."""
+    CoLT5ForConditionalGeneration. Without `use_cache`, a forward in training mode decodes without a cache (one would
+    be filled only to be dropped), other forwards with one unless `config.use_cache` is False."""
     config = model.config
     output_attentions = config.output_attentions if output_attentions is None else output_attentions
     output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -1040,7 +1041,7 @@ def encode_decode(model, *, input_ids, attention_mask, decoder_input_ids, decode
         )
     elif not isinstance(encoder_outputs, BaseModelOutput):
         encoder_outputs = BaseModelOutput(*encoder_outputs)
-    use_cache = config.use_cache if use_cache is None else use_cache
+    use_cache = config.use_cache and not model.training if use_cache is None else use_cache
     if model.training and any(block.gradient_checkpointing for block in model.decoder.block):
         use_cache = False  # the backward replay of a checkpointed block would write the cache a second time
     if not use_cache:
@@ -1143,10 +1144,12 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
         r"""
         labels (`(batch, target_length)`, -100 where no loss): the loss is the token-level cross-entropy summed and
         divided by `num_items_in_batch` when Trainer passes it (gradient accumulation), else averaged over the
-        labelled tokens.
+        labelled tokens. A forward with labels decodes without a cache unless `use_cache=True`.
         """
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
+        if labels is not None and use_cache is None:
+            use_cache = False  # a loss forward (training, evaluation) decodes nothing after it
         outputs = encode_decode(
             self,
             input_ids=input_ids,
