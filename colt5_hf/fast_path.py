@@ -1,10 +1,11 @@
-"""The encoder's compiled path: which calls take it, the length buckets that bound how often it compiles, the compiled
-layer, and what CUDA graphs need from training (gradient accumulation).
+"""The compiled path of the encoder and the decoder: which calls take it, the length buckets that bound how often it
+compiles, the compiled layers, and what CUDA graphs need from training (gradient accumulation).
 
 Eagerly, a CoLT5 layer is bound by kernel launches (routers, gathers, bias tables, two attentions: hundreds of small
-kernels), so the uncompiled encoder is slower than LongT5's on a GPU. Compiled, one graph per layer serves every layer
-(the blocks share their code; Dynamo lifts the parameters to inputs), and under CUDA graphs the host launches each
-layer's kernels in one call.
+kernels), so the uncompiled encoder is slower than LongT5's on a GPU; the decoder's layers, over a few hundred target
+tokens, launch far more kernels than their arithmetic needs. Compiled, one graph per layer serves every layer of a
+stack (the blocks share their code; Dynamo lifts the parameters to inputs), and under CUDA graphs the host launches
+each layer's kernels in one call.
 
 `CoLT5Config.encoder_compile` picks the path:
     "auto"        on CUDA, inputs of at least COMPILE_MIN_LENGTH tokens run their encoder blocks compiled (static
@@ -15,9 +16,16 @@ layer's kernels in one call.
                   checkpointing the blocks run compiled without graphs (a checkpoint replays the forward inside the
                   backward, which a recorded graph cannot)
     "off"         never compiles
+A forward that runs the encoder compiled and decodes without a cache (training, an evaluation loss: the whole target
+at once) runs the decoder blocks compiled too, by the same rules (read off the encoder's input; gradient checkpointing
+in either stack keeps the decoder off CUDA graphs, whose step the encoder begins); incremental decoding (a cache) and
+forwards given `encoder_outputs` (generate's) run them eagerly: generate's static-cache step is compiled by
+Transformers.
 A compiled call pads its input to a length bucket (the mask hides the padding, and every router counts a sample's real
 tokens, so the real tokens' outputs are those of the unpadded input) and compiles once per bucket, batch size and
-mode (training or not, gradients or not); inductor's on-disk caches make later processes compile faster.
+mode (training or not, gradients or not); the decoder pads its target at the end (causal: the padding lies in every
+real position's future) and its copy of the encoder's output, and compiles once per pair of buckets. Inductor's
+on-disk caches make later processes compile faster.
 """
 
 import math
