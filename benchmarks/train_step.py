@@ -10,8 +10,9 @@ all ones) and `--target-length` (512) labels per example. Depth: `--layers` enco
 Large preset's depth, stated in every record). Models:
 
   colt5-hf/default   CoLT5ForConditionalGeneration, Large shape, `encoder_compile="auto"` (the config's default): on
-                     CUDA, inputs of 2048 tokens or more run the encoder blocks under torch.compile (default mode,
-                     static shapes, each input padded inside the encoder to a length bucket); eager otherwise
+                     CUDA, inputs of 2048 tokens or more run the encoder blocks, and the decoder blocks with them,
+                     under torch.compile (default mode, static shapes, inputs and targets padded inside the model to
+                     length buckets); eager otherwise
   colt5-hf/fast      the same with `encoder_compile="cuda_graphs"`: mode "reduce-overhead" (CUDA graphs)
   colt5-hf/eager     the same with `encoder_compile="off"`: never compiled (not in the default list)
   longt5-local       transformers' LongT5ForConditionalGeneration, Large shape (d 1024, 16 heads, d_ff 2816,

@@ -79,9 +79,10 @@ class CoLT5Config(PreTrainedConfig):
 
     Speed:
         encoder_compile: "auto" (on CUDA, inputs of 2048 tokens or more run the encoder blocks under torch.compile,
-            padded to a length bucket: one compilation per bucket; CUDA graphs without gradients), "cuda_graphs" (CUDA
-            graphs for training too, gradient accumulation included: the fastest) or "off" (eager). A choice of the
-            running process, like `attn_implementation`: not saved. See `fast_path.py`.
+            padded to a length bucket: one compilation per bucket; CUDA graphs without gradients; the decoder blocks
+            with them in forwards without a cache, one compilation per pair of buckets), "cuda_graphs" (CUDA graphs
+            for training too, gradient accumulation included: the fastest) or "off" (eager). A choice of the running
+            process, like `attn_implementation`: not saved. See `fast_path.py`.
     """
 
     model_type = "colt5"

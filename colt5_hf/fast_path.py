@@ -1,10 +1,11 @@
-"""The encoder's compiled path: which calls take it, the length buckets that bound how often it compiles, the compiled
-layer, and what CUDA graphs need from training (gradient accumulation).
+"""The compiled path of the encoder and the decoder: which calls take it, the length buckets that bound how often it
+compiles, the compiled layers, and what CUDA graphs need from training (gradient accumulation).
 
 Eagerly, a CoLT5 layer is bound by kernel launches (routers, gathers, bias tables, two attentions: hundreds of small
-kernels), so the uncompiled encoder is slower than LongT5's on a GPU. Compiled, one graph per layer serves every layer
-(the blocks share their code; Dynamo lifts the parameters to inputs), and under CUDA graphs the host launches each
-layer's kernels in one call.
+kernels), so the uncompiled encoder is slower than LongT5's on a GPU; the decoder's layers, over a few hundred target
+tokens, launch far more kernels than their arithmetic needs. Compiled, one graph per layer serves every layer of a
+stack (the blocks share their code; Dynamo lifts the parameters to inputs), and under CUDA graphs the host launches
+each layer's kernels in one call.
 
 `CoLT5Config.encoder_compile` picks the path:
     "auto"        on CUDA, inputs of at least COMPILE_MIN_LENGTH tokens run their encoder blocks compiled (static
@@ -15,15 +16,23 @@ layer's kernels in one call.
                   checkpointing the blocks run compiled without graphs (a checkpoint replays the forward inside the
                   backward, which a recorded graph cannot)
     "off"         never compiles
+A forward that runs the encoder compiled and decodes without a cache (training, an evaluation loss: the whole target
+at once) runs the decoder blocks compiled too, by the same rules (read off the encoder's input; gradient checkpointing
+in either stack keeps the decoder off CUDA graphs, whose step the encoder begins); incremental decoding (a cache) and
+forwards given `encoder_outputs` (generate's) run them eagerly: generate's static-cache step is compiled by
+Transformers.
 A compiled call pads its input to a length bucket (the mask hides the padding, and every router counts a sample's real
 tokens, so the real tokens' outputs are those of the unpadded input) and compiles once per bucket, batch size and
-mode (training or not, gradients or not); inductor's on-disk caches make later processes compile faster.
+mode (training or not, gradients or not); the decoder pads its target at the end (causal: the padding lies in every
+real position's future) and its copy of the encoder's output, and compiles once per pair of buckets. Inductor's
+on-disk caches make later processes compile faster.
 """
 
 import math
 import time
 
 import torch
+import torch.nn.functional as F
 from transformers.utils import logging
 
 
@@ -37,7 +46,7 @@ RECOMPILE_LIMIT = 64  # compiled variants of the layer's code kept before Dynamo
 
 
 def length_bucket(length: int) -> int:
-    """The padded length a compiled encoder runs `length` tokens at: the smallest multiple of 2^(p - 2) that holds
+    """The padded length a compiled stack runs `length` tokens at: the smallest multiple of 2^(p - 2) that holds
     them, where 2^p <= length < 2^(p + 1), i.e. 4, 5, 6, 7 or 8 times 2^(p - 2). Four buckets an octave: at most 1/4
     more tokens than the input (just above a power of two), about 1/10 on average; 2048-16384 tokens take 13 buckets."""
     if length < 8:
@@ -46,10 +55,17 @@ def length_bucket(length: int) -> int:
     return math.ceil(length / step) * step
 
 
+def pad_to_bucket(tensor, value=0):
+    """`tensor` (b, n, ...) padded at the end of its length (dim 1) to `length_bucket(n)` with `value`."""
+    n = tensor.shape[1]
+    return F.pad(tensor, (0, 0) * (tensor.ndim - 2) + (0, length_bucket(n) - n), value=value)
+
+
 def encoder_compile_mode(config, hidden_states, output_attentions: bool, gradient_checkpointing: bool):
     """The torch.compile mode ("default" or "reduce-overhead") the encoder blocks run under for this call, or None to
-    run them eagerly. `config._attn_implementation` "eager" is the reference path (it returns attention weights) and
-    stays eager; inside a caller's own torch.compile the blocks are traced into the caller's graph."""
+    run them eagerly; `hidden_states` (b, n, d) are the encoder's (for the decoder's mode, its encoder_hidden_states).
+    `config._attn_implementation` "eager" is the reference path (it returns attention weights) and stays eager; inside
+    a caller's own torch.compile the blocks are traced into the caller's graph."""
     setting = config.encoder_compile
     if (
         setting == "off"
@@ -68,9 +84,9 @@ def encoder_compile_mode(config, hidden_states, output_attentions: bool, gradien
 _compiled_layers = {}
 
 
-def compiled_encoder_layer(layer, mode: str):
-    """torch.compile of `layer` (CoLT5EncoderBlock.layer, called with the block as its first argument) with static
-    shapes, one per mode and backend."""
+def compiled_layer(layer, mode: str):
+    """torch.compile of `layer` (CoLT5EncoderBlock.layer or CoLT5DecoderBlock.layer, called with the block as its first
+    argument) with static shapes, one per layer, mode and backend."""
     key = (layer, mode, COMPILE_BACKEND)
     if key not in _compiled_layers:
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
@@ -80,15 +96,32 @@ def compiled_encoder_layer(layer, mode: str):
     return _compiled_layers[key]
 
 
-class CompileReport:
-    """Logs how long the first call of each compiled variant took (its compilation), once per variant."""
+def before_compiled_blocks(mode: str, blocks, begins_step: bool):
+    """What a stack does before its blocks run compiled under `mode`. Under CUDA graphs, `begins_step` marks a new step
+    (the graphs' earlier outputs are spent); a stack running inside a step that another began (the decoder after the
+    encoder, whose graphs' saved tensors its backward still needs) leaves it. With gradients, the blocks' parameters
+    get `own_gradients`."""
+    if mode != "reduce-overhead":
+        return
+    if begins_step:
+        torch.compiler.cudagraph_mark_step_begin()
+    if torch.is_grad_enabled():
+        own_gradients(blocks)
 
-    def __init__(self):
+
+class CompileReport:
+    """Logs how long the first call of each compiled variant of a stack ("encoder" or "decoder") took (its
+    compilation), once per variant."""
+
+    def __init__(self, stack: str):
+        self.stack = stack
         self.seen = set()
 
-    def start(self, mode, hidden_states, training):
-        """Called before the blocks run; returns the time to hand to `finish`, or None for a variant seen before."""
-        variant = (mode, tuple(hidden_states.shape[:2]), training, torch.is_grad_enabled())
+    def start(self, mode, hidden_states, training, encoder_hidden_states=None):
+        """Called before the blocks run on their padded `hidden_states` (and, for the decoder, padded
+        `encoder_hidden_states`); returns the time to hand to `finish`, or None for a variant seen before."""
+        encoder_length = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        variant = (mode, tuple(hidden_states.shape[:2]), encoder_length, training, torch.is_grad_enabled())
         if variant in self.seen:
             return None
         self.seen.add(variant)
@@ -96,18 +129,20 @@ class CompileReport:
             torch.cuda.synchronize()
         return variant, time.perf_counter()
 
-    @staticmethod
-    def finish(started, hidden_states):
+    def finish(self, started, hidden_states):
         if started is None:
             return
         if hidden_states.is_cuda:
             torch.cuda.synchronize()
-        (mode, (batch, length), training, gradients), start = started
+        (mode, (batch, length), encoder_length, training, gradients), start = started
+        shape, buckets = f"{length}-token inputs", "Each length bucket compiles"
+        if encoder_length is not None:
+            shape, buckets = f"{length}-token targets of {encoder_length}-token inputs", "Each pair of buckets compiles"
         logger.warning(
-            f"CoLT5 encoder: compiled its layer for {length}-token inputs (batch {batch}, "
+            f"CoLT5 {self.stack}: compiled its layer for {shape} (batch {batch}, "
             f"{'training' if training else 'inference'}{'' if gradients else ', no gradients'}, mode {mode}) in "
             f"{time.perf_counter() - start:.1f} s{' (its backward compiles at the first backward)' if gradients else ''}"
-            ". Each length bucket compiles once; encoder_compile='off' runs eagerly instead."
+            f". {buckets} once; encoder_compile='off' runs eagerly instead."
         )
 
 

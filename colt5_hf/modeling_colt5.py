@@ -31,7 +31,14 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_colt5 import CoLT5Config
-from .fast_path import CompileReport, compiled_encoder_layer, encoder_compile_mode, length_bucket, own_gradients
+from .fast_path import (
+    CompileReport,
+    before_compiled_blocks,
+    compiled_layer,
+    encoder_compile_mode,
+    length_bucket,
+    pad_to_bucket,
+)
 from .routing import CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together, training_noise
 from .t5_attention import (
     ALL_ATTENTION_FUNCTIONS,
@@ -413,7 +420,7 @@ class CoLT5EncoderBlock(GradientCheckpointingLayer):
                 compile_mode=None):
         # compile_mode: None (eager) or the torch.compile mode the layer runs under (`fast_path.encoder_compile_mode`)
         if compile_mode is not None:
-            layer = compiled_encoder_layer(CoLT5EncoderBlock.layer, compile_mode)
+            layer = compiled_layer(CoLT5EncoderBlock.layer, compile_mode)
             return layer(self, hidden_states, mask, light_bias_table, heavy_bias_weight)
         return self.layer(hidden_states, mask, light_bias_table, heavy_bias_weight, output_attentions)
 
@@ -616,7 +623,17 @@ class CoLT5DecoderBlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, hidden_states, self_attention_bias, encoder_hidden_states, encoder_mask, cache=None,
-                cross_attention_bias=None, output_attentions=False):
+                cross_attention_bias=None, output_attentions=False, compile_mode=None):
+        # compile_mode: None (eager) or the torch.compile mode the layer runs under, in a call without a cache
+        if compile_mode is not None:
+            layer = compiled_layer(CoLT5DecoderBlock.layer, compile_mode)
+            return layer(self, hidden_states, self_attention_bias, encoder_hidden_states, encoder_mask, None,
+                         cross_attention_bias)
+        return self.layer(hidden_states, self_attention_bias, encoder_hidden_states, encoder_mask, cache,
+                          cross_attention_bias, output_attentions)
+
+    def layer(self, hidden_states, self_attention_bias, encoder_hidden_states, encoder_mask, cache=None,
+              cross_attention_bias=None, output_attentions=False):
         attention, self_weights = self.self_attention(
             self.self_attention_layer_norm(hidden_states), self_attention_bias, cache, output_attentions
         )
@@ -661,7 +678,7 @@ class CoLT5Encoder(nn.Module):
         self.block = nn.ModuleList([CoLT5EncoderBlock(config) for _ in range(config.num_layers)])
         self.final_layer_norm = CoLT5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
-        self.compile_report = CompileReport()
+        self.compile_report = CompileReport("encoder")
 
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
@@ -687,13 +704,8 @@ class CoLT5Encoder(nn.Module):
         checkpointing = self.training and any(block.gradient_checkpointing for block in self.block)
         compile_mode = encoder_compile_mode(config, hidden_states, output_attentions, checkpointing)
         if compile_mode is not None:  # padded to its length bucket: one compilation serves every length in it
-            bucket = length_bucket(n)
-            hidden_states = F.pad(hidden_states, (0, 0, 0, bucket - n))  # (b, bucket, d)
-            mask = F.pad(mask, (0, bucket - n), value=False)
-            if compile_mode == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()  # a new step: the graphs' earlier outputs are spent
-                if torch.is_grad_enabled():
-                    own_gradients(self.block)
+            hidden_states, mask = pad_to_bucket(hidden_states), pad_to_bucket(mask, value=False)
+            before_compiled_blocks(compile_mode, self.block, begins_step=True)
         compiling = self.compile_report.start(compile_mode, hidden_states, self.training) if compile_mode else None
 
         # Collected here rather than by Transformers' output recorders (`_can_record_outputs`, hooks on the layers'
@@ -729,6 +741,7 @@ class CoLT5Decoder(nn.Module):
         self.block = nn.ModuleList([CoLT5DecoderBlock(config, i) for i in range(config.num_decoder_layers)])
         self.final_layer_norm = CoLT5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
+        self.compile_report = CompileReport("decoder")
 
     def self_attention_bias(self, past_length, length, key_length, attention_mask, dtype, device):
         """(b or 1, h, length, key_length): relative position bias, causal mask and decoder padding mask.
@@ -768,7 +781,9 @@ class CoLT5Decoder(nn.Module):
         return bias.masked_fill(~keep, mask_value(dtype))
 
     def forward(self, inputs_embeds, attention_mask, encoder_hidden_states, encoder_attention_mask, cache=None,
-                output_attentions=False, output_hidden_states=False):
+                output_attentions=False, output_hidden_states=False, compile_mode=None):
+        # compile_mode: None (eager) or the torch.compile mode of the layers, for a call without a cache in a step that
+        # the encoder's compiled call began (`encode_decode`)
         b, t, _ = inputs_embeds.shape
         if t == 0:
             raise ValueError("CoLT5 got empty decoder inputs: the decoder needs at least one token per sequence")
@@ -786,20 +801,38 @@ class CoLT5Decoder(nn.Module):
         bias = self.self_attention_bias(
             past_length, t, key_length, attention_mask, inputs_embeds.dtype, inputs_embeds.device
         )
-        cross_attention_bias = self.block[0].cross_attention.key_bias(encoder_mask, inputs_embeds.dtype)  # all layers
-
         hidden_states = self.dropout(inputs_embeds)
+        if compile_mode is not None:
+            # the target padded at the end to its length bucket (causal: the padding lies in every real position's
+            # future; the bias masks its rows and columns), the encoder's output to its own bucket (masked keys, and
+            # the cross-attention's routers count the real tokens): one compilation serves every pair of lengths in
+            # the buckets
+            length = length_bucket(t)
+            bias = F.pad(bias, (0, length - t, 0, length - t), value=mask_value(bias.dtype))
+            hidden_states = pad_to_bucket(hidden_states)
+            encoder_hidden_states = pad_to_bucket(encoder_hidden_states)
+            encoder_mask = pad_to_bucket(encoder_mask, value=False)
+            before_compiled_blocks(compile_mode, self.block, begins_step=False)
+        cross_attention_bias = self.block[0].cross_attention.key_bias(encoder_mask, inputs_embeds.dtype)  # all layers
+        compiling = (
+            self.compile_report.start(compile_mode, hidden_states, self.training, encoder_hidden_states)
+            if compile_mode else None
+        )
+
         all_hidden_states, all_self_attentions, all_cross_attentions = (), (), ()
         for block in self.block:
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+                # compiled: a copy of the real positions' rows (a CUDA graph's output is overwritten by its next replay)
+                all_hidden_states += (hidden_states if compile_mode is None else hidden_states[:, :t].clone(),)
             hidden_states, self_weights, cross_weights = block(
                 hidden_states, bias, encoder_hidden_states, encoder_mask, cache=cache,
                 cross_attention_bias=cross_attention_bias, output_attentions=output_attentions,
+                compile_mode=compile_mode,
             )
             all_self_attentions += (self_weights,)
             all_cross_attentions += (cross_weights,)
-        hidden_states = self.dropout(self.final_layer_norm(hidden_states))
+        self.compile_report.finish(compiling, hidden_states)
+        hidden_states = self.dropout(self.final_layer_norm(hidden_states[:, :t]))
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         return BaseModelOutputWithPastAndCrossAttentions(
@@ -1034,11 +1067,14 @@ class CoLT5Model(CoLT5PreTrainedModel):
 def encode_decode(model, *, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
                   cache, inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states):
     """Encoder (unless `encoder_outputs` are given), then decoder: the body of CoLT5Model and
-    CoLT5ForConditionalGeneration."""
+    CoLT5ForConditionalGeneration. Without `use_cache`, a forward in training mode decodes without a cache (one would
+    be filled only to be dropped), other forwards with one unless `config.use_cache` is False. A forward that runs the
+    encoder compiled and decodes without a cache runs the decoder compiled too (`fast_path`)."""
     config = model.config
     output_attentions = config.output_attentions if output_attentions is None else output_attentions
     output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-    if encoder_outputs is None:
+    encoder_runs = encoder_outputs is None
+    if encoder_runs:
         encoder_outputs = model.encoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1049,13 +1085,24 @@ def encode_decode(model, *, input_ids, attention_mask, decoder_input_ids, decode
         )
     elif not isinstance(encoder_outputs, BaseModelOutput):
         encoder_outputs = BaseModelOutput(*encoder_outputs)
-    use_cache = config.use_cache if use_cache is None else use_cache
+    use_cache = config.use_cache and not model.training if use_cache is None else use_cache
     if model.training and any(block.gradient_checkpointing for block in model.decoder.block):
         use_cache = False  # the backward replay of a checkpointed block would write the cache a second time
     if not use_cache:
         cache = None
     elif cache is None:
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    decoder_compile_mode = None
+    if encoder_runs and cache is None:
+        # the encoder's rules, read off its output; the decoder's CUDA graphs join the step that the encoder's began.
+        # Checkpointing in either stack keeps the decoder off CUDA graphs: it never records graphs in a step that the
+        # encoder's compiled call did not begin.
+        checkpointing = model.training and any(
+            block.gradient_checkpointing for block in (*model.encoder.block, *model.decoder.block)
+        )
+        decoder_compile_mode = encoder_compile_mode(
+            config, encoder_outputs.last_hidden_state, output_attentions, checkpointing
+        )
     decoder_outputs = model.decoder(
         inputs_embeds=input_embeddings(
             model.encoder.embed_tokens, decoder_input_ids, decoder_inputs_embeds, "decoder_input_ids"
@@ -1066,6 +1113,7 @@ def encode_decode(model, *, input_ids, attention_mask, decoder_input_ids, decode
         cache=cache,
         output_attentions=output_attentions,
         output_hidden_states=output_hidden_states,
+        compile_mode=decoder_compile_mode,
     )
     return Seq2SeqModelOutput(
         last_hidden_state=decoder_outputs.last_hidden_state,
@@ -1152,10 +1200,12 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
         r"""
         labels (`(batch, target_length)`, -100 where no loss): the loss is the token-level cross-entropy summed and
         divided by `num_items_in_batch` when Trainer passes it (gradient accumulation), else averaged over the
-        labelled tokens.
+        labelled tokens. A forward with labels decodes without a cache unless `use_cache=True`.
         """
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
+        if labels is not None and use_cache is None:
+            use_cache = False  # a loss forward (training, evaluation) decodes nothing after it
         outputs = encode_decode(
             self,
             input_ids=input_ids,

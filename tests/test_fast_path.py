@@ -1,9 +1,10 @@
-"""The encoder's compiled path (`colt5_hf/fast_path.py`) on the CPU: which calls take it, the length buckets, and that
-the bucketed, compiled path computes what the eager path does (outputs, accumulated gradients, generated tokens).
+"""The compiled path (`colt5_hf/fast_path.py`) on the CPU: which calls take it, the length buckets, and that the
+bucketed, compiled path computes what the eager path does (outputs, losses, accumulated gradients, generated tokens),
+for the encoder and for the decoder that compiles with it in forwards without a cache.
 
 On the CPU the path is off (COMPILE_DEVICES); the tests switch it on for the CPU and compile with Dynamo and the eager
 backend (a graph counter): what they check is the padding, the dispatch, the gradient handling and how often the
-layer compiles, not inductor's code. tests/test_gpu_compile.py runs the path on CUDA with inductor and CUDA graphs.
+layers compile, not inductor's code. tests/test_gpu_fast_path.py runs the path on CUDA with inductor and CUDA graphs.
 """
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from colt5_hf import CoLT5EncoderModel, CoLT5ForConditionalGeneration, fast_path
 from colt5_hf.fast_path import encoder_compile_mode, length_bucket
+from colt5_hf.modeling_colt5 import CACHE_FIELD
 from tiny import CountingBackend, build, tiny_config
 
 
@@ -188,3 +190,144 @@ def test_gradient_checkpointing_on_the_compiled_path_equals_eager(on_cpu):
         torch.testing.assert_close(compiled[real], eager[real], rtol=1e-5, atol=1e-5)
     for name, grad in compiled_grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# The decoder: it compiles in the forwards that run the encoder compiled and decode without a cache.
+
+
+def seq2seq_model(**overrides):
+    """The tiny preset in training mode, its cross-attention routed over two routes: their routers see the encoder's
+    output padded to its bucket."""
+    torch.manual_seed(0)
+    config = tiny_config(cross_attention_fraction=0.5, num_cross_attention_routes=2, **overrides)
+    return CoLT5ForConditionalGeneration(config).train()
+
+
+def seq2seq_inputs(length, target_length, seed=0):
+    """Two samples (`encoder_inputs`) with targets of `target_length` tokens, the second's padded from two thirds on
+    (decoder_attention_mask 0, labels -100)."""
+    input_ids, attention_mask = encoder_inputs(length, seed)
+    generator = torch.Generator().manual_seed(seed + 1000 * target_length)
+    decoder_attention_mask = torch.ones(2, target_length, dtype=torch.long)
+    decoder_attention_mask[1, 2 * target_length // 3 :] = 0
+    labels = torch.randint(2, 384, (2, target_length), generator=generator).masked_fill(decoder_attention_mask == 0,
+                                                                                         -100)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                decoder_attention_mask=decoder_attention_mask)
+
+
+def trained(model, steps):
+    """Logits and loss of each micro-step and the parameter gradients accumulated over all of them, as Trainer's
+    gradient accumulation computes them: no zeroing in between, each loss summed over its labelled tokens and divided
+    by those of all the micro-steps (`num_items_in_batch`)."""
+    model.zero_grad(set_to_none=True)
+    items = sum(int((inputs["labels"] != -100).sum()) for inputs in steps)
+    logits, losses = [], []
+    for inputs in steps:
+        outputs = model(**inputs, num_items_in_batch=items)
+        outputs.loss.backward()
+        logits.append(outputs.logits.detach())
+        losses.append(outputs.loss.detach())
+    return logits, losses, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_trains_as_eager(model, steps):
+    compiled_logits, compiled_losses, compiled_grads = trained(model, steps)
+    model.config.encoder_compile = "off"
+    eager_logits, eager_losses, eager_grads = trained(model, steps)
+    for compiled, eager in zip(compiled_logits, eager_logits):
+        assert compiled.shape == eager.shape  # the bucket's padding is cut off again
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)  # every target position, padded or not
+    torch.testing.assert_close(torch.stack(compiled_losses), torch.stack(eager_losses), rtol=1e-5, atol=1e-6)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) == len(list(model.parameters()))
+    for name, grad in compiled_grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("setting, mode", [("auto", "default"), ("cuda_graphs", "reduce-overhead")])
+def test_decoder_compiled_path_with_gradient_accumulation_equals_eager(on_cpu, setting, mode):
+    """Three micro-steps of Trainer's gradient accumulation, inputs and odd-length targets of different lengths (so
+    different pairs of buckets), padded batches on both sides: the bucketed, compiled decoder (with the encoder) gives
+    the eager model's logits, losses and accumulated gradients."""
+    model = seq2seq_model(encoder_compile=setting)
+    lengths = [(40, 9), (29, 13), (53, 21)]
+    steps = [seq2seq_inputs(n, t, seed) for seed, (n, t) in enumerate(lengths)]
+    assert all(length_bucket(t) > t for _, t in lengths)  # every target is padded
+    assert_trains_as_eager(model, steps)
+    assert model.decoder.compile_report.seen == {
+        (mode, (2, length_bucket(t)), length_bucket(n), True, True) for n, t in lengths
+    }
+
+
+def test_decoder_gradient_checkpointing_on_the_compiled_path_equals_eager(on_cpu):
+    """Checkpointed decoder blocks replay the compiled layer in the backward (without CUDA graphs even under
+    "cuda_graphs"): the gradients are the eager model's."""
+    model = seq2seq_model(encoder_compile="cuda_graphs")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lengths = [(40, 9), (53, 13)]
+    assert_trains_as_eager(model, [seq2seq_inputs(n, t, seed) for seed, (n, t) in enumerate(lengths)])
+    assert {variant[0] for variant in model.decoder.compile_report.seen} == {"default"}
+
+
+def test_a_variable_length_epoch_compiles_the_decoder_once_per_pair_of_buckets(on_cpu):
+    """Twelve (input, target) length pairs in three input buckets and two target buckets: the encoder's layer compiles
+    once per input bucket, the decoder's (shared by its three blocks) once per pair of buckets that occurs, each in
+    one graph."""
+    model = seq2seq_model(num_decoder_layers=3)
+    lengths = [(n, t) for n in (26, 28, 31, 33) for t in (9, 10, 12)]
+    input_buckets = {length_bucket(n) for n, _ in lengths}
+    pairs = {(length_bucket(n), length_bucket(t)) for n, t in lengths}
+    assert (len(input_buckets), len(pairs)) == (3, 6)
+    for seed, (n, t) in enumerate(lengths):
+        model(**seq2seq_inputs(n, t, seed)).loss.backward()
+    assert on_cpu.graphs == len(input_buckets) + len(pairs)
+    assert len(model.decoder.compile_report.seen) == len(pairs)
+
+
+def test_which_forwards_compile_the_decoder(on_cpu):
+    """The decoder compiles in forwards without a cache that run the encoder compiled: an evaluation loss (labels
+    given), a training forward; a cache (an inference forward without labels, or one asked for), `encoder_outputs`
+    (generate's steps), attention weights and short inputs keep it eager. Forwards with labels or in training make
+    no cache unless asked."""
+    model = seq2seq_model().eval()
+    inputs = seq2seq_inputs(40, 9)
+    decoder_inputs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                          decoder_input_ids=model._shift_right(inputs["labels"]),
+                          decoder_attention_mask=inputs["decoder_attention_mask"])
+    seen = model.decoder.compile_report.seen
+    with torch.no_grad():
+        compiled = model(**inputs)
+        assert getattr(compiled, CACHE_FIELD) is None
+        assert seen == {("reduce-overhead", (2, 10), 40, False, False)}
+        seen.clear()
+        cached = model(**decoder_inputs)
+        assert getattr(cached, CACHE_FIELD) is not None  # as T5: an inference forward returns its cache
+        assert getattr(model(**inputs, use_cache=True), CACHE_FIELD) is not None
+        model(**inputs, encoder_outputs=(compiled.encoder_last_hidden_state,))
+        model(**inputs, output_attentions=True)
+        model(**seq2seq_inputs(MIN_LENGTH - 1, 9))
+        model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=3,
+                       do_sample=False)
+        assert not seen
+        model.config.encoder_compile = "off"
+        eager = model(**inputs)
+    torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled.logits, cached.logits, rtol=1e-5, atol=1e-5)
+    model.config.encoder_compile = "auto"
+    model.train()
+    assert getattr(model(**decoder_inputs), CACHE_FIELD) is None
+    assert seen == {("default", (2, 10), 40, True, True)}
+
+
+def test_decoder_hidden_states_of_the_compiled_path_are_the_real_positions_rows(on_cpu):
+    model = seq2seq_model().eval()
+    inputs = seq2seq_inputs(MIN_LENGTH + 5, 11)
+    with torch.no_grad():
+        compiled = model(**inputs, output_hidden_states=True).decoder_hidden_states
+        assert model.decoder.compile_report.seen
+        model.config.encoder_compile = "off"
+        eager = model(**inputs, output_hidden_states=True).decoder_hidden_states
+    assert len(compiled) == len(eager) == model.config.num_decoder_layers + 1
+    for ours, reference in zip(compiled, eager):
+        assert ours.shape == reference.shape
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)

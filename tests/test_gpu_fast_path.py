@@ -1,7 +1,9 @@
 """The default fast path on CUDA (`CoLT5Config.encoder_compile`, colt5_hf/fast_path.py) with inductor: training with
-gradient accumulation and optimizer steps equals the eager model, with and without CUDA graphs; a variable-length epoch
-compiles once per length bucket; generate takes the static cache and the compiled encoder and gives the eager tokens.
-Skipped without a CUDA GPU; the CPU counterparts (Dynamo with the eager backend) are in test_fast_path.py.
+gradient accumulation, optimizer steps and evaluation in between equals the eager model, with and without CUDA graphs,
+the decoder compiled with the encoder; a variable-length epoch compiles the encoder once per input bucket and the
+decoder once per pair of input and target buckets; generate takes the static cache and the compiled encoder and gives
+the eager tokens. Skipped without a CUDA GPU; the CPU counterparts (Dynamo with the eager backend) are in
+test_fast_path.py.
 """
 
 import copy
@@ -39,45 +41,61 @@ def small_model(setting, implementation="flex_attention", seed=0):
     return model
 
 
-def micro_batch(n, seed):
+def micro_batch(n, seed, target_length=9):
+    """Two samples of n input tokens, the second padded from n / 2 on, and their targets, the second's padded from
+    two thirds on (decoder_attention_mask 0, labels -100)."""
     generator = torch.Generator(device="cuda").manual_seed(seed)
     input_ids = torch.randint(2, 128, (2, n), device="cuda", generator=generator)
     attention_mask = torch.ones(2, n, dtype=torch.long, device="cuda")
     attention_mask[1, n // 2 :] = 0
-    labels = torch.randint(2, 128, (2, 9), device="cuda", generator=generator)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    decoder_attention_mask = torch.ones(2, target_length, dtype=torch.long, device="cuda")
+    decoder_attention_mask[1, 2 * target_length // 3 :] = 0
+    labels = torch.randint(2, 128, (2, target_length), device="cuda", generator=generator)
+    labels = labels.masked_fill(decoder_attention_mask == 0, -100)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                decoder_attention_mask=decoder_attention_mask)
 
 
 def train(model, steps, accumulation):
     """What Trainer does: per optimizer step, `accumulation` micro-batches' losses backward without zeroing in between,
-    then AdamW and zero_grad(set_to_none=True). Returns the losses and the gradients of the last step."""
+    then AdamW and zero_grad(set_to_none=True), then an evaluation loss (eval mode, no gradients: CUDA graphs under
+    every setting). Returns the training losses, the gradients of the last step and the evaluation losses."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
-    losses, lengths = [], (600, 900, 700, 1000)
+    losses, evaluation, lengths = [], [], ((600, 9), (900, 21), (700, 9), (1000, 21))
     for step in range(steps):
+        model.train()
         for micro in range(accumulation):
-            inputs = micro_batch(lengths[(step * accumulation + micro) % len(lengths)], seed=step * 10 + micro)
-            loss = model(**inputs).loss / accumulation
+            n, target_length = lengths[(step * accumulation + micro) % len(lengths)]
+            loss = model(**micro_batch(n, seed=step * 10 + micro, target_length=target_length)).loss / accumulation
             loss.backward()
             losses.append(loss.item())
         gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return losses, gradients
+        model.eval()
+        with torch.no_grad():
+            evaluation.append(model(**micro_batch(800, seed=99, target_length=11)).loss.item())
+    return losses, gradients, evaluation
 
 
 @pytest.mark.parametrize("setting, implementation", [("auto", "flex_attention"), ("auto", "sdpa"),
                                                      ("cuda_graphs", "flex_attention")])
 def test_training_with_gradient_accumulation_equals_eager(setting, implementation):
-    """Two optimizer steps of three accumulated micro-batches of different lengths (so different buckets): the
-    losses and the last step's accumulated gradients of the fast path are the eager model's. Under CUDA graphs the
-    second micro-step's backward would read a first gradient that a replay overwrote, unless it is copied out."""
+    """Two optimizer steps of three accumulated micro-batches of different input and odd target lengths (so different
+    pairs of buckets), each followed by an evaluation loss: the losses and the last step's accumulated gradients of
+    the fast path, the encoder and the decoder compiled, are the eager model's. Under CUDA graphs the second
+    micro-step's backward would read a first gradient that a replay overwrote, unless it is copied out, for the
+    decoder's parameters as for the encoder's."""
     model = small_model(setting, implementation)
     reference = copy.deepcopy(model)
     reference.config.encoder_compile = "off"
-    losses, gradients = train(model, steps=2, accumulation=3)
-    eager_losses, eager_gradients = train(reference, steps=2, accumulation=3)
+    losses, gradients, evaluation = train(model, steps=2, accumulation=3)
+    eager_losses, eager_gradients, eager_evaluation = train(reference, steps=2, accumulation=3)
+    training_mode = "reduce-overhead" if setting == "cuda_graphs" else "default"
+    assert {variant[0] for variant in model.decoder.compile_report.seen} == {training_mode, "reduce-overhead"}
+    assert not reference.decoder.compile_report.seen
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(evaluation), torch.tensor(eager_evaluation), rtol=1e-4, atol=1e-5)
     assert gradients.keys() == eager_gradients.keys()
     for name, gradient in gradients.items():
         assert relative_error(gradient, eager_gradients[name]) < 1e-3, name
@@ -86,18 +104,20 @@ def test_training_with_gradient_accumulation_equals_eager(setting, implementatio
 
 
 def test_a_variable_length_epoch_compiles_once_per_bucket(monkeypatch):
-    """Twenty lengths in four buckets (640, 768, 896, 1024), training steps: the layer compiles once per bucket
-    (every block shares it)."""
+    """Twenty input lengths in four buckets (640, 768, 896, 1024), targets of 9 and 10 tokens in turn (bucket 10) and
+    one of 13 (bucket 14), training steps: the encoder's layer compiles once per input bucket, the decoder's once per
+    pair of buckets (every block of a stack shares its layer), each in one graph."""
     backend = CountingBackend()
     monkeypatch.setattr(fast_path, "COMPILE_BACKEND", backend)
-    model = small_model("auto")
-    lengths = list(range(520, 1020, 25))
-    buckets = {length_bucket(n) for n in lengths}
-    assert buckets == {640, 768, 896, 1024}
-    train_model = model.train()
-    for seed, n in enumerate(lengths):
-        train_model(**micro_batch(n, seed)).loss.backward()
-    assert backend.graphs == len(buckets)
+    model = small_model("auto").train()
+    lengths = [(n, (9, 10)[i % 2]) for i, n in enumerate(range(520, 1020, 25))] + [(1000, 13)]
+    buckets = {length_bucket(n) for n, _ in lengths}
+    pairs = {(length_bucket(n), length_bucket(t)) for n, t in lengths}
+    assert buckets == {640, 768, 896, 1024} and len(pairs) == 5
+    for seed, (n, target_length) in enumerate(lengths):
+        model(**micro_batch(n, seed, target_length)).loss.backward()
+    assert backend.graphs == len(buckets) + len(pairs)
+    assert len(model.decoder.compile_report.seen) == len(pairs)
 
 
 @pytest.mark.parametrize("implementation", ["flex_attention", "sdpa"])
@@ -113,6 +133,7 @@ def test_generate_takes_the_fast_path_and_gives_the_eager_tokens(implementation)
         fast = model.generate(**inputs, max_new_tokens=10, do_sample=False)
         assert hasattr(model, "_compiled_call")  # the decoding step went through torch.compile
         assert model.encoder.compile_report.seen  # and the encoder's layer too
+        assert not model.decoder.compile_report.seen  # the decoder's steps: generate's own compiled step
         eager = reference.generate(**inputs, max_new_tokens=10, do_sample=False)
     assert not hasattr(reference, "_compiled_call")
     torch.testing.assert_close(fast, eager, rtol=0, atol=0)
@@ -125,9 +146,9 @@ def test_the_command_trains_evaluates_and_generates_on_the_fast_path(tmp_path, m
 
     from colt5_hf import modeling_colt5
 
-    calls = []  # the modes the encoder's compiled layer was asked for
-    compiled_layer = modeling_colt5.compiled_encoder_layer
-    monkeypatch.setattr(modeling_colt5, "compiled_encoder_layer",
+    calls = []  # the modes the compiled layers (encoder's and decoder's) were asked for
+    compiled_layer = modeling_colt5.compiled_layer
+    monkeypatch.setattr(modeling_colt5, "compiled_layer",
                         lambda layer, mode: calls.append(mode) or compiled_layer(layer, mode))
     output = tmp_path / "run"
     assert main(["train", "--model", "colt5-tiny", "--demo-task", "--demo-length", "600", "--steps", "2",

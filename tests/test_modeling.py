@@ -329,6 +329,32 @@ def test_decoder_full_forward_equals_cached_step_by_step_decoding(cross_attentio
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, **REORDERED_FLOAT32)
 
 
+@pytest.mark.parametrize("model_class", [CoLT5ForConditionalGeneration, CoLT5Model])
+@torch.no_grad()
+def test_loss_and_training_forwards_fill_no_cache_unless_asked(model_class):
+    """A cache serves decoding after the call: a forward with labels (training, an evaluation loss) or in training
+    mode fills none unless asked (use_cache=True); an inference forward without labels returns one, as T5's. The
+    outputs are the same either way."""
+    model = build(model_class)
+    input_ids, attention_mask = padded_batch()
+    decoder_input_ids = decoder_ids(3, 6)
+
+    def forward(**kwargs):
+        outputs = model(input_ids, attention_mask, decoder_input_ids=decoder_input_ids, **kwargs)
+        cache = getattr(outputs, modeling_colt5.CACHE_FIELD)
+        return outputs[0 if model_class is CoLT5Model else "logits"], None if cache is None else cache.get_seq_length()
+
+    cached, length = forward()
+    assert length == 6
+    if model_class is CoLT5ForConditionalGeneration:
+        assert forward(labels=decoder_input_ids)[1] is None
+        assert forward(labels=decoder_input_ids, use_cache=True)[1] == 6
+    model.train()
+    uncached, length = forward()
+    assert length is None and forward(use_cache=True)[1] == 6
+    torch.testing.assert_close(uncached, cached, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------- outputs
 
 
