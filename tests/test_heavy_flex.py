@@ -1,0 +1,127 @@
+"""The heavy attention through flex attention (colt5_hf/heavy_flex_attention.py) on the CPU, against dense attention
+with the bias gathered per pair and against the model's eager heavy attention: outputs and the gradients of queries,
+keys, values and the bias table, with invalid keys, query and key counts that are no multiple of flex attention's
+block, batches. The CUDA counterparts (fused kernels, bf16, memory growth) are in test_gpu.py.
+
+Flex attention runs here in its eager form, which computes the dense scores (the fused kernels run on CUDA only).
+torch refuses flex attention's backward on the CPU for inputs that take a gradient (its compiled CPU kernels have
+none); the eager form's backward runs all the same, so the tests that take gradients of q, k and v lift that check
+(`cpu_flex_backward`).
+"""
+
+import pytest
+import torch
+import torch.nn.attention.flex_attention as flex_module
+
+from colt5_hf.heavy_flex_attention import BLOCK, heavy_flex_attention, valid_key_block_mask
+from colt5_hf.t5_attention import offset_buckets, relative_position_bucket
+from tiny import CountingBackend
+
+
+NUM_BUCKETS, MAX_DISTANCE = 8, 12  # few buckets, a short reach: near, logarithmic and far buckets at these lengths
+
+
+@pytest.fixture
+def cpu_flex_backward(monkeypatch):
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+
+
+def test_offset_buckets_give_the_bucket_of_every_offset():
+    table = offset_buckets(32, 128)
+    offsets = torch.arange(-1000, 1001)
+    expected = relative_position_bucket(offsets, True, 32, 128)
+    assert table.dtype == torch.int32 and table.shape == (257,)
+    assert torch.equal(table[offsets.clamp(-128, 128) + 128].long(), expected)
+
+
+def routed_inputs(b=3, heads=2, m=130, m_kv=150, n=400, d=8, dtype=torch.float64, seed=0):
+    """Query and key slots of routed tokens: sorted distinct positions in [0, n) per sample, keys invalid at the end
+    of sample 1, and in the middle and at the end of sample 2 (the function takes any pattern). m and m_kv span two
+    of flex attention's blocks, the second one partly."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def positions(count):
+        return torch.stack([torch.randperm(n, generator=generator)[:count].sort().values for _ in range(b)])
+
+    kv_valid = torch.ones(b, m_kv, dtype=torch.bool)
+    kv_valid[1, 100:] = False
+    kv_valid[2, 3] = False
+    kv_valid[2, 140:] = False
+    query, key, value = (torch.randn(b, heads, count, d, generator=generator, dtype=dtype) for count in (m, m_kv, m_kv))
+    table = torch.randn(NUM_BUCKETS, heads, generator=generator, dtype=dtype)
+    return query, key, value, positions(m), positions(m_kv), kv_valid, table
+
+
+def dense_reference(query, key, value, q_positions, kv_positions, kv_valid, table):
+    """softmax(q k^T + table[bucket(kv - q)]) v, the bias gathered for every pair, invalid keys excluded."""
+    bucket = relative_position_bucket(kv_positions[:, None, :] - q_positions[:, :, None], True, NUM_BUCKETS,
+                                      MAX_DISTANCE)  # (b, m, m_kv)
+    scores = query @ key.transpose(-1, -2) + table.t()[:, bucket].transpose(0, 1)
+    return scores.masked_fill(~kv_valid[:, None, None, :], float("-inf")).softmax(-1) @ value
+
+
+@pytest.mark.parametrize("table_gradient", [True, False])
+def test_heavy_flex_attention_matches_dense_attention(table_gradient, cpu_flex_backward):
+    """In float64 the function equals dense attention to rounding, outputs and the gradients of q, k, v and (where it
+    takes one, through copies of the bias rows per group of queries) the bias table."""
+    query, key, value, q_positions, kv_positions, kv_valid, table = routed_inputs()
+    assert (kv_positions[:, None, :] - q_positions[:, :, None]).abs().max() > MAX_DISTANCE  # far pairs present
+    inputs = [query, key, value] + ([table] if table_gradient else [])
+    for tensor in inputs:
+        tensor.requires_grad_()
+    out = heavy_flex_attention(query, key, value, q_positions, kv_positions, kv_valid, table,
+                               offset_buckets(NUM_BUCKETS, MAX_DISTANCE))
+    expected = dense_reference(query, key, value, q_positions, kv_positions, kv_valid, table)
+    assert out.shape == expected.shape == query.shape
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, upstream)
+    expected_grads = torch.autograd.grad(expected, inputs, upstream)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert expected_grad.norm() > 0
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
+
+
+def test_heavy_flex_attention_gives_zero_where_no_key_is_valid():
+    query, key, value, q_positions, kv_positions, kv_valid, table = routed_inputs(m=5, m_kv=7)
+    kv_valid[1] = False
+    out = heavy_flex_attention(query, key, value, q_positions, kv_positions, kv_valid, table,
+                               offset_buckets(NUM_BUCKETS, MAX_DISTANCE))
+    assert (out[1] == 0).all() and (out[[0, 2]].abs().sum(-1) > 0).all()
+    expected = dense_reference(query, key, value, q_positions, kv_positions, kv_valid, table)
+    torch.testing.assert_close(out[[0, 2]], expected[[0, 2]], rtol=1e-12, atol=1e-12)
+
+
+def test_valid_key_block_mask_visits_the_blocks_up_to_the_last_valid_key():
+    """The fused kernels skip what the block mask leaves out (the eager form ignores it): every query block of a
+    sample visits exactly its key blocks up to the one holding its last valid key, in the key direction and in the
+    transposed one the backward reads."""
+    m_kv, q_length, kv_length = 300, 2 * BLOCK, 3 * BLOCK
+    kv_valid = torch.zeros(4, m_kv, dtype=torch.bool)
+    kv_valid[0] = True  # three blocks, the last one partly
+    kv_valid[1, :BLOCK] = True  # exactly one block
+    kv_valid[2, [5, BLOCK + 1]] = True  # a hole-ridden sample: its last valid key in block 1
+    expected_blocks = torch.tensor([3, 1, 2, 0])  # sample 3: no valid key, no block
+    mask = valid_key_block_mask(kv_valid, q_length, kv_length)
+    assert mask.seq_lengths == (q_length, kv_length)
+    visited = torch.arange(3) < expected_blocks[:, None]  # (b, key blocks)
+    assert torch.equal(mask.to_dense(), visited[:, None, None, :].expand(4, 1, 2, 3).int())
+    assert torch.equal(mask.q_num_blocks, (visited.int() * 2)[:, None, :])  # each visited key block: both query blocks
+
+
+def test_heavy_flex_attention_traces_into_one_graph():
+    """Inside torch.compile (the encoder's compiled blocks) the function, its block mask and its score modification
+    trace into one graph without a break; the valid keys are an input of the graph, not constants baked into it.
+    Forward only, as the model runs it on the CPU never."""
+    query, key, value, q_positions, kv_positions, kv_valid, table = routed_inputs(dtype=torch.float32)
+    buckets = offset_buckets(NUM_BUCKETS, MAX_DISTANCE)
+    backend = CountingBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(heavy_flex_attention, fullgraph=True, dynamic=False, backend=backend)
+    with torch.no_grad():
+        for valid_until in (150, 60):
+            kv_valid[0, valid_until:] = False
+            out = compiled(query, key, value, q_positions, kv_positions, kv_valid, table, buckets)
+            expected = dense_reference(query, key, value, q_positions, kv_positions, kv_valid, table)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert backend.graphs == 1
