@@ -130,7 +130,8 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
 # Transformers' attention functions, with CoLT5's own under the implementations it supports: they take a bias that
 # holds the relative position bias and the mask, and queries with any dims between batch and length (the light
 # attention's blocks, the cross-attention's query heads folded per key/value head). "flex_attention" runs the light
-# attention's band through flex attention (CoLT5LocalAttention) and every dense attention through SDPA.
+# attention's band and, on CUDA without dropout, the heavy attention (its bias computed inside the kernel) through flex
+# attention (CoLT5LocalAttention, CoLT5HeavyAttention), and every other dense attention through SDPA.
 ALL_ATTENTION_FUNCTIONS = AttentionInterface()
 ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_attention_forward
 ALL_ATTENTION_FUNCTIONS["flex_attention"] = sdpa_attention_forward

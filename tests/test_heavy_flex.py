@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.nn.attention.flex_attention as flex_module
 
+from colt5_hf import CoLT5EncoderModel, modeling_colt5
 from colt5_hf.heavy_flex_attention import BLOCK, heavy_flex_attention, valid_key_block_mask
+from colt5_hf.modeling_colt5 import CoLT5HeavyAttention
 from colt5_hf.t5_attention import offset_buckets, relative_position_bucket
-from tiny import CountingBackend
+from tiny import CountingBackend, relative_error, tiny_config
 
 
 NUM_BUCKETS, MAX_DISTANCE = 8, 12  # few buckets, a short reach: near, logarithmic and far buckets at these lengths
@@ -24,6 +26,26 @@ NUM_BUCKETS, MAX_DISTANCE = 8, 12  # few buckets, a short reach: near, logarithm
 @pytest.fixture
 def cpu_flex_backward(monkeypatch):
     monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+
+
+@pytest.fixture
+def flex_on_cpu(monkeypatch, cpu_flex_backward):
+    """The model takes heavy_flex_attention on the CPU too (by default on CUDA only); calls counted."""
+    calls = {"flex": 0, "position_bias": 0}
+    flex, position_bias = modeling_colt5.heavy_flex_attention, CoLT5HeavyAttention.position_bias
+
+    def counted_flex(*args, **kwargs):
+        calls["flex"] += 1
+        return flex(*args, **kwargs)
+
+    def counted_position_bias(*args, **kwargs):
+        calls["position_bias"] += 1
+        return position_bias(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_colt5, "HEAVY_FLEX_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(modeling_colt5, "heavy_flex_attention", counted_flex)
+    monkeypatch.setattr(CoLT5HeavyAttention, "position_bias", counted_position_bias)
+    return calls
 
 
 def test_offset_buckets_give_the_bucket_of_every_offset():
@@ -107,6 +129,52 @@ def test_valid_key_block_mask_visits_the_blocks_up_to_the_last_valid_key():
     visited = torch.arange(3) < expected_blocks[:, None]  # (b, key blocks)
     assert torch.equal(mask.to_dense(), visited[:, None, None, :].expand(4, 1, 2, 3).int())
     assert torch.equal(mask.q_num_blocks, (visited.int() * 2)[:, None, :])  # each visited key block: both query blocks
+
+
+def encoder_outputs(model, implementation, input_ids, attention_mask, upstream):
+    model.config._attn_implementation = implementation
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    (out * upstream).sum().backward()
+    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_encoder_under_flex_attention_matches_eager(training, flex_on_cpu):
+    """A tiny encoder whose heavy attention takes heavy_flex_attention (every layer; the bias never built) equals the
+    eager one: outputs at real tokens and every parameter's gradient, the relative position bias table's among them.
+    Half the tokens routed as queries and three quarters as keys: 151 and 226 slots, two flex blocks each; a padded
+    sample with fewer valid slots."""
+    torch.manual_seed(0)
+    config = tiny_config(attention_q_fraction=0.5, attention_kv_fraction=0.75, relative_attention_num_buckets=8,
+                         relative_attention_max_distance=12)
+    model = CoLT5EncoderModel(config).train(training)
+    n = 301
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(2, config.vocab_size, (2, n), generator=generator)
+    attention_mask = torch.ones(2, n, dtype=torch.long)
+    attention_mask[1, 190:] = 0
+    upstream = torch.randn(2, n, config.d_model, generator=generator) * attention_mask[..., None]
+    eager_out, eager_grads = encoder_outputs(model, "eager", input_ids, attention_mask, upstream)
+    assert flex_on_cpu == {"flex": 0, "position_bias": config.num_layers}
+    flex_out, flex_grads = encoder_outputs(model, "flex_attention", input_ids, attention_mask, upstream)
+    assert flex_on_cpu == {"flex": config.num_layers, "position_bias": config.num_layers}
+    real = attention_mask.bool()
+    assert relative_error(flex_out[real], eager_out[real]) < 1e-5
+    assert flex_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        assert grad.norm() > 0, name
+        assert relative_error(flex_grads[name], grad) < 1e-4, name
+
+
+def test_heavy_attention_with_dropout_keeps_the_materialised_bias(flex_on_cpu):
+    """Flex attention has no dropout: in training with dropout the heavy attention runs as under SDPA."""
+    model = CoLT5EncoderModel(tiny_config(dropout_rate=0.1)).train()
+    model.config._attn_implementation = "flex_attention"
+    model(input_ids=torch.randint(2, 384, (1, 40)))
+    assert flex_on_cpu == {"flex": 0, "position_bias": model.config.num_layers}
+    model.eval()(input_ids=torch.randint(2, 384, (1, 40)))
+    assert flex_on_cpu["flex"] == model.config.num_layers
 
 
 def test_heavy_flex_attention_traces_into_one_graph():
