@@ -6,10 +6,10 @@ mask skips the key blocks past each sample's last valid key. Inside a compiled r
 mask are traced in place.
 """
 
+import functools
+
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-from .flex_local_attention import compiled_flex_attention
 
 
 BLOCK = 128  # flex attention's query and key blocks: the routed queries and keys are padded to a multiple of it
@@ -31,6 +31,20 @@ def valid_key_block_mask(kv_valid, q_length: int, kv_length: int):
     kv_indices = torch.arange(kv_blocks, device=kv_valid.device, dtype=torch.int32).expand(b, 1, q_blocks, kv_blocks)
     return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices.contiguous(), BLOCK_SIZE=BLOCK,
                                     seq_lengths=(q_length, kv_length))
+
+
+def heavy_flex_call(query, key, value, score_mod, block_mask, kernel_options):
+    return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=1.0,
+                          kernel_options=kernel_options)
+
+
+@functools.cache
+def compiled_heavy_flex_call():
+    """`heavy_flex_call` compiled: Dynamo keeps its graphs, and counts recompilations against its limit (8), per
+    function. Compiled apart from flex_local_attention's flex attention, the heavy attention's shapes and grad modes do
+    not take that function's places: past the limit flex attention would run its eager form, which writes the dense
+    scores."""
+    return torch.compile(heavy_flex_call)
 
 
 def heavy_flex_attention(query, key, value, q_positions, kv_positions, kv_valid, bias_table, offset_bucket,
@@ -71,11 +85,9 @@ def heavy_flex_attention(query, key, value, q_positions, kv_positions, kv_valid,
         visible = kv_valid[batch, kv_slot] & (kv_index <= kv_last)
         return torch.where(visible, score + bias, float("-inf"))
 
-    if torch.compiler.is_compiling():
-        attention = flex_attention  # traced into the outer graph; a separately compiled one would break it
-    else:
-        attention = compiled_flex_attention() if query.is_cuda else flex_attention
+    # inside an outer torch.compile flex attention is traced into its graph (a separately compiled one would break it)
+    compiled = query.is_cuda and not torch.compiler.is_compiling()
+    attention = compiled_heavy_flex_call() if compiled else heavy_flex_call
     block_mask = valid_key_block_mask(kv_valid, q_length, kv_length)
-    out = attention(query, key, value, score_mod=relative_bias, block_mask=block_mask, scale=1.0,
-                    kernel_options=kernel_options or {})
+    out = attention(query, key, value, relative_bias, block_mask, kernel_options or {})
     return out[:, :, :m]
