@@ -309,8 +309,8 @@ class CoLT5HeavyAttention(nn.Module):
             )
 
         if use_flex:  # the bias computed inside the kernel: nothing of shape (b, h, m, m_kv) is written
-            out = heavy_flex_attention(
-                query, key, value, q_positions, kv_positions, kv_valid, attention_weight, offset_bucket
+            out = heavy_flex_attention(  # each sample's valid key slots come first
+                query, key, value, q_positions, kv_positions, kv_valid.sum(-1), attention_weight, offset_bucket
             )
         else:
             bias = self.position_bias(q_routing, kv_routing, attention_weight)

@@ -57,43 +57,42 @@ def test_offset_buckets_give_the_bucket_of_every_offset():
 
 
 def routed_inputs(b=3, heads=2, m=130, m_kv=150, n=400, d=8, dtype=torch.float64, seed=0):
-    """Query and key slots of routed tokens: sorted distinct positions in [0, n) per sample, keys invalid at the end
-    of sample 1, and in the middle and at the end of sample 2 (the function takes any pattern). m and m_kv span two
-    of flex attention's blocks, the second one partly."""
+    """Query and key slots of routed tokens: sorted distinct positions in [0, n) per sample; every key slot valid in
+    sample 0, the first 100 in sample 1, the first 129 in sample 2 (the valid slots come first, as a router's). m and
+    m_kv span two of flex attention's blocks, the second one partly; sample 2's valid keys end just inside it."""
     generator = torch.Generator().manual_seed(seed)
 
     def positions(count):
         return torch.stack([torch.randperm(n, generator=generator)[:count].sort().values for _ in range(b)])
 
-    kv_valid = torch.ones(b, m_kv, dtype=torch.bool)
-    kv_valid[1, 100:] = False
-    kv_valid[2, 3] = False
-    kv_valid[2, 140:] = False
+    kv_count = torch.tensor([m_kv, 100, 129][:b]).clamp(max=m_kv)
     query, key, value = (torch.randn(b, heads, count, d, generator=generator, dtype=dtype) for count in (m, m_kv, m_kv))
     table = torch.randn(NUM_BUCKETS, heads, generator=generator, dtype=dtype)
-    return query, key, value, positions(m), positions(m_kv), kv_valid, table
+    return query, key, value, positions(m), positions(m_kv), kv_count, table
 
 
-def dense_reference(query, key, value, q_positions, kv_positions, kv_valid, table):
-    """softmax(q k^T + table[bucket(kv - q)]) v, the bias gathered for every pair, invalid keys excluded."""
+def dense_reference(query, key, value, q_positions, kv_positions, kv_count, table):
+    """softmax(q k^T + table[bucket(kv - q)]) v, the bias gathered for every pair, key slots past the count
+    excluded."""
     bucket = relative_position_bucket(kv_positions[:, None, :] - q_positions[:, :, None], True, NUM_BUCKETS,
                                       MAX_DISTANCE)  # (b, m, m_kv)
     scores = query @ key.transpose(-1, -2) + table.t()[:, bucket].transpose(0, 1)
-    return scores.masked_fill(~kv_valid[:, None, None, :], float("-inf")).softmax(-1) @ value
+    valid = torch.arange(key.shape[-2]) < kv_count[:, None]
+    return scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1) @ value
 
 
 @pytest.mark.parametrize("table_gradient", [True, False])
 def test_heavy_flex_attention_matches_dense_attention(table_gradient, cpu_flex_backward):
     """In float64 the function equals dense attention to rounding, outputs and the gradients of q, k, v and (where it
     takes one, through copies of the bias rows per group of queries) the bias table."""
-    query, key, value, q_positions, kv_positions, kv_valid, table = routed_inputs()
+    query, key, value, q_positions, kv_positions, kv_count, table = routed_inputs()
     assert (kv_positions[:, None, :] - q_positions[:, :, None]).abs().max() > MAX_DISTANCE  # far pairs present
     inputs = [query, key, value] + ([table] if table_gradient else [])
     for tensor in inputs:
         tensor.requires_grad_()
-    out = heavy_flex_attention(query, key, value, q_positions, kv_positions, kv_valid, table,
+    out = heavy_flex_attention(query, key, value, q_positions, kv_positions, kv_count, table,
                                offset_buckets(NUM_BUCKETS, MAX_DISTANCE))
-    expected = dense_reference(query, key, value, q_positions, kv_positions, kv_valid, table)
+    expected = dense_reference(query, key, value, q_positions, kv_positions, kv_count, table)
     assert out.shape == expected.shape == query.shape
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     upstream = torch.randn_like(out)
@@ -105,26 +104,23 @@ def test_heavy_flex_attention_matches_dense_attention(table_gradient, cpu_flex_b
 
 
 def test_heavy_flex_attention_gives_zero_where_no_key_is_valid():
-    query, key, value, q_positions, kv_positions, kv_valid, table = routed_inputs(m=5, m_kv=7)
-    kv_valid[1] = False
-    out = heavy_flex_attention(query, key, value, q_positions, kv_positions, kv_valid, table,
+    query, key, value, q_positions, kv_positions, kv_count, table = routed_inputs(m=5, m_kv=7)
+    kv_count[1] = 0
+    out = heavy_flex_attention(query, key, value, q_positions, kv_positions, kv_count, table,
                                offset_buckets(NUM_BUCKETS, MAX_DISTANCE))
     assert (out[1] == 0).all() and (out[[0, 2]].abs().sum(-1) > 0).all()
-    expected = dense_reference(query, key, value, q_positions, kv_positions, kv_valid, table)
+    expected = dense_reference(query, key, value, q_positions, kv_positions, kv_count, table)
     torch.testing.assert_close(out[[0, 2]], expected[[0, 2]], rtol=1e-12, atol=1e-12)
 
 
-def test_valid_key_block_mask_visits_the_blocks_up_to_the_last_valid_key():
+def test_valid_key_block_mask_visits_the_blocks_of_the_valid_keys():
     """The fused kernels skip what the block mask leaves out (the eager form ignores it): every query block of a
-    sample visits exactly its key blocks up to the one holding its last valid key, in the key direction and in the
-    transposed one the backward reads."""
-    m_kv, q_length, kv_length = 300, 2 * BLOCK, 3 * BLOCK
-    kv_valid = torch.zeros(4, m_kv, dtype=torch.bool)
-    kv_valid[0] = True  # three blocks, the last one partly
-    kv_valid[1, :BLOCK] = True  # exactly one block
-    kv_valid[2, [5, BLOCK + 1]] = True  # a hole-ridden sample: its last valid key in block 1
-    expected_blocks = torch.tensor([3, 1, 2, 0])  # sample 3: no valid key, no block
-    mask = valid_key_block_mask(kv_valid, q_length, kv_length)
+    sample visits exactly the key blocks holding its valid key slots, in the key direction and in the transposed one
+    the backward reads."""
+    q_length, kv_length = 2 * BLOCK, 3 * BLOCK
+    kv_count = torch.tensor([300, BLOCK, BLOCK + 2, 0])  # 3 blocks, the last partly; exactly 1; 2; none
+    expected_blocks = torch.tensor([3, 1, 2, 0])
+    mask = valid_key_block_mask(kv_count, q_length, kv_length)
     assert mask.seq_lengths == (q_length, kv_length)
     visited = torch.arange(3) < expected_blocks[:, None]  # (b, key blocks)
     assert torch.equal(mask.to_dense(), visited[:, None, None, :].expand(4, 1, 2, 3).int())
@@ -179,17 +175,17 @@ def test_heavy_attention_with_dropout_keeps_the_materialised_bias(flex_on_cpu):
 
 def test_heavy_flex_attention_traces_into_one_graph():
     """Inside torch.compile (the encoder's compiled blocks) the function, its block mask and its score modification
-    trace into one graph without a break; the valid keys are an input of the graph, not constants baked into it.
+    trace into one graph without a break; the valid key counts are an input of the graph, not constants baked into it.
     Forward only, as the model runs it on the CPU never."""
-    query, key, value, q_positions, kv_positions, kv_valid, table = routed_inputs(dtype=torch.float32)
+    query, key, value, q_positions, kv_positions, kv_count, table = routed_inputs(dtype=torch.float32)
     buckets = offset_buckets(NUM_BUCKETS, MAX_DISTANCE)
     backend = CountingBackend("aot_eager")
     torch._dynamo.reset()
     compiled = torch.compile(heavy_flex_attention, fullgraph=True, dynamic=False, backend=backend)
     with torch.no_grad():
-        for valid_until in (150, 60):
-            kv_valid[0, valid_until:] = False
-            out = compiled(query, key, value, q_positions, kv_positions, kv_valid, table, buckets)
-            expected = dense_reference(query, key, value, q_positions, kv_positions, kv_valid, table)
+        for count in (150, 60):
+            kv_count[0] = count
+            out = compiled(query, key, value, q_positions, kv_positions, kv_count, table, buckets)
+            expected = dense_reference(query, key, value, q_positions, kv_positions, kv_count, table)
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert backend.graphs == 1
