@@ -76,7 +76,8 @@ def heavy_flex_attention(query, key, value, q_positions, kv_positions, kv_count,
     # own, where a lookup would be inlined into the attention kernel, bucket arithmetic per score, beyond the shared
     # memory of every kernel configuration at d_kv 64 (torch 2.11)
     dtype = torch.promote_types(bias_table.dtype, torch.float32)
-    one_hot = F.one_hot(offset_bucket.long(), bias_table.shape[0]).to(dtype)  # (2 reach + 1, buckets)
+    # (2 reach + 1, buckets); compared, not F.one_hot, whose check of the buckets' range waits for the GPU
+    one_hot = (offset_bucket[:, None] == torch.arange(bias_table.shape[0], device=offset_bucket.device)).to(dtype)
     rows = bias_table.to(dtype).t() @ one_hot.t()
     groups = q_length // BIAS_GROUP if rows.requires_grad else 1
     rows = rows[:, None, :].expand(h, groups, -1).contiguous()  # (h, groups, 2 reach + 1)
