@@ -2,9 +2,16 @@
 step, no gradients) and for a training step (forward and backward of the seq2seq loss on 128 target tokens; gradients in
 bf16, optimizer state not included: it does not grow with the input, see `params GiB`). Lengths are searched by doubling
 from --start until a step runs out of memory (or fails otherwise), then by bisection down to --resolution of the
-longest good length. Prints a table and writes limits.json to $OUT (or benchmarks/out).
+longest good length. Each trial records its peak and its wall time (which includes compiling flex attention for a new
+shape); the longest good length then runs once more, warm, for the time per step. Prints a table and writes
+limits.json to $OUT (or benchmarks/out).
 
     python benchmarks/limits.py [--presets base large xl] [--modes inference training] [--budget-s 100]
+
+Under flex_attention (the default) the heavy attention computes its bias inside the kernel, so inference memory grows
+linearly with the input; the longest inference input of colt5-large, say, from 131072 tokens on:
+
+    python benchmarks/limits.py --presets large --modes inference --start 131072 --budget-s 420
 """
 
 import argparse
@@ -30,12 +37,13 @@ def build(preset, implementation):
 
 
 def step(model, mode, length):
-    """One step at `length` input tokens; returns its peak allocated GiB."""
+    """One step at `length` input tokens; returns its peak allocated GiB and its wall seconds."""
     vocab = model.config.vocab_size
     input_ids = torch.randint(2, vocab, (1, length), device="cuda")
     labels = torch.randint(2, vocab, (1, TARGET_LENGTH), device="cuda")
     free_memory()
     torch.cuda.reset_peak_memory_stats()
+    began = time.perf_counter()
     if mode == "inference":
         with torch.no_grad():
             model.eval()(input_ids=input_ids, decoder_input_ids=labels[:, :1])
@@ -43,7 +51,7 @@ def step(model, mode, length):
         model.train()(input_ids=input_ids, labels=labels).loss.backward()
         model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
+    return torch.cuda.max_memory_allocated() / 2**30, time.perf_counter() - began
 
 
 def search(model, mode, start, resolution, budget_s, longest):
@@ -54,9 +62,9 @@ def search(model, mode, start, resolution, budget_s, longest):
     def attempt(length):
         nonlocal good, good_peak, bad, failure
         try:
-            peak = step(model, mode, length)
+            peak, seconds = step(model, mode, length)
             good, good_peak = length, peak
-            trials.append({"length": length, "peak_gib": round(peak, 2)})
+            trials.append({"length": length, "peak_gib": round(peak, 2), "seconds": round(seconds, 2)})
             return True
         except Exception as error:  # noqa: BLE001 - out of memory is the expected end of the search
             model.zero_grad(set_to_none=True)
@@ -99,10 +107,19 @@ def main():
         for mode in args.modes:
             good, peak, bad, failure, trials = search(model, mode, args.start, args.resolution, args.budget_s,
                                                       args.longest)
+            step_s = None
+            if good is not None:  # warm: compiled for this shape in the search
+                try:
+                    step_s = round(step(model, mode, good)[1], 3)
+                except Exception as error:  # noqa: BLE001 - a repeat that fails (fragmentation) is reported, not fatal
+                    step_s = error_text(error)
+                finally:
+                    model.zero_grad(set_to_none=True)
+                    free_memory()
             record = {"preset": preset, "mode": mode, "implementation": args.implementation,
                       "gradient_checkpointing": args.gradient_checkpointing,
                       "params_gib": round(params_gib, 2), "longest": good, "peak_gib": peak and round(peak, 2),
-                      "first_failure": bad, "failure": failure, "trials": trials}
+                      "step_s": step_s, "first_failure": bad, "failure": failure, "trials": trials}
             records.append(record)
             print(json.dumps(record), flush=True)
             (out_dir() / "limits.json").write_text(json.dumps({"environment": info, "records": records}, indent=1))
@@ -110,11 +127,12 @@ def main():
         free_memory()
     print(f"\n{info['device']} ({info.get('gpu_memory_gib')} GiB), batch 1, bf16, {args.implementation}"
           + (", gradient checkpointing" if args.gradient_checkpointing else ""))
-    print(f"{'preset':7s} {'mode':10s} {'params GiB':>10s} {'longest ok':>11s} {'peak GiB':>9s} {'first failure':>14s}"
-          f"  why")
+    print(f"{'preset':7s} {'mode':10s} {'params GiB':>10s} {'longest ok':>11s} {'peak GiB':>9s} {'s/step':>8s} "
+          f"{'first failure':>14s}  why")
     for r in records:
+        seconds = f"{r['step_s']:8.2f}" if isinstance(r["step_s"], float) else f"{'-':>8s}"
         print(f"{r['preset']:7s} {r['mode']:10s} {r['params_gib']:10.2f} {r['longest'] or 0:11d} "
-              f"{r['peak_gib'] or 0:9.2f} {r['first_failure'] or 0:14d}  {r['failure'] or 'not reached'}")
+              f"{r['peak_gib'] or 0:9.2f} {seconds} {r['first_failure'] or 0:14d}  {r['failure'] or 'not reached'}")
 
 
 if __name__ == "__main__":

@@ -51,14 +51,16 @@ from .t5_attention import (
     eager_attention_forward,
     fused_attention,
     mask_value,
+    offset_buckets,
     relative_position_bucket,
 )
 
 
-try:  # CUDA fast paths: flex attention for the light attention
+try:  # CUDA fast paths: flex attention for the light attention and for the heavy attention
     from .flex_local_attention import flex_local_attention
+    from .heavy_flex_attention import heavy_flex_attention
 except ImportError:
-    flex_local_attention = None
+    flex_local_attention = heavy_flex_attention = None
 
 try:  # Triton kernel for the gradient of the heavy attention's bias table
     from .heavy_bias_gradient_kernel import HeavyBiasGradient
@@ -67,6 +69,11 @@ except ImportError:
 
 
 logger = logging.get_logger(__name__)
+
+# Devices where the heavy attention under attn_implementation="flex_attention" takes heavy_flex_attention: flex
+# attention's fused kernels. Elsewhere its eager form would write the (b, h, m, m_kv) scores it exists to avoid (and on
+# the CPU it refuses a backward), so the heavy attention runs as under SDPA.
+HEAVY_FLEX_DEVICES = ("cuda",)
 
 # Transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; support both.
 CACHE_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
@@ -275,7 +282,9 @@ class CoLT5LocalAttention(nn.Module):
 
 class CoLT5HeavyAttention(nn.Module):
     """Heavy branch: full attention of the routed queries over the routed keys/values, with relative position bias
-    from the tokens' original positions. K and V are projections of s_kv * X; the output is scaled by s_q."""
+    from the tokens' original positions. K and V are projections of s_kv * X; the output is scaled by s_q. Under
+    attn_implementation="flex_attention" on CUDA (without dropout) the bias is computed inside the attention kernel
+    (`heavy_flex_attention`); elsewhere it is built as a (b, h, m, m_kv) tensor (`position_bias`)."""
 
     def __init__(self, config: CoLT5Config):
         super().__init__()
@@ -292,22 +301,31 @@ class CoLT5HeavyAttention(nn.Module):
         query, key, value = self.heads(hidden_states, q_routing, kv_routing)
         weight = bias_weight.to(hidden_states.dtype)
         dropout = self.config.dropout_rate if self.training else 0.0
+        use_flex = (
+            self.config._attn_implementation == "flex_attention" and heavy_flex_attention is not None
+            and query.device.type in HEAVY_FLEX_DEVICES and not dropout  # flex attention has no dropout
+        )
         # the bias table's gradient from its own kernel, the attention run without one (see HeavyBiasGradient)
         bias_gradient_kernel = HeavyBiasGradient is not None and HeavyBiasGradient.supports(
-            query, weight, dropout, fused_attention(self.config._attn_implementation, query.shape[-2]))
-        bias = self.position_bias(q_routing, kv_routing, weight.detach() if bias_gradient_kernel else weight)
-
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, _ = attention(self, query, key, value, bias, dropout=dropout)
-        if bias_gradient_kernel:
-            reach = self.config.relative_attention_max_distance  # offsets beyond share the bucket at +-reach
-            offset_bucket = relative_position_bucket(
-                torch.arange(-reach, reach + 1, device=query.device, dtype=torch.int32), bidirectional=True,
-                num_buckets=self.config.relative_attention_num_buckets, max_distance=reach,
+            query, weight, dropout, use_flex or fused_attention(self.config._attn_implementation, query.shape[-2]))
+        attention_weight = weight.detach() if bias_gradient_kernel else weight
+        q_positions, kv_positions, kv_valid = q_routing.indices[:, 0], kv_routing.indices[:, 0], kv_routing.valid[:, 0]
+        if bias_gradient_kernel or use_flex:
+            offset_bucket = offset_buckets(  # offsets beyond +-reach share the bucket at its end
+                self.config.relative_attention_num_buckets, self.config.relative_attention_max_distance, query.device
             )
+
+        if use_flex:  # the bias computed inside the kernel: nothing of shape (b, h, m, m_kv) is written
+            out = heavy_flex_attention(  # each sample's valid key slots come first
+                query, key, value, q_positions, kv_positions, kv_valid.sum(-1), attention_weight, offset_bucket
+            )
+        else:
+            bias = self.position_bias(q_routing, kv_routing, attention_weight)
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+            out, _ = attention(self, query, key, value, bias, dropout=dropout)
+        if bias_gradient_kernel:
             out = HeavyBiasGradient.apply(
-                out, query, key, value, q_routing.indices[:, 0], kv_routing.indices[:, 0], kv_routing.valid[:, 0],
-                weight, offset_bucket,
+                out, query, key, value, q_positions, kv_positions, kv_valid, weight, offset_bucket
             )
         return self.output(out, q_routing)  # (b, m, d), row j for position q_routing.indices[:, 0, j]
 

@@ -70,6 +70,14 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
     return bucket + torch.where(distance < exact, distance, far)
 
 
+def offset_buckets(num_buckets: int, max_distance: int, device=None):
+    """(2 max_distance + 1,) int32: the bidirectional bucket of each offset key - query = -max_distance..max_distance,
+    at offset + max_distance. Every offset beyond takes the bucket at its end (T5's buckets stop at max_distance), so
+    this table, indexed by the offset clamped to +-max_distance, is the bucket of any offset."""
+    offsets = torch.arange(-max_distance, max_distance + 1, device=device, dtype=torch.int32)
+    return relative_position_bucket(offsets, True, num_buckets, max_distance)
+
+
 SDPA_MIN_QUERIES = 64
 CHUNKED_MIN_KEYS = 1024  # from this many keys on, few queries take chunked_attention (measured at 16k and 64k keys)
 
@@ -122,7 +130,8 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
 # Transformers' attention functions, with CoLT5's own under the implementations it supports: they take a bias that
 # holds the relative position bias and the mask, and queries with any dims between batch and length (the light
 # attention's blocks, the cross-attention's query heads folded per key/value head). "flex_attention" runs the light
-# attention's band through flex attention (CoLT5LocalAttention) and every dense attention through SDPA.
+# attention's band and, on CUDA without dropout, the heavy attention (its bias computed inside the kernel) through flex
+# attention (CoLT5LocalAttention, CoLT5HeavyAttention), and every other dense attention through SDPA.
 ALL_ATTENTION_FUNCTIONS = AttentionInterface()
 ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_attention_forward
 ALL_ATTENTION_FUNCTIONS["flex_attention"] = sdpa_attention_forward

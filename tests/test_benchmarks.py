@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,3 +116,32 @@ def test_routing_tasks_writes_records_table_and_curves(tmp_path, monkeypatch):
     cut = {**preset, "seed": 7, "stopped": "unfinished", "steps_done": 2, "curve": preset["curve"][:2]}
     (tmp_path / "runs" / "160" / "order.preset.seed7.partial").write_text(json.dumps(cut))
     assert "| 160 | order | preset | 0/3 (of 4 steps; 1 cut at 2-2) |" in module.table(module.load_records(tmp_path))
+
+
+def test_limits_search_records_peaks_times_and_a_warm_step(tmp_path, monkeypatch, capsys):
+    """limits.py's search and table, its steps simulated (it needs a GPU): lengths double from --start until one fails,
+    then bisect; each trial records its peak and seconds, and the longest good length runs once more for the time per
+    step."""
+    limits = benchmark_module("limits", monkeypatch)
+    fits, calls = 300_000, []
+
+    def step(model, mode, length):
+        calls.append(length)
+        if length > fits:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return length / 2**20, length / 1e6
+
+    monkeypatch.setattr(limits, "step", step)
+    monkeypatch.setattr(limits, "build", lambda preset, implementation: torch.nn.Linear(2, 2))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["limits.py", "--presets", "large", "--modes", "inference", "--start", "65536",
+                                      "--resolution", "4096"])
+    limits.main()
+    (record,) = json.loads((tmp_path / "limits.json").read_text())["records"]
+    assert record["first_failure"] > fits >= record["longest"] > fits - max(4096, record["longest"] // 16)
+    assert record["implementation"] == "flex_attention" and record["step_s"] == round(record["longest"] / 1e6, 3)
+    assert calls[:4] == [65536, 131072, 262144, 524288] and calls[-1] == record["longest"]
+    for trial in record["trials"]:
+        assert ("error" in trial) == (trial["length"] > fits)
+        assert "error" in trial or trial["seconds"] == round(trial["length"] / 1e6, 2)
+    assert "s/step" in capsys.readouterr().out

@@ -7,6 +7,9 @@
 - the flex-attention light attention against the blocked eager light attention;
 - the heavy attention's bias lookup (heads first; gradient by the `bucket_sums` kernel) against F.embedding, and its
   bias table's gradient recomputed tile by tile (`heavy_bias_gradient_table`) against autograd in float64;
+- the heavy attention through flex attention, its bias computed inside the kernel (`heavy_flex_attention`), against
+  the eager heavy attention, forward and backward, and its memory growing linearly with the input where the eager
+  one's grows quadratically;
 - whole encoders under each attn_implementation against the eager one (also with 64 or more routed queries, where the
   heavy attention's bias gradient comes from its kernel), and with the fused routing against the same model with the
   eager coordinate-descent loop.
@@ -15,8 +18,8 @@
 import pytest
 import torch
 
-from colt5_hf import CoLT5Config, CoLT5EncoderModel, routing
-from colt5_hf.modeling_colt5 import CoLT5LocalAttention
+from colt5_hf import CoLT5Config, CoLT5EncoderModel, modeling_colt5, routing
+from colt5_hf.modeling_colt5 import CoLT5HeavyAttention, CoLT5LocalAttention
 from colt5_hf.t5_attention import bucket_bias, mask_value, relative_position_bucket
 from tiny import relative_error
 
@@ -271,6 +274,118 @@ def test_encoder_heavy_bias_gradient_kernel_matches_eager(implementation, monkey
 
     config = assert_fast_path_matches_eager(implementation, 2000, 1500, after_eager=no_kernel_calls)
     assert len(calls) == config.num_layers
+
+
+def random_routing(b, n, k, counts, generator):
+    """A RouterOutput of one route: per sample `counts[i]` valid slots at sorted distinct positions in [0, n) (the
+    valid slots first, as a router's), the rest invalid; weights in (0.5, 1.5) taking a gradient, 0 at invalid slots."""
+    indices = torch.stack([torch.randperm(n, generator=generator, device="cuda")[:k].sort().values for _ in range(b)])
+    valid = torch.arange(k, device="cuda") < torch.tensor(counts, device="cuda")[:, None]
+    weights = (torch.rand(b, k, generator=generator, device="cuda") + 0.5) * valid
+    return routing.RouterOutput(indices[:, None], weights[:, None].requires_grad_(), valid[:, None])
+
+
+def heavy_config(d_model, d_kv, heads):
+    """The heavy attention's shape: `heads` heavy heads of `d_kv` over `d_model`; T5's 32 buckets up to 128."""
+    return CoLT5Config(vocab_size=128, d_model=d_model, d_kv=d_kv, d_ff=128, num_layers=1, num_heads=4,
+                       num_light_heads=2, num_heavy_heads=heads, dropout_rate=0.0, encoder_compile="off")
+
+
+def heavy_inputs(config, n, seed, dtype):
+    """Hidden states (2, n, d_model) taking a gradient, the routings of n / 16 queries and n / 8 keys (the second
+    sample with fewer valid slots, as a padded one has) and a float32 bias table (buckets, heavy heads)."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    m, m_kv = n // 16, n // 8
+    hidden = torch.randn(2, n, config.d_model, generator=generator, device="cuda").to(dtype).requires_grad_()
+    q_routing = random_routing(2, n, m, [m, m // 2 + 1], generator)
+    kv_routing = random_routing(2, n, m_kv, [m_kv, m_kv // 3 + 1], generator)
+    table = torch.randn(config.relative_attention_num_buckets, config.num_heavy_heads, generator=generator,
+                        device="cuda", requires_grad=True)
+    return hidden, q_routing, kv_routing, table
+
+
+@pytest.mark.parametrize("heads, d_kv, dtype, n, table_gradient", [
+    (12, 64, torch.bfloat16, 4096, "kernel"),  # colt5-large's heavy heads
+    (2, 16, torch.float32, 3000, "kernel"),
+    (2, 16, torch.float32, 3000, "score modification"),
+    (3, 64, torch.bfloat16, 5000, "score modification"),
+])
+def test_heavy_flex_attention_matches_eager(heads, d_kv, dtype, n, table_gradient, monkeypatch):
+    """CoLT5HeavyAttention under flex_attention (its bias computed inside the kernel: `position_bias` never runs)
+    against the eager path: the output and the gradients of the projections, the hidden states, both routings'
+    weights and the bias table. The table's gradient from HeavyBiasGradient's kernel (counted), or, with the kernel
+    off, from flex attention's backward through the score modification. Routed counts that are no multiple of flex
+    attention's blocks at n = 3000 and 5000; invalid slots in the second sample."""
+    torch.manual_seed(n)
+    config = heavy_config(256, d_kv, heads)
+    layer = CoLT5HeavyAttention(config).cuda().to(dtype)
+    for linear in (layer.q, layer.k, layer.v, layer.o):
+        torch.nn.init.normal_(linear.weight, std=0.05)
+    hidden, q_routing, kv_routing, table = heavy_inputs(config, n, seed=n, dtype=dtype)
+    upstream = torch.randn(2, n // 16, config.d_model, device="cuda")
+    kernel_calls, kernel = [], heavy_bias_gradient_kernel.heavy_bias_gradient_table
+    monkeypatch.setattr(heavy_bias_gradient_kernel, "heavy_bias_gradient_table",
+                        lambda *args: kernel_calls.append(1) or kernel(*args))
+    if table_gradient == "score modification":
+        monkeypatch.setattr(modeling_colt5, "HeavyBiasGradient", None)
+
+    leaves = [*layer.parameters(), hidden, q_routing.weights, kv_routing.weights, table]
+    results = {}
+    for implementation in ("eager", "flex_attention"):
+        config._attn_implementation = implementation  # the layer reads it at every call
+        if implementation == "flex_attention":
+            monkeypatch.setattr(CoLT5HeavyAttention, "position_bias", None)  # a call would fail
+        for leaf in leaves:
+            leaf.grad = None
+        out = layer(hidden, q_routing, kv_routing, table)
+        (out.float() * upstream).sum().backward()
+        results[implementation] = (out.float(), [leaf.grad.float().clone() for leaf in leaves])
+    assert len(kernel_calls) == (table_gradient == "kernel")  # the flex pass's, the eager pass has none
+    tolerance = 2e-4 if dtype == torch.float32 else 3e-2
+    (eager_out, eager_grads), (flex_out, flex_grads) = results["eager"], results["flex_attention"]
+    assert relative_error(flex_out, eager_out) < tolerance
+    for index, (flex_grad, eager_grad) in enumerate(zip(flex_grads, eager_grads, strict=True)):
+        assert eager_grad.norm() > 0 and relative_error(flex_grad, eager_grad) < tolerance, index
+
+
+def heavy_peak_gib(layer, n, backward):
+    """Peak GiB allocated by one call of the heavy attention (and its backward) at n tokens, above what its inputs
+    hold."""
+    hidden, q_routing, kv_routing, table = heavy_inputs(layer.config, n, seed=0, dtype=torch.bfloat16)
+    upstream = torch.randn(2, n // 16, layer.config.d_model, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.set_grad_enabled(backward):
+        out = layer(hidden, q_routing, kv_routing, table)
+        if backward:
+            out.backward(upstream)
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+    del hidden, q_routing, kv_routing, table, upstream, out
+    layer.zero_grad(set_to_none=True)
+    return peak
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+def test_heavy_flex_attention_memory_grows_linearly(backward):
+    """The heavy attention of colt5-large's shape (12 heads of 64, d_model 1024), bf16, two samples, at 32768 and
+    65536 tokens: under flex_attention its peak memory doubles with the input (at most 2.5x), where the eager path's,
+    which builds the (b, h, n/16, n/8) bias, grows about fourfold (at least 3.2x: the measure sees it), and at 65536
+    tokens it stays under a tenth of the eager path's."""
+    config = heavy_config(1024, 64, 12)
+    layer = CoLT5HeavyAttention(config).cuda().to(torch.bfloat16)
+    peaks = {}
+    for implementation in ("flex_attention", "eager"):
+        config._attn_implementation = implementation
+        for n in (32768, 65536):  # flex attention compiles for these shapes outside the measurement
+            heavy_peak_gib(layer, n, backward)
+        peaks[implementation] = [heavy_peak_gib(layer, n, backward) for n in (32768, 65536)]
+    (flex_short, flex_long), (eager_short, eager_long) = peaks["flex_attention"], peaks["eager"]
+    assert eager_long / eager_short > 3.2, peaks
+    assert flex_long / flex_short < 2.5, peaks
+    assert flex_long < eager_long / 10, peaks
 
 
 def test_encoder_fused_routing_matches_eager_loop(monkeypatch):

@@ -94,10 +94,10 @@ def test_compiled_encoder_beyond_the_selection_kernels_rows_matches_eager():
 
 
 def test_compiled_training_with_the_heavy_bias_gradient_kernel_matches_eager(monkeypatch):
-    """At n = 2000 the heavy attention routes 125 queries: the compiled encoder runs it through SDPA with the bias
-    detached and the bias table's gradient from heavy_bias_gradient_kernel.HeavyBiasGradient, in one graph (its second Triton kernel
-    launched once per layer, counted at run time inside the custom op); outputs and gradients equal the eager
-    implementation's."""
+    """At n = 2000 the heavy attention routes 125 queries: the compiled encoder runs it through flex attention with the
+    bias table detached and the table's gradient from heavy_bias_gradient_kernel.HeavyBiasGradient, in one graph (its
+    second Triton kernel launched once per layer, counted at run time inside the custom op); outputs and gradients
+    equal the eager implementation's."""
     from colt5_hf import heavy_bias_gradient_kernel
 
     launches, kernel = [], heavy_bias_gradient_kernel._heavy_near_sums
@@ -126,6 +126,50 @@ def test_compiled_training_with_the_heavy_bias_gradient_kernel_matches_eager(mon
         assert eager_grads[name].norm() > 0 and relative_error(grads[name], eager_grads[name]) < 1e-3, name
     assert backend.graphs == 1
     assert len(launches) == encoder.config.num_layers
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_compiled_heavy_flex_attention_at_head_dim_64_matches_eager(training, monkeypatch):
+    """colt5-large's head dim (64), bf16, 4096 tokens (256 routed queries, 512 keys): the compiled encoder's heavy
+    attention is flex attention with its bias computed inside the kernel (`position_bias` never runs: a call would
+    fail), in one graph for inference (no-grad graphs) and for training, and equals the eager implementation."""
+    from colt5_hf.modeling_colt5 import CoLT5HeavyAttention
+
+    torch.manual_seed(0)
+    config = CoLT5Config(
+        vocab_size=128, d_model=256, d_kv=64, d_ff=256, num_layers=2, num_heads=4, num_light_heads=2,
+        num_heavy_heads=2, local_radius=127, min_routed_tokens=4, router_iterations=20, dropout_rate=0.0,
+        encoder_compile="off",
+    )
+    encoder = CoLT5EncoderModel(config).cuda().to(torch.bfloat16).encoder.train(training)
+    reference = copy.deepcopy(encoder)
+    reference.config._attn_implementation = "eager"
+    encoder.config._attn_implementation = "flex_attention"
+    backend = CountingBackend()
+    torch._dynamo.reset()
+    compiled = torch.compile(encoder, fullgraph=True, dynamic=False, backend=backend)
+    n = 4096
+    generator = torch.Generator(device="cuda").manual_seed(n)
+    input_ids = torch.randint(2, 128, (2, n), device="cuda", generator=generator)
+    attention_mask = torch.ones(2, n, dtype=torch.long, device="cuda")
+    attention_mask[1, 3000:] = 0
+    upstream = torch.randn(2, n, config.d_model, device="cuda", generator=generator) * attention_mask[..., None]
+    eager_out, eager_grads = outputs(reference, input_ids, attention_mask, upstream)
+    monkeypatch.setattr(CoLT5HeavyAttention, "position_bias", None)
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        if training:
+            out, grads = outputs(compiled, input_ids, attention_mask, upstream)
+        else:
+            with torch.no_grad():
+                out = compiled(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+            out = out[attention_mask.bool()]
+    out_tolerance, grad_tolerance = TOLERANCE[torch.bfloat16]
+    assert relative_error(out, eager_out) < out_tolerance
+    if training:
+        for name in grads:
+            assert eager_grads[name].norm() > 0, name
+            assert relative_error(grads[name], eager_grads[name]) < grad_tolerance, name
+    assert backend.graphs == 1
 
 
 @pytest.mark.parametrize("implementation", ["flex_attention", "sdpa"])
