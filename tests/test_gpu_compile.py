@@ -132,7 +132,9 @@ def test_compiled_training_with_the_heavy_bias_gradient_kernel_matches_eager(mon
 def test_compiled_heavy_flex_attention_at_head_dim_64_matches_eager(training, monkeypatch):
     """colt5-large's head dim (64), bf16, 4096 tokens (256 routed queries, 512 keys): the compiled encoder's heavy
     attention is flex attention with its bias computed inside the kernel (`position_bias` never runs: a call would
-    fail), in one graph for inference (no-grad graphs) and for training, and equals the eager implementation."""
+    fail), in one graph for inference (no-grad graphs) and for training. Flex attention adds the bias to float32
+    scores where the eager path rounds them to bf16, a difference no cast emulates; so both bf16 paths are measured
+    against the eager path in float32 (the same weights), and the compiled one may err at most twice as much."""
     from colt5_hf.modeling_colt5 import CoLT5HeavyAttention
 
     torch.manual_seed(0)
@@ -144,6 +146,7 @@ def test_compiled_heavy_flex_attention_at_head_dim_64_matches_eager(training, mo
     encoder = CoLT5EncoderModel(config).cuda().to(torch.bfloat16).encoder.train(training)
     reference = copy.deepcopy(encoder)
     reference.config._attn_implementation = "eager"
+    exact = copy.deepcopy(reference).float()  # the bf16 weights, computed in float32
     encoder.config._attn_implementation = "flex_attention"
     backend = CountingBackend()
     torch._dynamo.reset()
@@ -154,6 +157,7 @@ def test_compiled_heavy_flex_attention_at_head_dim_64_matches_eager(training, mo
     attention_mask = torch.ones(2, n, dtype=torch.long, device="cuda")
     attention_mask[1, 3000:] = 0
     upstream = torch.randn(2, n, config.d_model, device="cuda", generator=generator) * attention_mask[..., None]
+    exact_out, exact_grads = outputs(exact, input_ids, attention_mask, upstream)
     eager_out, eager_grads = outputs(reference, input_ids, attention_mask, upstream)
     monkeypatch.setattr(CoLT5HeavyAttention, "position_bias", None)
     with torch._inductor.config.patch(emulate_precision_casts=True):
@@ -163,12 +167,13 @@ def test_compiled_heavy_flex_attention_at_head_dim_64_matches_eager(training, mo
             with torch.no_grad():
                 out = compiled(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
             out = out[attention_mask.bool()]
-    out_tolerance, grad_tolerance = TOLERANCE[torch.bfloat16]
-    assert relative_error(out, eager_out) < out_tolerance
+    eager_error, error = relative_error(eager_out, exact_out), relative_error(out, exact_out)
+    assert error < 2 * eager_error + 1e-3, f"compiled bf16 {error:.4f}, eager bf16 {eager_error:.4f} off float32"
     if training:
         for name in grads:
-            assert eager_grads[name].norm() > 0, name
-            assert relative_error(grads[name], eager_grads[name]) < grad_tolerance, name
+            assert exact_grads[name].norm() > 0, name
+            eager_error, error = (relative_error(g, exact_grads[name]) for g in (eager_grads[name], grads[name]))
+            assert error < 2 * eager_error + 1e-2, f"{name}: compiled bf16 {error:.4f}, eager bf16 {eager_error:.4f}"
     assert backend.graphs == 1
 
 
