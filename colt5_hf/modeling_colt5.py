@@ -304,6 +304,9 @@ class CoLT5HeavyAttention(nn.Module):
         use_flex = (
             self.config._attn_implementation == "flex_attention" and heavy_flex_attention is not None
             and query.device.type in HEAVY_FLEX_DEVICES and not dropout  # flex attention has no dropout
+            # inlined into a caller's compiled graph, inductor's lowering of this score modification (bf16, head dim
+            # 64) errs several times more than eager's rounding, so a compiled caller builds the bias instead
+            and not torch.compiler.is_compiling()
         )
         # the bias table's gradient from its own kernel, the attention run without one (see HeavyBiasGradient)
         bias_gradient_kernel = HeavyBiasGradient is not None and HeavyBiasGradient.supports(
