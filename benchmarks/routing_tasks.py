@@ -19,7 +19,6 @@ that is still training at that many seconds from the start (its record says so),
 import argparse
 import concurrent.futures
 import json
-import math
 import multiprocessing
 import os
 import statistics
@@ -52,7 +51,7 @@ def build_model(variant, seed, overrides=None):
     import torch
 
     from colt5_hf import CoLT5Config, CoLT5ForConditionalGeneration
-    from colt5_hf.cli.demo import switch_off_heavy_branch
+    from colt5_hf.synthetic import switch_off_heavy_branch
 
     fields = {key: value for key, value in {**(VARIANTS[variant] or {}), **(overrides or {})}.items()
               if key not in TRAINING_OPTIONS}

@@ -356,4 +356,20 @@ def hops_content_bound(length, geometry, count=20000):
     return hits / count
 
 
-__all__ = ["TASKS", "Geometry", "TINY", "Batch", "generate", "batch", "examples", "calibration", "EVAL_SEED"]
+def switch_off_heavy_branch(model):
+    """Local attention only (LongT5-local style): zero the output weights of every encoder layer's heavy attention
+    and heavy feed-forward and freeze them with the routers, so the heavy branch adds exactly zero, before and after
+    training. The light branch, the decoder and every size stay those of the CoLT5 model."""
+    with torch.no_grad():
+        for block in model.encoder.block:
+            attention, feed_forward = block.attention, block.feed_forward
+            attention.heavy_attention.o.weight.zero_()
+            feed_forward.heavy_feed_forward.wo.weight.zero_()
+            for module in (attention.heavy_attention, attention.q_router, attention.kv_router,
+                           feed_forward.heavy_feed_forward, feed_forward.router):
+                module.requires_grad_(False)
+    return model
+
+
+__all__ = ["TASKS", "Geometry", "TINY", "Batch", "generate", "batch", "examples", "calibration", "EVAL_SEED",
+           "switch_off_heavy_branch"]

@@ -13,7 +13,7 @@ import colt5_hf  # noqa: F401  (registers the Auto classes)
 from colt5_hf.cli import build_parser, main
 from colt5_hf.cli import train as train_command
 from colt5_hf.cli.common import demo_reach, load_model
-from colt5_hf.cli.demo import switch_off_heavy_branch
+from colt5_hf.synthetic import switch_off_heavy_branch
 from colt5_hf.data import demo_examples, load_pairs
 
 

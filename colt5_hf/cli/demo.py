@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ..data import demo_examples, tokenize_pairs
+from ..synthetic import switch_off_heavy_branch
 from .common import (
     DEMO_EVAL_SEED,
     add_training_options,
@@ -38,22 +39,6 @@ def add_parser(commands):
     parser.set_defaults(epochs=1.0, gradient_accumulation_steps=1, weight_decay=0.0, logging_steps=None,
                         save_steps=None, save_total_limit=1, bf16=False, cpu=True, overwrite_output_dir=True)
     return parser
-
-
-def switch_off_heavy_branch(model):
-    """Local attention only (LongT5-local style): zero the output weights of every encoder layer's heavy attention
-    and heavy feed-forward and freeze them with the routers, so the heavy branch adds exactly zero, before and after
-    training. The light branch, the decoder and every size stay those of the CoLT5 model."""
-    with torch.no_grad():
-        for block in model.encoder.block:
-            attention, feed_forward = block.attention, block.feed_forward
-            attention.heavy_attention.o.weight.zero_()
-            feed_forward.heavy_feed_forward.wo.weight.zero_()
-            for module in (attention.heavy_attention, attention.q_router, attention.kv_router,
-                           feed_forward.heavy_feed_forward, feed_forward.router):
-                module.requires_grad_(False)
-    return model
-
 
 
 class RowPrinter(TrainerCallback):
