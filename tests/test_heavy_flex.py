@@ -189,3 +189,20 @@ def test_heavy_flex_attention_traces_into_one_graph():
             expected = dense_reference(query, key, value, q_positions, kv_positions, kv_count, table)
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert backend.graphs == 1
+
+
+def test_a_compiled_encoder_builds_the_bias_instead(flex_on_cpu):
+    """Traced into a caller's compiled graph the heavy attention builds its bias (inductor's lowering of the inlined
+    score modification erred beyond eager's rounding on a GPU) and still equals the eager encoder."""
+    torch.manual_seed(0)
+    model = CoLT5EncoderModel(tiny_config()).eval()
+    model.config._attn_implementation = "flex_attention"
+    input_ids = torch.randint(2, 384, (2, 64))
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).last_hidden_state
+        assert flex_on_cpu == {"flex": model.config.num_layers, "position_bias": 0}
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+        out = compiled(input_ids=input_ids).last_hidden_state
+    assert flex_on_cpu["flex"] == model.config.num_layers and flex_on_cpu["position_bias"] > 0
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
