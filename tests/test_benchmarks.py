@@ -145,3 +145,41 @@ def test_limits_search_records_peaks_times_and_a_warm_step(tmp_path, monkeypatch
         assert ("error" in trial) == (trial["length"] > fits)
         assert "error" in trial or trial["seconds"] == round(trial["length"] / 1e6, 2)
     assert "s/step" in capsys.readouterr().out
+
+
+def test_the_readmes_performance_table_is_the_results_json():
+    """Every number of the README's performance table, read back from the benchmark records it cites (device
+    included): steps and peaks of train_step.py, seconds per sample of generate.py, the ratios to LongT5 local."""
+    results = REPO / "benchmarks" / "results"
+    train = [r for n in (8192, 16384)
+             for r in json.loads((results / "train-step-h100" / f"train_step_{n}.json").read_text())["records"]]
+    generate = json.loads((results / "generate-user-h100" / "generate.json").read_text())["records"]
+    assert {r["device"] for r in train + generate} == {"NVIDIA H100 80GB HBM3"}
+    readme = (REPO / "README.md").read_text()
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in readme[readme.index("## Performance"):readme.index("## Uptraining")].splitlines()
+            if line.startswith("| ") and not line.startswith("|---")}
+
+    def step(model, n):
+        r = next(r for r in train if r["model"] == model and r["n"] == n)
+        return "out of memory" if r.get("error") else f"{r['step_s']:.3f} s"
+
+    def peak(model, n):
+        return f"{next(r for r in train if r['model'] == model and r['n'] == n)['peak_gib']:.1f} GiB"
+
+    local, default, fast = "longt5-local", "colt5-hf/default", "colt5-hf/fast"
+    ratio = {model: step(local, 8192).split()[0] for model in (default, fast)}
+    assert rows["training step, 8192 input tokens"] == [
+        f"{step(local, 8192)}, {peak(local, 8192)}",
+        *(f"{step(m, 8192)} ({float(ratio[m]) / float(step(m, 8192).split()[0]):.2f}x), {peak(m, 8192)}"
+          for m in (default, fast))]
+    assert rows["training step, 16384 input tokens"] == [
+        "out of memory", f"{step(default, 16384)}, {peak(default, 16384)}", f"{step(fast, 16384)}, {peak(fast, 16384)}"]
+    assert step(local, 16384) == "out of memory"
+    for batch in (1, 8):
+        colt5, longt5 = (next(r["s_per_sample"] for r in generate if r["model"] == m and r["batch"] == batch)
+                         for m in ("colt5-hf/user", "longt5-local"))
+        cells = rows[f"`generate`, batch {batch}, s per sample"]
+        assert float(cells[0]) == pytest.approx(longt5, abs=0.006)
+        assert float(cells[1].split()[0]) == pytest.approx(colt5, abs=0.0006)
+        assert cells[1].split()[1] == f"({longt5 / colt5:.1f}x)"
