@@ -118,9 +118,9 @@ def compiled_layer(layer, mode: str):
     argument) with static shapes, one per layer, mode and backend."""
     key = (layer, mode, COMPILE_BACKEND)
     if key not in _compiled_layers:
-        # the accumulated limit caps every variant of one code object whatever its guards: it must not be the lower
+        # the accumulated limit caps all the variants of one code object whatever their guards: it must be as high
         names = ("recompile_limit", "accumulated_recompile_limit")
-        if not hasattr(torch._dynamo.config, names[0]):  # torch < 2.6
+        if not hasattr(torch._dynamo.config, names[0]):  # older torch names them so
             names = ("cache_size_limit", "accumulated_cache_size_limit")
         for name in names:
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT))
