@@ -21,11 +21,20 @@ at once) runs the decoder blocks compiled too, by the same rules (read off the e
 in either stack keeps the decoder off CUDA graphs, whose step the encoder begins); incremental decoding (a cache) and
 forwards given `encoder_outputs` (generate's) run them eagerly: generate's static-cache step is compiled by
 Transformers.
-A compiled call pads its input to a length bucket (the mask hides the padding, and every router counts a sample's real
-tokens, so the real tokens' outputs are those of the unpadded input) and compiles once per bucket, batch size and
-mode (training or not, gradients or not); the decoder pads its target at the end (causal: the padding lies in every
-real position's future) and its copy of the encoder's output, and compiles once per pair of buckets. Inductor's
+A compiled call pads its input to a length bucket (`length_bucket`; the mask hides the padding, and every router
+counts a sample's real tokens, so the real tokens' outputs are those of the unpadded input) and compiles once per
+bucket, batch size and mode (training or not, gradients or not); the decoder pads its target at the end to a coarser
+target bucket (`target_bucket`; causal: the padding lies in every real position's future) and its copy of the
+encoder's output to the input's bucket, and compiles once per pair of buckets, batch size and mode. Inductor's
 on-disk caches make later processes compile faster.
+
+The bound: Dynamo keeps RECOMPILE_LIMIT compiled variants of a layer's code (per stack: the encoder's and the
+decoder's layers are different code) and runs further ones eagerly. Inputs of 2048-16384 tokens take 13 input
+buckets and targets of 1-512 tokens 6 target buckets (16 to 512), so at one batch size the encoder's layer compiles
+at most 13 x 2 = 26 variants (training with gradients, inference without) and the decoder's at most 13 x 6 x 2 = 156.
+RECOMPILE_LIMIT = 256 leaves the decoder room for a second batch size in one mode (an evaluation batch size other
+than the training one: 156 + 78 = 234) and the encoder for nine batch sizes in both modes. Length buckets for the
+targets too (32 buckets for 1-512 tokens) would give 13 x 32 x 2 = 832 decoder variants.
 """
 
 import math
@@ -42,7 +51,11 @@ ENCODER_COMPILE_MODES = ("auto", "cuda_graphs", "off")
 COMPILE_MIN_LENGTH = 2048  # shorter inputs run eagerly: a compilation (seconds) outweighs what a short input saves
 COMPILE_DEVICES = ("cuda",)
 COMPILE_BACKEND = "inductor"
-RECOMPILE_LIMIT = 64  # compiled variants of the layer's code kept before Dynamo falls back to eager (its default: 8)
+# Compiled variants of a layer's code that Dynamo keeps before it runs further ones eagerly (its default: 8; the
+# module docstring counts the variants a run may meet). Each costs one compilation (seconds, about a minute for a Large
+# model), paid only for the variants a run meets; past the limit the layer runs eagerly, launch-bound (above).
+RECOMPILE_LIMIT = 256
+TARGET_MIN_BUCKET = 16  # the smallest target bucket: every target of at most 16 tokens runs at 16
 
 
 def length_bucket(length: int) -> int:
@@ -55,10 +68,26 @@ def length_bucket(length: int) -> int:
     return math.ceil(length / step) * step
 
 
-def pad_to_bucket(tensor, value=0):
-    """`tensor` (b, n, ...) padded at the end of its length (dim 1) to `length_bucket(n)` with `value`."""
+def target_bucket(length: int) -> int:
+    """The padded length the compiled decoder runs a target of `length` tokens at: the next power of two, at least
+    TARGET_MIN_BUCKET. One bucket an octave, coarser than `length_bucket`'s four, because the decoder compiles once per
+    pair (input bucket, target bucket): targets of 1-512 tokens take 6 buckets (16, 32, 64, 128, 256, 512) where
+    `length_bucket` would give 32, which times 13 input buckets would pass RECOMPILE_LIMIT.
+
+    What the padding costs: only the decoder's work grows, with its target tokens: at most twice a target's tokens
+    above the floor (a target just above a power of two), a third more summed over lengths spread evenly in an octave,
+    and at most 15 tokens below the floor. The compiled path runs only with inputs of at least COMPILE_MIN_LENGTH
+    (2048) tokens, whose encoder the padding leaves as it is; a target of at most 512 tokens is at most a quarter of
+    such an input's tokens.
+    The floor spares the shortest targets four buckets of their own (1, 2, 4, 8) and keeps every bucket a multiple
+    of 16."""
+    return max(TARGET_MIN_BUCKET, 1 << (length - 1).bit_length())
+
+
+def pad_to_bucket(tensor, value=0, bucket=length_bucket):
+    """`tensor` (b, n, ...) padded at the end of its length (dim 1) to `bucket(n)` with `value`."""
     n = tensor.shape[1]
-    return F.pad(tensor, (0, 0) * (tensor.ndim - 2) + (0, length_bucket(n) - n), value=value)
+    return F.pad(tensor, (0, 0) * (tensor.ndim - 2) + (0, bucket(n) - n), value=value)
 
 
 def encoder_compile_mode(config, hidden_states, output_attentions: bool, gradient_checkpointing: bool):
@@ -89,8 +118,12 @@ def compiled_layer(layer, mode: str):
     argument) with static shapes, one per layer, mode and backend."""
     key = (layer, mode, COMPILE_BACKEND)
     if key not in _compiled_layers:
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
+        # the accumulated limit caps all the variants of one code object whatever their guards: it must be as high
+        names = ("recompile_limit", "accumulated_recompile_limit")
+        if not hasattr(torch._dynamo.config, names[0]):  # older torch names them so
+            names = ("cache_size_limit", "accumulated_cache_size_limit")
+        for name in names:
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT))
         options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
         _compiled_layers[key] = torch.compile(layer, backend=COMPILE_BACKEND, dynamic=False, **options)
     return _compiled_layers[key]

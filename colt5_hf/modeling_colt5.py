@@ -38,6 +38,7 @@ from .fast_path import (
     encoder_compile_mode,
     length_bucket,
     pad_to_bucket,
+    target_bucket,
 )
 from .routing import CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together, training_noise
 from .t5_attention import (
@@ -824,13 +825,13 @@ class CoLT5Decoder(nn.Module):
         )
         hidden_states = self.dropout(inputs_embeds)
         if compile_mode is not None:
-            # the target padded at the end to its length bucket (causal: the padding lies in every real position's
-            # future; the bias masks its rows and columns), the encoder's output to its own bucket (masked keys, and
-            # the cross-attention's routers count the real tokens): one compilation serves every pair of lengths in
-            # the buckets
-            length = length_bucket(t)
+            # the target padded at the end to its target bucket (causal: the padding lies in every real position's
+            # future; the bias masks its rows and columns), the encoder's output to its length bucket (masked keys,
+            # and the cross-attention's routers count the real tokens): one compilation serves every pair of lengths
+            # in the buckets
+            length = target_bucket(t)
             bias = F.pad(bias, (0, length - t, 0, length - t), value=mask_value(bias.dtype))
-            hidden_states = pad_to_bucket(hidden_states)
+            hidden_states = pad_to_bucket(hidden_states, bucket=target_bucket)
             encoder_hidden_states = pad_to_bucket(encoder_hidden_states)
             encoder_mask = pad_to_bucket(encoder_mask, value=False)
             before_compiled_blocks(compile_mode, self.block, begins_step=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from colt5_hf import CoLT5EncoderModel, CoLT5ForConditionalGeneration, fast_path
-from colt5_hf.fast_path import encoder_compile_mode, length_bucket
+from colt5_hf.fast_path import RECOMPILE_LIMIT, compiled_layer, encoder_compile_mode, length_bucket, target_bucket
 from colt5_hf.modeling_colt5 import CACHE_FIELD
 from tiny import CountingBackend, build, tiny_config
 
@@ -40,6 +40,33 @@ def test_length_buckets_hold_the_input_with_at_most_a_quarter_more():
     assert len({length_bucket(n) for n in range(2048, 16385)}) == 13
     assert [length_bucket(n) for n in (2048, 2049, 16384, 16385)] == [2048, 2560, 16384, 20480]
     assert all(length_bucket(n) % 512 == 0 for n in range(2048, 70000, 97))
+
+
+def test_target_buckets_are_powers_of_two_from_sixteen():
+    table = {1: 16, 2: 16, 9: 16, 15: 16, 16: 16, 17: 32, 31: 32, 32: 32, 33: 64, 100: 128, 128: 128, 129: 256,
+             300: 512, 511: 512, 512: 512, 513: 1024}
+    assert {t: target_bucket(t) for t in table} == table
+    lengths = range(1, 5000)
+    assert all(t <= target_bucket(t) <= max(2 * t - 2, 16) for t in lengths)  # at most 2x above the floor
+    assert all(target_bucket(target_bucket(t)) == target_bucket(t) for t in lengths)
+    assert sorted({target_bucket(t) for t in range(1, 513)}) == [16, 32, 64, 128, 256, 512]
+
+
+def test_the_compiled_variants_stay_under_the_recompile_limit(monkeypatch):
+    """The bound of fast_path's docstring: 13 input buckets (2048-16384 tokens) x 6 target buckets (1-512 tokens) x
+    2 modes (training with gradients, inference without) fit RECOMPILE_LIMIT, and compiling a layer raises both of
+    Dynamo's limits (per guard set and per code object) to it."""
+    input_buckets = {length_bucket(n) for n in range(2048, 16385)}
+    target_buckets = {target_bucket(t) for t in range(1, 513)}
+    assert len(input_buckets) * len(target_buckets) * 2 == 156 <= RECOMPILE_LIMIT
+    assert len(input_buckets) * len({length_bucket(t) for t in range(1, 513)}) > RECOMPILE_LIMIT  # why targets differ
+    names = ("recompile_limit", "accumulated_recompile_limit")
+    if not hasattr(torch._dynamo.config, names[0]):
+        names = ("cache_size_limit", "accumulated_cache_size_limit")
+    monkeypatch.setattr(fast_path, "_compiled_layers", {})
+    with torch._dynamo.config.patch(**dict.fromkeys(names, 8)):
+        compiled_layer(lambda x: x, "default")
+        assert [getattr(torch._dynamo.config, name) for name in names] == [RECOMPILE_LIMIT] * 2
 
 
 def test_which_calls_compile(monkeypatch):
@@ -250,12 +277,12 @@ def test_decoder_compiled_path_with_gradient_accumulation_equals_eager(on_cpu, s
     different pairs of buckets), padded batches on both sides: the bucketed, compiled decoder (with the encoder) gives
     the eager model's logits, losses and accumulated gradients."""
     model = seq2seq_model(encoder_compile=setting)
-    lengths = [(40, 9), (29, 13), (53, 21)]
+    lengths = [(40, 9), (29, 17), (53, 21), (31, 2)]  # 17: twice its tokens, 2: eight times (the floor)
     steps = [seq2seq_inputs(n, t, seed) for seed, (n, t) in enumerate(lengths)]
-    assert all(length_bucket(t) > t for _, t in lengths)  # every target is padded
+    assert all(target_bucket(t) > t for _, t in lengths)  # every target is padded
     assert_trains_as_eager(model, steps)
     assert model.decoder.compile_report.seen == {
-        (mode, (2, length_bucket(t)), length_bucket(n), True, True) for n, t in lengths
+        (mode, (2, target_bucket(t)), length_bucket(n), True, True) for n, t in lengths
     }
 
 
@@ -274,14 +301,27 @@ def test_a_variable_length_epoch_compiles_the_decoder_once_per_pair_of_buckets(o
     once per input bucket, the decoder's (shared by its three blocks) once per pair of buckets that occurs, each in
     one graph."""
     model = seq2seq_model(num_decoder_layers=3)
-    lengths = [(n, t) for n in (26, 28, 31, 33) for t in (9, 10, 12)]
+    lengths = [(n, t) for n in (26, 28, 31, 33) for t in (9, 17, 30)]
     input_buckets = {length_bucket(n) for n, _ in lengths}
-    pairs = {(length_bucket(n), length_bucket(t)) for n, t in lengths}
+    pairs = {(length_bucket(n), target_bucket(t)) for n, t in lengths}
     assert (len(input_buckets), len(pairs)) == (3, 6)
     for seed, (n, t) in enumerate(lengths):
         model(**seq2seq_inputs(n, t, seed)).loss.backward()
     assert on_cpu.graphs == len(input_buckets) + len(pairs)
     assert len(model.decoder.compile_report.seen) == len(pairs)
+
+
+def test_an_epoch_of_every_target_length_compiles_the_decoder_once_per_target_bucket(on_cpu):
+    """Training steps on inputs of one bucket with targets of every length from 1 to 100 tokens: the decoder's layer
+    compiles once per target bucket (16, 32, 64, 128), where length buckets would have compiled it 23 times."""
+    model = seq2seq_model()
+    n, lengths = MIN_LENGTH + 9, range(1, 101)
+    for t in lengths:
+        model(**seq2seq_inputs(n, t, seed=t)).loss.backward()
+    buckets = {target_bucket(t) for t in lengths}
+    assert buckets == {16, 32, 64, 128} and len({length_bucket(t) for t in lengths}) == 23
+    assert on_cpu.graphs == 1 + len(buckets)  # the encoder's layer once, the decoder's once per target bucket
+    assert model.decoder.compile_report.seen == {("default", (2, b), length_bucket(n), True, True) for b in buckets}
 
 
 def test_which_forwards_compile_the_decoder(on_cpu):
@@ -298,7 +338,7 @@ def test_which_forwards_compile_the_decoder(on_cpu):
     with torch.no_grad():
         compiled = model(**inputs)
         assert getattr(compiled, CACHE_FIELD) is None
-        assert seen == {("reduce-overhead", (2, 10), 40, False, False)}
+        assert seen == {("reduce-overhead", (2, 16), 40, False, False)}
         seen.clear()
         cached = model(**decoder_inputs)
         assert getattr(cached, CACHE_FIELD) is not None  # as T5: an inference forward returns its cache
@@ -316,7 +356,7 @@ def test_which_forwards_compile_the_decoder(on_cpu):
     model.config.encoder_compile = "auto"
     model.train()
     assert getattr(model(**decoder_inputs), CACHE_FIELD) is None
-    assert seen == {("default", (2, 10), 40, True, True)}
+    assert seen == {("default", (2, 16), 40, True, True)}
 
 
 def test_decoder_hidden_states_of_the_compiled_path_are_the_real_positions_rows(on_cpu):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from colt5_hf import CoLT5Config, CoLT5ForConditionalGeneration, fast_path
-from colt5_hf.fast_path import length_bucket
+from colt5_hf.fast_path import length_bucket, target_bucket
 from tiny import CountingBackend, relative_error
 
 
@@ -104,15 +104,15 @@ def test_training_with_gradient_accumulation_equals_eager(setting, implementatio
 
 
 def test_a_variable_length_epoch_compiles_once_per_bucket(monkeypatch):
-    """Twenty input lengths in four buckets (640, 768, 896, 1024), targets of 9 and 10 tokens in turn (bucket 10) and
-    one of 13 (bucket 14), training steps: the encoder's layer compiles once per input bucket, the decoder's once per
-    pair of buckets (every block of a stack shares its layer), each in one graph."""
+    """Twenty input lengths in four buckets (640, 768, 896, 1024), targets of 9 and 10 tokens in turn (target bucket
+    16) and one of 20 (target bucket 32), training steps: the encoder's layer compiles once per input bucket, the
+    decoder's once per pair of buckets (every block of a stack shares its layer), each in one graph."""
     backend = CountingBackend()
     monkeypatch.setattr(fast_path, "COMPILE_BACKEND", backend)
     model = small_model("auto").train()
-    lengths = [(n, (9, 10)[i % 2]) for i, n in enumerate(range(520, 1020, 25))] + [(1000, 13)]
+    lengths = [(n, (9, 10)[i % 2]) for i, n in enumerate(range(520, 1020, 25))] + [(1000, 20)]
     buckets = {length_bucket(n) for n, _ in lengths}
-    pairs = {(length_bucket(n), length_bucket(t)) for n, t in lengths}
+    pairs = {(length_bucket(n), target_bucket(t)) for n, t in lengths}
     assert buckets == {640, 768, 896, 1024} and len(pairs) == 5
     for seed, (n, target_length) in enumerate(lengths):
         model(**micro_batch(n, seed, target_length)).loss.backward()
