@@ -1180,6 +1180,13 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
         that the encoder and the decoding step compile once per bucket, and greedy or sampled decoding takes the
         static cache, whose step Transformers compiles into CUDA graphs. A cache or `cache_implementation` of the
         caller's, beam search, or `encoder_compile="off"` leave generate as it is."""
+        decoder_mask, decoder_input_ids = kwargs.get("decoder_attention_mask"), kwargs.get("decoder_input_ids")
+        start = 1 if decoder_input_ids is None else decoder_input_ids.shape[-1]
+        if decoder_mask is not None and decoder_mask.shape[-1] != start:  # a static cache's step would not notice
+            raise ValueError(
+                f"`decoder_attention_mask` covers {decoder_mask.shape[-1]} positions but generation starts from {start} "
+                "decoder token(s) (`decoder_input_ids`): pass a mask as long as `decoder_input_ids`, or none"
+            )
         input_ids = kwargs.get("input_ids", inputs)
         if (
             input_ids is None

@@ -68,3 +68,20 @@ def test_inputs_of_the_wrong_shape_are_errors_naming_the_shape(call):
     with pytest.raises(ValueError, match=r"`inputs_embeds` has shape \(5, 64\): pass \(batch, length, d_model\)"):
         run(inputs_embeds=torch.ones(5, 64))
     assert run(input_ids=torch.ones(1, 5, dtype=torch.long)) is not None
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_generate_names_a_decoder_mask_longer_than_the_decoders_start(cache_implementation):
+    """A target mask (from a training batch, say) given to generate, which starts the decoder from one token: one error
+    before the encoder runs, with the dynamic cache and with the static one, whose compiled step would not notice."""
+    model = build().eval()
+    inputs = dict(input_ids=torch.ones(2, 7, dtype=torch.long), max_new_tokens=2,
+                  cache_implementation=cache_implementation)
+    with pytest.raises(ValueError, match=r"`decoder_attention_mask` covers 9 positions but generation starts from 1 "):
+        model.generate(**inputs, decoder_attention_mask=torch.ones(2, 9, dtype=torch.long))
+    start = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="covers 2 positions but generation starts from 3 decoder token"):
+        model.generate(**inputs, decoder_input_ids=start, decoder_attention_mask=torch.ones(2, 2, dtype=torch.long))
+    with torch.no_grad():
+        out = model.generate(**inputs, decoder_input_ids=start, decoder_attention_mask=torch.ones(2, 3, dtype=torch.long))
+    assert out.shape == (2, 5)
