@@ -1184,8 +1184,8 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
         start = 1 if decoder_input_ids is None else decoder_input_ids.shape[-1]
         if decoder_mask is not None and decoder_mask.shape[-1] != start:  # a static cache's step would not notice
             raise ValueError(
-                f"`decoder_attention_mask` covers {decoder_mask.shape[-1]} positions but generation starts from {start} "
-                "decoder token(s) (`decoder_input_ids`): pass a mask as long as `decoder_input_ids`, or none"
+                f"`decoder_attention_mask` covers {decoder_mask.shape[-1]} positions but generation starts from "
+                f"{start} decoder token(s) (`decoder_input_ids`): pass a mask as long as `decoder_input_ids`, or none"
             )
         input_ids = kwargs.get("input_ids", inputs)
         if (

@@ -83,5 +83,5 @@ def test_generate_names_a_decoder_mask_longer_than_the_decoders_start(cache_impl
     with pytest.raises(ValueError, match="covers 2 positions but generation starts from 3 decoder token"):
         model.generate(**inputs, decoder_input_ids=start, decoder_attention_mask=torch.ones(2, 2, dtype=torch.long))
     with torch.no_grad():
-        out = model.generate(**inputs, decoder_input_ids=start, decoder_attention_mask=torch.ones(2, 3, dtype=torch.long))
+        out = model.generate(**inputs, decoder_input_ids=start, decoder_attention_mask=torch.ones_like(start))
     assert out.shape == (2, 5)
