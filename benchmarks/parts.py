@@ -221,7 +221,6 @@ LOCAL_RADIUS, LOCAL_BLOCK = 127, 128
 def local_variants(n, device):
     """name -> attend(q, k, v, key_mask, bias_table): softmax(q k^T + bias) v over the band |i - j| <= LOCAL_RADIUS,
     unscaled, q, k, v (1, h, n, d) with n a multiple of LOCAL_BLOCK, key_mask (1, n), bias_table (h, 2 radius + 1)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
     from colt5_hf.flex_local_attention import LOCAL_KERNEL_OPTIONS, band_block_mask, flex_local_attention
