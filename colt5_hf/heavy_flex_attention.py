@@ -9,7 +9,8 @@ What the score modification reads is what inductor (torch 2.11) lowered into the
 this model before, compiled for inference too: the routed positions as the routers give them, a per-sample count of
 valid key slots (a reduction), and bias rows made by a matmul (see `heavy_flex_attention`). Tensors computed
 pointwise in the graph, such as the routers' validity masks, inductor inlines into the kernel, where it could not lower
-them in no-grad graphs (`convert FlexibleLayout to FixedLayout first`).
+them in no-grad graphs (`convert FlexibleLayout to FixedLayout first`). The model calls it only outside compiled
+graphs (`CoLT5HeavyAttention`): inlined into its compiled encoder layer, the kernel erred beyond bf16 rounding.
 """
 
 import functools
