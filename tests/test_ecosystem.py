@@ -695,7 +695,7 @@ def test_colt5_hf_train_on_two_cpu_processes_matches_one_process(tmp_path, capsy
 FSDP_WORKER = textwrap.dedent('''
     """FSDP2 (fully_shard, one unit per CoLT5 block, resharded after forward) on CPU processes: the sharding the
     accelerate FSDP config asks for, without accelerate (its FSDP path needs GPUs)."""
-    import json, sys
+    import gc, json, sys
     import torch
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -732,6 +732,11 @@ FSDP_WORKER = textwrap.dedent('''
         model.save_pretrained(output, state_dict=state)
         run = {"losses": losses, "sharded": sharded, "class": type(model).__name__}
         json.dump(run, open(f"{output}/run.json", "w"))
+    # leave together, the sharded model freed first: a rank exiting while its peer still writes, or while sharded
+    # tensors still hold the group at interpreter exit, can abort in gloo's threads
+    dist.barrier()
+    del model, optimizer, state
+    gc.collect()
     dist.destroy_process_group()
 ''')
 
