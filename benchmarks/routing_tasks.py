@@ -39,6 +39,8 @@ VARIANTS = {
     "local": None,
     "one_sided": dict(router_one_sided_gradient=True),
     "noise": dict(router_noise=1.0),
+    "explore": dict(router_exploration=0.125),
+    "one_sided_explore": dict(router_one_sided_gradient=True, router_exploration=0.125),
     "zero_heavy": dict(heavy_output_init=0.0),
     "slow_router": dict(router_lr_scale=0.1),
 }

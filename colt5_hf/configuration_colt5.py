@@ -67,6 +67,10 @@ class CoLT5Config(PreTrainedConfig):
         router_noise: scale of the logistic noise added to the router scores in training (eval is deterministic), so
             that a route also tries tokens outside its top k: a token that is never routed gets no gradient of its own.
             None: the router type's own (1 for "sinkhorn", 0 for the others, the paper's hard top-k).
+        router_exploration: share of each route's tokens drawn in training uniformly at random from the tokens its
+            scores did not pick (the rest are its top tokens by score; eval routes the top k). A token the scores
+            rank out gets no gradient of its own, so without this a route never learns that it would help; unlike
+            `router_noise`, the routes by score stay as they are. 0: the paper's hard top-k.
         heavy_output_init: the heavy branch's output projections (heavy attention `o`, heavy feed-forward `wo`) start
             at this multiple of their T5 initialisation when training from scratch; 0 starts the heavy branch at
             exactly zero, so that its routers get no gradient until it computes something useful.
@@ -121,6 +125,7 @@ class CoLT5Config(PreTrainedConfig):
     router_straight_through: bool = True
     router_one_sided_gradient: bool = False
     router_noise: float | None = None
+    router_exploration: float = 0.0
     heavy_output_init: float = 1.0
     num_cross_attention_routes: int = 1
     cross_attention_fraction: float = 1.0
@@ -197,6 +202,10 @@ class CoLT5Config(PreTrainedConfig):
             and math.isfinite(self.router_noise) and self.router_noise >= 0
         ):
             raise ValueError(f"CoLT5Config: `router_noise` must be None or a number >= 0, got {self.router_noise!r}")
+        if not (isinstance(self.router_exploration, (int, float)) and not isinstance(self.router_exploration, bool)
+                and 0 <= self.router_exploration < 1):
+            raise ValueError(f"CoLT5Config: `router_exploration` must be a share in [0, 1), got "
+                             f"{self.router_exploration!r}")
         if not (isinstance(self.router_fetch_ratio, (int, float)) and math.isfinite(self.router_fetch_ratio)
                 and self.router_fetch_ratio >= 1):
             raise ValueError(f"CoLT5Config: `router_fetch_ratio` must be a finite number >= 1, got "

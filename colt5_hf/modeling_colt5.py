@@ -40,7 +40,7 @@ from .fast_path import (
     pad_to_bucket,
     target_bucket,
 )
-from .routing import CoLT5Router, RoutedSum, gather_route_heads, gather_tokens, route_together, training_noise
+from .routing import CoLT5Router, RoutedSum, draws_at_random, gather_route_heads, gather_tokens, route_together
 from .t5_attention import (
     ALL_ATTENTION_FUNCTIONS,
     attention_probabilities,
@@ -618,10 +618,11 @@ class CoLT5CrossAttention(nn.Module):
             weights = probs
         else:
             if routing is None:  # a cached step: the routes' tokens are chosen again, the same outside training
-                if self.training and training_noise(self.config):
+                if self.training and draws_at_random(self.config):
                     raise ValueError(
                         "output_attentions=True with cached cross-attention keys needs the routes' positions, which "
-                        "routers with training noise (`router_noise`, sinkhorn's own) draw at random in training: "
+                        "routers with training noise (`router_noise`, sinkhorn's own) or `router_exploration` draw "
+                        "at random in training: "
                         "call model.eval() or decode "
                         "without a cache"
                     )

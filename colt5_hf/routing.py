@@ -116,6 +116,17 @@ def top_k_positions(scores, mask, k, k_max: int):
     return not_taken.sort(dim=-1, stable=True).indices[..., :k_max]
 
 
+def exploring_positions(scores, mask, k, k_max: int, share: float):
+    """`top_k_positions` with round(share * k) of each row's k positions drawn uniformly at random, without
+    replacement, from the unmasked positions outside the row's top (k - drawn) by score. Same arguments and layout."""
+    drawn = (k.float() * share).round().long()
+    best = top_k_positions(scores, mask, k - drawn, k_max)
+    by_score = torch.arange(k_max, device=scores.device) < (k - drawn)[..., None]
+    picked = torch.zeros_like(mask).scatter(-1, best, by_score)  # best's positions are distinct within a row
+    key = torch.rand_like(scores, dtype=torch.float32).masked_fill(picked, 2.0)  # picked first, then a random order
+    return top_k_positions(key, mask, k, k_max)
+
+
 class RouterType(NamedTuple):
     """A router type: its soft top-k, `weights(scores, mask, k, config)` with float32 scores (..., n), mask (..., n)
     bool and target sums k (..., 1) -> the routed tokens' weights (..., n) in [0, 1], 0 at masked tokens; `sampled`:
@@ -142,6 +153,12 @@ def training_noise(config) -> float:
     if config.router_noise is not None:
         return float(config.router_noise)
     return 1.0 if ROUTER_TYPES[config.router_type].sampled else 0.0
+
+
+def draws_at_random(config) -> bool:
+    """Whether the routers draw some of their routes at random in training (`router_noise`, sinkhorn's own noise or
+    `router_exploration`)."""
+    return bool(training_noise(config) or config.router_exploration)
 
 
 def logistic_noise(like):
@@ -264,7 +281,10 @@ def select_routes(routers, scores, mask, num_tokens=None) -> list[RouterOutput]:
     route_mask = mask[:, None, :].expand_as(scores)
     # exact ties (a repeated token scores alike in the first layer) go to the earlier position, where topk's choice
     # among ties would depend on the batch's shape
-    indices = top_k_positions(scores, route_mask, k, max(k_maxes))  # (b, R, k_max)
+    if config.router_exploration and routers[0].training:
+        indices = exploring_positions(scores, route_mask, k, max(k_maxes), config.router_exploration)
+    else:
+        indices = top_k_positions(scores, route_mask, k, max(k_maxes))  # (b, R, k_max)
     valid = torch.arange(indices.shape[-1], device=scores.device) < k[..., None]  # (b, R, k_max)
 
     k_fetch = torch.minimum(k * config.router_fetch_ratio, lengths[:, None])[..., None].float()  # (b, R, 1)

@@ -351,6 +351,45 @@ def test_router_noise_lets_a_route_try_tokens_outside_its_top_k_in_training_only
     assert torch.isfinite(noisy.weight.grad).all() and noisy.weight.grad.abs().sum() > 0
 
 
+def test_exploration_routes_the_top_tokens_and_draws_the_rest_at_random_in_training_only():
+    """router_exploration: in training, round(share * k) of a route's k tokens are drawn uniformly from the real tokens
+    outside its top (k - drawn) by score, which it always keeps; the layout is the top k's (valid slots first, in
+    increasing position); eval routes the top k."""
+    hidden_states, mask = padded_batch([64, 40], 64, seed=7)
+    clean = make_router(router_config(feed_forward_fraction=0.25), seed=7)
+    exploring = make_router(router_config(feed_forward_fraction=0.25, router_exploration=0.25), seed=7)
+    top = clean(hidden_states, mask)  # k = 16 and 10 tokens
+    exploring.eval()
+    assert torch.equal(exploring(hidden_states, mask).indices, top.indices)
+    exploring.train()
+    raw = torch.einsum("bnd,rd->bn", hidden_states, exploring.weight.detach())
+    torch.manual_seed(0)
+    draws = torch.zeros(2, 64)
+    for _ in range(400):
+        out = exploring(hidden_states, mask)
+        assert torch.equal(out.valid, top.valid)
+        for i, (k, drawn) in enumerate(((16, 4), (10, 2))):  # round(0.25 * 10) = 2: half to even
+            routed = out.indices[i, 0, :k]
+            assert torch.equal(routed, routed.sort().values) and not (~mask[i, routed]).any()
+            kept = raw[i].masked_fill(~mask[i], -math.inf).topk(k - drawn).indices
+            assert torch.isin(kept, routed).all()
+            draws[i, routed[~torch.isin(routed, kept)]] += 1
+    for i, (length, k, drawn) in enumerate(((64, 16, 4), (40, 10, 2))):
+        kept = raw[i].masked_fill(~mask[i], -math.inf).topk(k - drawn).indices
+        others = mask[i].clone()
+        others[kept] = False
+        assert draws[i].sum() == 400 * drawn and not draws[i][~others].any()
+        expected = 400 * drawn / (length - k + drawn)  # every other real token alike: 30.8 and 25.0 draws each
+        assert (draws[i][others] - expected).abs().max() < 0.5 * expected
+    # a drawn token far below the threshold carries the soft score's gradient to the router
+    out = exploring(hidden_states, mask)
+    weights = torch.zeros(2, 64).scatter(1, out.indices[:, 0], out.weights[:, 0])[0]
+    drawn = torch.ones(64, dtype=torch.bool)
+    drawn[top.indices[0, 0]] = False
+    (weights * drawn).sum().backward()
+    assert exploring.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("straight_through", [True, False])
 def test_one_sided_gradient_keeps_only_the_asks_for_more(straight_through):
     """router_one_sided_gradient: the same routes and weights; the router's gradient is the one the two-sided router
