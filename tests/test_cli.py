@@ -13,6 +13,7 @@ import colt5_hf  # noqa: F401  (registers the Auto classes)
 from colt5_hf.cli import build_parser, main
 from colt5_hf.cli import train as train_command
 from colt5_hf.cli.common import demo_reach, load_model
+from colt5_hf.cli.generate import one_line
 from colt5_hf.synthetic import switch_off_heavy_branch
 from colt5_hf.data import demo_examples, load_pairs
 
@@ -104,7 +105,13 @@ def test_generate_prints_one_line_per_input(trained, capsys):
     for text in ("reverse alpha", "reverse zulu"):
         generated = model.generate(input_ids=torch.tensor([tokenizer(text).input_ids]), max_new_tokens=5)
         expected.append(tokenizer.decode(generated[0], skip_special_tokens=True))
-    assert out.splitlines() == expected
+    assert out.splitlines() == [one_line(text) for text in expected]
+
+
+def test_generate_writes_an_output_with_line_breaks_on_one_line():
+    # a model's output is any text: ByT5 decodes bytes such as a form feed, which str.splitlines() also breaks at
+    assert one_line("a\nb\x0cc\u2028d\r\x85é") == "a\\nb\\x0cc\\u2028d\\r\\x85é"
+    assert len(one_line("".join(map(chr, range(0x3000)))).splitlines()) == 1
 
 
 def test_generate_and_evaluate_compile_the_encoder_unless_no_compile(trained, capsys, monkeypatch):

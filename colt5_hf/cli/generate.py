@@ -1,4 +1,5 @@
-"""colt5-hf generate: outputs of a saved model for --text inputs or a data file, one line each."""
+"""colt5-hf generate: outputs of a saved model for --text inputs or a data file, one line each (line breaks inside an
+output written as escapes, `\\n`)."""
 
 import datasets
 import torch
@@ -19,6 +20,15 @@ from .common import (
     read_pairs,
     tokenize,
 )
+
+
+# what str.splitlines() breaks a line at, each written as its Python escape
+LINE_BREAKS = {ord(c): c.encode("unicode_escape").decode() for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks escaped: a model's output may hold them, and each output is one line."""
+    return text.translate(LINE_BREAKS)
 
 
 def add_parser(commands):
@@ -55,4 +65,4 @@ def run(args):
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
             for text in tokenizer.batch_decode(generated, skip_special_tokens=True):
-                print(text)
+                print(one_line(text))
