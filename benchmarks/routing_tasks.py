@@ -37,15 +37,14 @@ VARIANTS = {
     "preset": {},
     "full": FULL,
     "local": None,
-    "one_sided": dict(router_one_sided_gradient=True),
-    "noise": dict(router_noise=1.0),
+    "paper": dict(router_one_sided_gradient=False),
     "explore": dict(router_exploration=0.125),
-    "one_sided_explore": dict(router_one_sided_gradient=True, router_exploration=0.125),
+    "noise": dict(router_noise=1.0),
     "zero_heavy": dict(heavy_output_init=0.0),
     "slow_router": dict(router_lr_scale=0.1),
 }
 TRAINING_OPTIONS = ("router_lr_scale",)
-DEFAULT_VARIANTS = ["preset", "full", "one_sided", "local:0"]
+DEFAULT_VARIANTS = ["preset", "full", "paper", "explore", "local:0"]
 THRESHOLD = 0.95
 
 

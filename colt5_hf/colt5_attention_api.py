@@ -52,7 +52,8 @@ ROUTER_KWARGS = {  # colt5-attention's router keyword -> CoLT5Config field, per 
 
 
 def layer_config(dim, router_type, router_kwargs, router_straight_through, attn_implementation="sdpa", **fields):
-    """The CoLT5Config that the building blocks of one layer read (no dropout: 0.2.2's layers have none)."""
+    """The CoLT5Config that the building blocks of one layer read: no dropout and the routers' two-sided gradient, as
+    0.2.2's layers have."""
     if router_type not in ROUTER_TYPES:
         raise ValueError(f"`router_type` must be one of {tuple(ROUTER_TYPES)}, got {router_type!r}")
     names = ROUTER_KWARGS.get(router_type, {})
@@ -61,7 +62,7 @@ def layer_config(dim, router_type, router_kwargs, router_straight_through, attn_
         raise ValueError(f"`router_kwargs` {unknown} are not options of the {router_type!r} router: it takes {sorted(names)}")
     router_fields = {names[key]: value for key, value in (router_kwargs or {}).items()}
     config = CoLT5Config(d_model=dim, router_type=router_type, router_straight_through=router_straight_through,
-                         dropout_rate=0.0, **router_fields, **fields)
+                         router_one_sided_gradient=False, dropout_rate=0.0, **router_fields, **fields)
     config._attn_implementation = check_implementation(attn_implementation)
     return config
 

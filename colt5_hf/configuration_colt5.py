@@ -63,7 +63,9 @@ class CoLT5Config(PreTrainedConfig):
             token (its heavy output helped); the part that asks for less is dropped, so a token leaves the routed set
             only when others outscore it. Early in training the heavy branch's output is noise that hurts the tokens
             the loss depends on most, and the paper's two-sided gradient routes exactly those tokens out, where
-            nothing brings them back (benchmarks/routing_tasks.py). False: the paper's straight-through gradient.
+            nothing brings them back: with the two-sided gradient no seed learned the long-range tasks of
+            `colt5_hf.synthetic`, with this one five of five seeds learned two of them and three of five the third (docs/routing.md). False: the
+            paper's two-sided gradient (what colt5-attention computes).
         router_noise: scale of the logistic noise added to the router scores in training (eval is deterministic), so
             that a route also tries tokens outside its top k: a token that is never routed gets no gradient of its own.
             None: the router type's own (1 for "sinkhorn", 0 for the others, the paper's hard top-k).
@@ -123,7 +125,7 @@ class CoLT5Config(PreTrainedConfig):
     router_fetch_ratio: float = 9 / 8
     router_temperature: float = 1.0
     router_straight_through: bool = True
-    router_one_sided_gradient: bool = False
+    router_one_sided_gradient: bool = True
     router_noise: float | None = None
     router_exploration: float = 0.0
     heavy_output_init: float = 1.0

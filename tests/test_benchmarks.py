@@ -87,12 +87,12 @@ def test_routing_tasks_writes_records_table_and_curves(tmp_path, monkeypatch):
     and the PNG; --from-json rebuilds the same table."""
     geometry = ["--set", "local_radius=3", "relative_attention_max_distance=32", "--length", "160"]
     stdout = run_script("routing_tasks.py", ["--cpu", "--jobs", "2", "--tasks", "order", "--variants", "preset",
-                                             "one_sided", "local:0", "--seeds", "0", "1", "--steps", "4",
+                                             "paper", "local:0", "--seeds", "0", "1", "--steps", "4",
                                              "--eval-every", "2", "--eval-examples", "8", *geometry,
                                              "--out", str(tmp_path)], tmp_path, timeout=300)
     records = [json.loads(path.read_text()) for path in sorted((tmp_path / "runs" / "160").glob("*.json"))]
     assert sorted((r["task"], r["variant"], r["seed"]) for r in records) == sorted(
-        [("order", variant, seed) for variant in ("preset", "one_sided") for seed in (0, 1)] + [("order", "local", 0)])
+        [("order", variant, seed) for variant in ("preset", "paper") for seed in (0, 1)] + [("order", "local", 0)])
     assert not list(tmp_path.glob("runs/160/*.partial"))
     for r in records:
         assert [point["step"] for point in r["curve"]] == [0, 2, 4] and r["steps_done"] == 4
@@ -105,9 +105,9 @@ def test_routing_tasks_writes_records_table_and_curves(tmp_path, monkeypatch):
         else:
             assert set(recall) == {"0.q", "0.kv", "0.ff", "1.q", "1.kv", "1.ff"}
             assert all(0 <= share <= 1 for share in recall.values())
-    assert next(r for r in records if r["variant"] == "one_sided")["config"] == {"router_one_sided_gradient": True}
+    assert next(r for r in records if r["variant"] == "paper")["config"] == {"router_one_sided_gradient": False}
     table = (tmp_path / "routing_tasks.md").read_text()
-    assert table.strip() in stdout and "| 160 | order | one_sided | 0/2 (of 4 steps) |" in table
+    assert table.strip() in stdout and "| 160 | order | paper | 0/2 (of 4 steps) |" in table
     assert (tmp_path / "routing_tasks.png").read_bytes()[:4] == b"\x89PNG"
     module = benchmark_module("routing_tasks", monkeypatch)
     assert module.table(module.load_records(tmp_path)).strip() == table.strip()

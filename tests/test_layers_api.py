@@ -139,7 +139,8 @@ def test_coor_descent_router_matches_reference_router(routes):
     reference = CoordinateDescentRouter(dim, straight_through=False, n_iters=40, num_routing_tokens=routes)
     with torch.no_grad():
         reference.routing_token.mul_(0.15)
-    config = CoLT5Config(d_model=dim, router_straight_through=False, router_iterations=40)
+    config = CoLT5Config(d_model=dim, router_straight_through=False, router_one_sided_gradient=False,
+                         router_iterations=40)
     ours = CoLT5Router(config, k, routes)
     with torch.no_grad():
         ours.weight.copy_(reference.routing_token)
@@ -179,7 +180,7 @@ def test_cum_softmax_router_matches_reference_router(routes):
     reference = DifferentiableTopKRouter(dim, straight_through=False, temperature=temperature,
                                          num_routing_tokens=routes)
     config = CoLT5Config(d_model=dim, router_type="cum_softmax", router_temperature=temperature,
-                         router_straight_through=False)
+                         router_straight_through=False, router_one_sided_gradient=False)
     ours = CoLT5Router(config, k, routes)
     with torch.no_grad():
         reference.routing_token.mul_(0.5)
