@@ -64,8 +64,8 @@ class CoLT5Config(PreTrainedConfig):
             only when others outscore it. Early in training the heavy branch's output is noise that hurts the tokens
             the loss depends on most, and the paper's two-sided gradient routes exactly those tokens out, where
             nothing brings them back: with the two-sided gradient no seed learned the long-range tasks of
-            `colt5_hf.synthetic`, with this one five of five seeds learned two of them and three of five the third (docs/routing.md). False: the
-            paper's two-sided gradient (what colt5-attention computes).
+            `colt5_hf.synthetic`, with this one five of five seeds learned two of them and three of five the third
+            (docs/routing.md). False: the paper's two-sided gradient (what colt5-attention computes).
         router_noise: scale of the logistic noise added to the router scores in training (eval is deterministic), so
             that a route also tries tokens outside its top k: a token that is never routed gets no gradient of its own.
             None: the router type's own (1 for "sinkhorn", 0 for the others, the paper's hard top-k).

@@ -622,9 +622,7 @@ class CoLT5CrossAttention(nn.Module):
                     raise ValueError(
                         "output_attentions=True with cached cross-attention keys needs the routes' positions, which "
                         "routers with training noise (`router_noise`, sinkhorn's own) or `router_exploration` draw "
-                        "at random in training: "
-                        "call model.eval() or decode "
-                        "without a cache"
+                        "at random in training: call model.eval() or decode without a cache"
                     )
                 routing = self.route(encoder_hidden_states, encoder_mask)
             layout = self.weights_layout(routing, t, encoder_mask.shape[-1])
