@@ -692,6 +692,38 @@ def test_colt5_hf_train_on_two_cpu_processes_matches_one_process(tmp_path, capsy
     assert relative_error(logits_of(ddp_model, inputs), logits_of(one_model, inputs)) < 1e-4
 
 
+@needs_processes
+def test_colt5_hf_uptrain_on_two_cpu_processes_matches_one_process(tmp_path, capsys):
+    """`colt5-hf uptrain` with one process per rank: 2 processes x 4 denoised examples train like 1 process x 4 x 2
+    accumulation steps (the same packed examples in the same global batches), each denoiser's evaluation loss too."""
+    from colt5_hf import cli
+
+    words = "the a routed heavy light token layer branch attention local global span input target".split()
+    text = " ".join(words[(7 * i) % len(words)] for i in range(900)) + "."
+    (tmp_path / "train.txt").write_text(text)
+    (tmp_path / "eval.txt").write_text(text[:1200])
+    common = ["uptrain", "colt5-tiny", "--train-files", str(tmp_path / "train.txt"), "--eval-files",
+              str(tmp_path / "eval.txt"), "--length", "96", "--max-target-length", "32", "--batch-size", "4",
+              "--steps", "3", "--eval-steps", "3", "--eval-examples", "4", "--learning-rate", "3e-3",
+              "--warmup-steps", "0", "--seed", "0", "--quiet", "--cpu"]
+    cli.main([*common, "--output-dir", str(tmp_path / "one"), "--gradient-accumulation-steps", "2"])
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = run_processes(["-m", "colt5_hf.cli", *common, "--output-dir", str(tmp_path / "ddp")])
+    reports = [line for line in result.stdout.splitlines() if line.startswith('{"output_dir"')]
+    assert len(reports) == 1  # the first process reports
+    ddp = json.loads(reports[0])
+    assert one["steps"] == ddp["steps"] == 3
+    assert [key for key in one if key.startswith("eval_")] == ["eval_R3_loss", "eval_R8_loss", "eval_X64_loss",
+                                                               "eval_S_loss"]
+    for key in one:
+        if key.endswith("loss"):
+            assert ddp[key] == pytest.approx(one[key], rel=1e-4), key
+    one_model, ddp_model = (CoLT5ForConditionalGeneration.from_pretrained(tmp_path / name).eval()
+                            for name in ("one", "ddp"))
+    inputs = labelled(lengths=(48, 30), target_length=6)
+    assert relative_error(logits_of(ddp_model, inputs), logits_of(one_model, inputs)) < 1e-4
+
+
 FSDP_WORKER = textwrap.dedent('''
     """FSDP2 (fully_shard, one unit per CoLT5 block, resharded after forward) on CPU processes: the sharding the
     accelerate FSDP config asks for, without accelerate (its FSDP path needs GPUs)."""
