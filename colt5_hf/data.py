@@ -1,9 +1,7 @@
 """Data for the colt5-hf command: text pairs from JSONL/CSV/Parquet files, documents (text files, a field of those
-files, a Hub dataset) for uptraining, tokenisation with explicit length limits, and the synthetic long-input task of the
-demo."""
+files, a Hub dataset) for uptraining, and tokenisation with explicit length limits."""
 
 import os
-import random
 import tempfile
 from pathlib import Path
 
@@ -11,9 +9,6 @@ import datasets
 
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-DEMO_LETTERS = "ABCDEFGH"
-
-
 class DataError(ValueError):
     """A problem with the user's data, worded for the command line."""
 
@@ -175,36 +170,4 @@ def tokenize_pairs(dataset, tokenizer, max_source_length: int | None, max_target
     return tokenized, report
 
 
-def demo_examples(count: int, seed: int, length: int = 256, reach: int = 30):
-    """The demo's long-input task: which letter comes first?
-
-    Each source is `length - 1` dots holding two different capital letters (`DEMO_LETTERS`); the target is the one
-    that comes first. `reach` is how far a local-attention encoder sees (layers x radius: 30 for the tiny preset):
-    each of its outputs depends on the `reach` tokens on either side. The letters sit at least `2 * reach + 4` apart
-    and as far from either end, so no output depends on both letters, or on a letter and an end of the input.
-    Swapping the two letters then only permutes the encoder's outputs, and cross-attention has no positions: a
-    local-attention model predicts the same letter for both orders and is right half the time. The heavy branch
-    attends across the input with relative positions and can answer. (With 256 tokens the first letter always sits
-    in the first half, so knowing where a letter is relative to the input's ends, beyond the local reach, suffices;
-    longer inputs need a true comparison of the two letters' positions, which the tiny model did not learn within
-    the demo's budget.)
-    """
-    margin = 2 * reach + 4
-    if length - 1 < 3 * margin + 2:
-        raise DataError(f"demo inputs of {length} tokens are too short for letters {margin} apart and from the ends "
-                        f"(at least {3 * margin + 3} tokens)")
-    rng = random.Random(seed)
-    last = length - 2 - margin  # the last position a letter may take
-    examples = []
-    for _ in range(count):
-        first, second = rng.sample(DEMO_LETTERS, 2)
-        first_position = rng.randint(margin, last - margin)
-        second_position = rng.randint(first_position + margin, last)
-        chars = ["."] * (length - 1)
-        chars[first_position], chars[second_position] = first, second
-        examples.append({"source": "".join(chars), "target": first})
-    return examples
-
-
-__all__ = ["DataError", "load_pairs", "load_documents", "load_hub_documents", "check_utf8", "tokenize_pairs",
-           "demo_examples"]
+__all__ = ["DataError", "load_pairs", "load_documents", "load_hub_documents", "check_utf8", "tokenize_pairs"]

@@ -12,10 +12,11 @@ from transformers import AutoModelForSeq2SeqLM, ByT5Tokenizer, T5Config, T5ForCo
 import colt5_hf  # noqa: F401  (registers the Auto classes)
 from colt5_hf.cli import build_parser, main
 from colt5_hf.cli import train as train_command
-from colt5_hf.cli.common import demo_reach, load_model
+from colt5_hf import synthetic
+from colt5_hf.cli.common import demo_pairs, load_model
 from colt5_hf.cli.generate import one_line
+from colt5_hf.data import DataError, load_pairs
 from colt5_hf.synthetic import switch_off_heavy_branch
-from colt5_hf.data import demo_examples, load_pairs
 
 
 PAIRS = [{"source": f"reverse {word}", "target": word[::-1]} for word in
@@ -205,8 +206,8 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
 
 def test_demo_runs_both_models_and_the_local_one_keeps_its_heavy_branch_off(tmp_path, capfd):
     # capfd: the two trainings run in child processes that print to the inherited stdout
-    out, _ = run(["demo", "--steps", 4, "--eval-steps", 2, "--eval-examples", 8, "--demo-length", 200,
-                  "--output-dir", tmp_path], capfd)
+    out, _ = run(["demo", "--steps", 4, "--eval-steps", 2, "--eval-examples", 8, "--batch-size", 8,
+                  "--demo-length", 440, "--output-dir", tmp_path], capfd)
     rows = [line for line in out.splitlines() if re.match(r"(CoLT5 \(routed\)|local attention only)\s+\d+", line)]
     assert len(rows) == 2 * 2 + 2  # two evaluations per model, then the final table
     local = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "local-only")
@@ -220,31 +221,37 @@ def test_demo_runs_both_models_and_the_local_one_keeps_its_heavy_branch_off(tmp_
     assert fresh.config.to_dict()["local_radius"] == local.config.local_radius == 15
 
 
-def test_demo_task_examples():
-    for example in demo_examples(200, seed=3, length=256, reach=30):
+def test_demo_task_is_the_nearest_task_at_the_models_geometry():
+    config = load_model("colt5-tiny")[0].config
+    pairs = demo_pairs(config, 50, seed=3, length=512)
+    assert list(pairs) == synthetic.examples("nearest", 50, 3, 512, synthetic.Geometry.of(config))
+    for example in pairs:
         source = example["source"]
-        letters = [(i, c) for i, c in enumerate(source) if c != "."]
-        assert len(source) == 255 and len(letters) == 2
-        (first_position, first), (second_position, second) = letters
-        assert example["target"] == first and first != second
-        # 2 * reach + 4 = 64: apart, and from both ends (the end-of-sequence token comes at 255)
-        assert second_position - first_position >= 64 and first_position >= 64 and second_position <= 254 - 64
-    with pytest.raises(ValueError, match="too short"):
-        demo_examples(1, seed=0, length=190, reach=30)
+        items = {c: i for i, c in enumerate(source) if c != "."}
+        anchor = items.pop("#")
+        (near, near_position), (far, far_position) = sorted(items.items(), key=lambda item: abs(item[1] - anchor))
+        assert len(source) == 511 and example["target"] == near
+        assert 64 <= abs(near_position - anchor) <= 90 < 91 <= abs(far_position - anchor)  # gap 2 * 30 + 4
+    with pytest.raises(DataError, match="the demo task: nearest: inputs of 300 tokens are too short"):
+        demo_pairs(config, 1, seed=0, length=300)
 
 
-def test_local_attention_alone_cannot_tell_which_letter_comes_first():
+def test_local_attention_alone_cannot_tell_which_letter_is_nearer():
     """The demo's premise: with the heavy branch off, swapping the two letters of a demo example gives the same
-    logits (the encoder's outputs are permuted, and cross-attention has no positions), so one of the two orders is
-    answered wrongly; with the heavy branch on the logits differ."""
+    logits (the encoder's outputs are permuted, and cross-attention has no positions), so one of the two is answered
+    wrongly; with the heavy branch on (routing every token) the logits differ."""
+    def perturbed(model):
+        with torch.no_grad():  # make every trained weight count: the band's edge, the layer norms, the bias tables
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(0.2 * torch.randn_like(parameter))
+        return model.eval()
+
     torch.manual_seed(0)
-    local = switch_off_heavy_branch(load_model("colt5-tiny")[0]).eval()
-    with torch.no_grad():  # make every local weight count: the band's edge, the layer norms, the bias table
-        for name, parameter in local.named_parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.2 * torch.randn_like(parameter))
-    torch.manual_seed(0)
-    routed = load_model("colt5-tiny")[0].eval()
+    local = perturbed(switch_off_heavy_branch(load_model("colt5-tiny")[0]))
+    torch.manual_seed(0)  # every token routed: whether the routers' random scores pick the letters is beside the point
+    routed = perturbed(load_model("colt5-tiny", dict.fromkeys(
+        ["attention_q_fraction", "attention_kv_fraction", "feed_forward_fraction"], 1.0))[0])
     tokenizer = ByT5Tokenizer()
 
     def logits(model, text):
@@ -252,9 +259,9 @@ def test_local_attention_alone_cannot_tell_which_letter_comes_first():
             return model(input_ids=torch.tensor([tokenizer(text).input_ids]),
                          decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)).logits
 
-    for example in demo_examples(8, seed=5, length=256, reach=demo_reach(local.config)):
+    for example in demo_pairs(local.config, 8, seed=5, length=512):
         source = example["source"]
-        (p, a), (q, b) = [(i, c) for i, c in enumerate(source) if c != "."]
+        (p, a), (q, b) = [(i, c) for i, c in enumerate(source) if c not in ".#"]
         swapped = source[:p] + b + source[p + 1:q] + a + source[q + 1:]
         torch.testing.assert_close(logits(local, source), logits(local, swapped), atol=1e-4, rtol=1e-4)
         assert not torch.allclose(logits(routed, source), logits(routed, swapped), atol=1e-3)

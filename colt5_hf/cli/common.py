@@ -18,10 +18,13 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..checkpoints import last_complete_checkpoint
 from ..configuration_colt5 import CoLT5Config, preset_names
-from ..data import demo_examples, load_pairs, tokenize_pairs
+from .. import synthetic
+from ..data import DataError, load_pairs, tokenize_pairs
 from ..modeling_colt5 import CoLT5ForConditionalGeneration
 
 
+DEMO_TASK = "nearest"  # which of two letters lies nearer an anchor: no position shortcut, no local-attention answer
+DEMO_LENGTH = 512
 DEMO_EVAL_SEED = 1_000_003  # the demo task's evaluation examples: a seed no training run uses
 DATA_CACHE = "data-cache"  # train's Arrow files of its data files, inside --output-dir (docs/command.md)
 # the files a tokenizer folder holds one of (fast tokenizers, SentencePiece, BPE and WordPiece vocabularies)
@@ -119,8 +122,8 @@ def add_data_options(parser, targets=True):
     if targets:
         parser.add_argument("--max-target-length", type=positive_int, help="longer targets are an error")
     parser.add_argument("--truncate", action="store_true", help="cut inputs to the limits instead, and report it")
-    parser.add_argument("--demo-length", type=positive_int, default=256,
-                        help="length of the demo task's inputs in tokens")
+    parser.add_argument("--demo-length", type=positive_int, default=DEMO_LENGTH,
+                        help=f"length of the demo task's inputs in tokens (default: {DEMO_LENGTH})")
 
 
 def add_device_options(parser, running="run"):
@@ -401,8 +404,12 @@ def read_pairs(args, file, with_targets=True, cache_dir=None):
 
 
 def demo_pairs(config, count, seed, length):
-    """`count` examples of the demo task for a model of `config`."""
-    return datasets.Dataset.from_list(demo_examples(count, seed, length, demo_reach(config)))
+    """`count` examples of the demo task (synthetic.py's `nearest`) at the geometry of a model of `config`."""
+    try:
+        pairs = synthetic.examples(DEMO_TASK, count, seed, length, synthetic.Geometry.of(config))
+    except ValueError as error:
+        raise DataError(f"the demo task: {error}") from None
+    return datasets.Dataset.from_list(pairs)
 
 
 def tokenize(args, tokenizer, config, pairs, name):
@@ -425,12 +432,6 @@ def is_main_process():
     """False in every process but the first of a distributed run (`accelerate launch` and torchrun set RANK), so that
     a run reports once."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def demo_reach(config):
-    """How far the model's local attention sees through all encoder layers: the demo task keeps its letters twice
-    as far apart."""
-    return config.num_layers * config.local_radius
 
 
 def batches(items, size):

@@ -10,18 +10,20 @@ import sys
 import time
 from pathlib import Path
 
-import datasets
 import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from ..data import demo_examples, tokenize_pairs
+from .. import synthetic
+from ..data import tokenize_pairs
 from ..synthetic import switch_off_heavy_branch
 from .common import (
     DEMO_EVAL_SEED,
+    DEMO_LENGTH,
+    DEMO_TASK,
     add_training_options,
     check_writable_folder,
-    demo_reach,
+    demo_pairs,
     load_model,
     load_tokenizer,
     positive_int,
@@ -32,11 +34,11 @@ from .common import (
 def add_parser(commands):
     parser = commands.add_parser("demo", help="CoLT5 vs local attention on a long-input task (the default command)")
     parser.add_argument("--model", default="colt5-tiny", help="preset or config file (default: colt5-tiny)")
-    add_training_options(parser, steps=2000, eval_steps=250, learning_rate=5e-4, warmup_steps=100,
+    add_training_options(parser, steps=1000, eval_steps=250, learning_rate=1e-3, warmup_steps=100,
                          output_dir="runs/demo")
-    parser.add_argument("--demo-length", type=positive_int, default=256,
-                        help="length of the inputs in tokens (default: 256)")
-    parser.set_defaults(epochs=1.0, gradient_accumulation_steps=1, weight_decay=0.0, logging_steps=None,
+    parser.add_argument("--demo-length", type=positive_int, default=DEMO_LENGTH,
+                        help=f"length of the inputs in tokens (default: {DEMO_LENGTH})")
+    parser.set_defaults(batch_size=32, epochs=1.0, gradient_accumulation_steps=1, weight_decay=0.0, logging_steps=None,
                         save_steps=None, save_total_limit=1, bf16=False, cpu=True, overwrite_output_dir=True)
     return parser
 
@@ -89,11 +91,10 @@ def demo_run(args, heavy: bool, threads: int):
     tokenizer = load_tokenizer(None)
     torch.manual_seed(args.seed)
     model, _ = load_model(args.model)
-    reach = demo_reach(model.config)
-    train_pairs = demo_examples(args.steps * args.batch_size, args.seed, args.demo_length, reach)
-    eval_pairs = demo_examples(args.eval_examples, DEMO_EVAL_SEED, args.demo_length, reach)
-    train_dataset, _ = tokenize_pairs(datasets.Dataset.from_list(train_pairs), tokenizer, None, None)
-    eval_dataset, _ = tokenize_pairs(datasets.Dataset.from_list(eval_pairs), tokenizer, None, None)
+    train_pairs = demo_pairs(model.config, args.steps * args.batch_size, args.seed, args.demo_length)
+    eval_pairs = demo_pairs(model.config, args.eval_examples, DEMO_EVAL_SEED, args.demo_length)
+    train_dataset, _ = tokenize_pairs(train_pairs, tokenizer, None, None)
+    eval_dataset, _ = tokenize_pairs(eval_pairs, tokenizer, None, None)
     if not heavy:
         switch_off_heavy_branch(model)
     run_args = argparse.Namespace(**vars(args))
@@ -109,13 +110,14 @@ def run(args):
     each when there are two cores), and print the table."""
     check_writable_folder(args.output_dir, "--output-dir")
     config = load_model(args.model)[0].config
-    example = demo_examples(1, args.seed, args.demo_length, demo_reach(config))[0]
+    geometry = synthetic.Geometry.of(config)
+    example = demo_pairs(config, 1, args.seed, args.demo_length)[0]
     jobs = 2 if (os.cpu_count() or 1) >= 2 else 1
     threads = max(1, min(4, (os.cpu_count() or 1) // jobs))
     shown = re.sub(r"\.{4,}", lambda run: f"[{len(run.group())} dots]", example["source"])
-    print(f"Task: {args.demo_length - 1} characters of '.' holding two capital letters at least "
-          f"{2 * demo_reach(config) + 4} apart; the answer "
-          f"is the letter that comes first, e.g.\n  {shown} -> {example['target']}\n"
+    print(f"Task: {args.demo_length - 1} characters of '.' holding an anchor '#' and two capital letters, one of them "
+          f"{geometry.gap}-{geometry.near_max} positions from the anchor, the other at least {geometry.far_min}; the "
+          f"answer is the letter nearer the anchor, e.g.\n  {shown} -> {example['target']}\n"
           f"Model: {args.model} (local radius {config.local_radius}), {args.steps} steps of {args.batch_size} examples "
           f"on the CPU ({jobs} process{'es' if jobs > 1 else ''}, {threads} thread{'s' if threads > 1 else ''} each), "
           f"exact match on {args.eval_examples} held-out examples every {args.eval_steps} steps.\n", flush=True)
@@ -132,13 +134,12 @@ def run(args):
     print(TABLE_HEADER)
     for rows in results:
         print(format_row(rows[-1]))
-    window = 2 * config.local_radius + 1
-    print(f"\nLocal attention sees {window} positions around each token per layer. Through the decoder's "
-          "cross-attention it finds both letters, but nothing tells it which one comes first: swapping them only "
-          "moves its encoder outputs, so it is right half the time (50%, give or take "
-          f"{50 / args.eval_examples ** 0.5:.0f}% on {args.eval_examples} examples). CoLT5's routers send tokens to the "
-          "heavy branch, whose attention spans the input with relative positions: it can tell where a letter sits "
-          "between the two ends of the input, each at least "
-          f"{2 * demo_reach(config) + 4} positions away.\n"
+    shortcut = synthetic.calibration(DEMO_TASK, args.demo_length, geometry)["shortcut"]
+    print(f"\nLocal attention sees {geometry.reach} positions on each side of a token through the encoder, and every "
+          "item lies farther than that from the others: it finds the letters but not which is nearer the anchor, so it "
+          "is right half the time (50%, give or take "
+          f"{50 / args.eval_examples ** 0.5:.0f}% on {args.eval_examples} examples). Where the items sit tells at most "
+          f"{100 * shortcut:.0f}%. CoLT5's routers send tokens to the heavy branch, whose attention spans the input "
+          "with relative positions: it can compare the two distances.\n"
           f"Models: {args.output_dir}/colt5 and {args.output_dir}/local-only. What did the routers pick?\n"
           f"  colt5-hf inspect {args.output_dir}/colt5 --demo-task --output {args.output_dir}/routing.png")
