@@ -13,7 +13,7 @@ import colt5_hf  # noqa: F401  (registers the Auto classes)
 from colt5_hf.cli import build_parser, main
 from colt5_hf.cli import train as train_command
 from colt5_hf import synthetic
-from colt5_hf.cli.common import demo_pairs, load_model
+from colt5_hf.cli.common import DEMO_EVAL_SEED, demo_evaluation_pairs, demo_pairs, load_model
 from colt5_hf.cli.generate import one_line
 from colt5_hf.data import DataError, load_pairs
 from colt5_hf.synthetic import switch_off_heavy_branch
@@ -239,7 +239,8 @@ def test_demo_task_is_the_nearest_task_at_the_models_geometry():
 def test_local_attention_alone_cannot_tell_which_letter_is_nearer():
     """The demo's premise: with the heavy branch off, swapping the two letters of a demo example gives the same
     logits (the encoder's outputs are permuted, and cross-attention has no positions), so one of the two is answered
-    wrongly; with the heavy branch on (routing every token) the logits differ."""
+    wrongly, and on the evaluation set, which holds each example's mirror, such a model scores exactly 50%; with the
+    heavy branch on (routing every token) the logits differ."""
     def perturbed(model):
         with torch.no_grad():  # make every trained weight count: the band's edge, the layer norms, the bias tables
             for parameter in model.parameters():
@@ -259,12 +260,16 @@ def test_local_attention_alone_cannot_tell_which_letter_is_nearer():
             return model(input_ids=torch.tensor([tokenizer(text).input_ids]),
                          decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)).logits
 
-    for example in demo_pairs(local.config, 8, seed=5, length=512):
+    # the evaluation set: each example followed by its mirror, the two letters swapped and the other one the answer
+    evaluation = list(demo_evaluation_pairs(local.config, 8, length=512))
+    assert evaluation[::2] == list(demo_pairs(local.config, 4, DEMO_EVAL_SEED, 512))
+    for example, mirror in zip(evaluation[::2], evaluation[1::2]):
+        (p, a), (q, b) = [(i, c) for i, c in enumerate(example["source"]) if c not in ".#"]
         source = example["source"]
-        (p, a), (q, b) = [(i, c) for i, c in enumerate(source) if c not in ".#"]
-        swapped = source[:p] + b + source[p + 1:q] + a + source[q + 1:]
-        torch.testing.assert_close(logits(local, source), logits(local, swapped), atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(logits(routed, source), logits(routed, swapped), atol=1e-3)
+        assert mirror["source"] == source[:p] + b + source[p + 1:q] + a + source[q + 1:]
+        assert {example["target"], mirror["target"]} == {a, b} and example["target"] != mirror["target"]
+        torch.testing.assert_close(logits(local, source), logits(local, mirror["source"]), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(logits(routed, source), logits(routed, mirror["source"]), atol=1e-3)
     # closer to an end than the task allows, the ends give the order away: the margin is needed
     near_end = "." * 100 + "A" + "." * 120 + "B" + "." * 33
     assert not torch.allclose(logits(local, near_end), logits(local, near_end.replace("A", "b").replace("B", "A")

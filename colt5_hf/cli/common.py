@@ -412,6 +412,20 @@ def demo_pairs(config, count, seed, length):
     return datasets.Dataset.from_list(pairs)
 
 
+def demo_evaluation_pairs(config, count, length):
+    """The demo task's evaluation set: examples each followed by its mirror, the same input with the two letters
+    swapped (the other letter the answer). A model blind to the relation answers an example and its mirror alike and
+    scores exactly 50% here, whichever letters it prefers; on independent examples its score would stray from 50% by
+    how often its favourites happen to be the answer."""
+    mirrored = []
+    for pair in demo_pairs(config, (count + 1) // 2, DEMO_EVAL_SEED, length):
+        source, answer = pair["source"], pair["target"]
+        other = next(c for c in source if c.isupper() and c != answer)
+        swapped = source.translate(str.maketrans({answer: other, other: answer}))
+        mirrored += [pair, {"source": swapped, "target": other}]
+    return datasets.Dataset.from_list(mirrored[:count])
+
+
 def tokenize(args, tokenizer, config, pairs, name):
     """The tokenised pairs within the length options (--max-source-length, --max-target-length, --truncate); prints
     what was cut."""

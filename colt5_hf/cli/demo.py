@@ -18,11 +18,11 @@ from .. import synthetic
 from ..data import tokenize_pairs
 from ..synthetic import switch_off_heavy_branch
 from .common import (
-    DEMO_EVAL_SEED,
     DEMO_LENGTH,
     DEMO_TASK,
     add_training_options,
     check_writable_folder,
+    demo_evaluation_pairs,
     demo_pairs,
     load_model,
     load_tokenizer,
@@ -92,7 +92,7 @@ def demo_run(args, heavy: bool, threads: int):
     torch.manual_seed(args.seed)
     model, _ = load_model(args.model)
     train_pairs = demo_pairs(model.config, args.steps * args.batch_size, args.seed, args.demo_length)
-    eval_pairs = demo_pairs(model.config, args.eval_examples, DEMO_EVAL_SEED, args.demo_length)
+    eval_pairs = demo_evaluation_pairs(model.config, args.eval_examples, args.demo_length)
     train_dataset, _ = tokenize_pairs(train_pairs, tokenizer, None, None)
     eval_dataset, _ = tokenize_pairs(eval_pairs, tokenizer, None, None)
     if not heavy:

@@ -7,7 +7,6 @@ import torch
 
 from .common import (
     CommandError,
-    DEMO_EVAL_SEED,
     add_data_options,
     add_device_options,
     apply_compile_option,
@@ -15,7 +14,7 @@ from .common import (
     check_saved_model,
     check_writable_file,
     collator,
-    demo_pairs,
+    demo_evaluation_pairs,
     device_of,
     load_saved_model,
     load_tokenizer,
@@ -52,7 +51,7 @@ def run(args):
     device = device_of(args)
     model = apply_compile_option(load_saved_model(args.model), args).to(device)
     if pairs is None:
-        pairs = demo_pairs(model.config, args.eval_examples, DEMO_EVAL_SEED, args.demo_length)
+        pairs = demo_evaluation_pairs(model.config, args.eval_examples, args.demo_length)
     tokenized = tokenize(args, tokenizer, model.config, pairs, args.file or "demo task")
     collate = collator(tokenizer)
     loss_sum, token_count, correct, predictions = 0.0, 0, 0, []

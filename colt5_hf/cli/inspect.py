@@ -8,13 +8,12 @@ import torch
 
 from ..inspection import plot_routing, routing_rows
 from .common import (
-    DEMO_EVAL_SEED,
     CommandError,
     add_data_options,
     check_saved_model,
     check_text,
     check_writable_file,
-    demo_pairs,
+    demo_evaluation_pairs,
     load_saved_model,
     load_tokenizer,
     non_negative_int,
@@ -61,7 +60,7 @@ def run(args):
         text = args.text
     else:
         if pairs is None:  # --demo-task
-            pairs = demo_pairs(model.config, args.index + 1, DEMO_EVAL_SEED, args.demo_length)
+            pairs = demo_evaluation_pairs(model.config, args.index + 1, args.demo_length)
         if args.index >= len(pairs):
             raise CommandError(f"--index {args.index}: the input holds {len(pairs)} examples")
         text = pairs[args.index]["source"]

@@ -14,7 +14,6 @@ from ..modeling_colt5 import CoLT5ForConditionalGeneration
 from .common import (
     CommandError,
     DATA_CACHE,
-    DEMO_EVAL_SEED,
     add_data_options,
     add_device_options,
     add_run_options,
@@ -24,6 +23,7 @@ from .common import (
     check_saved_model,
     check_vocabulary,
     check_writable_folder,
+    demo_evaluation_pairs,
     demo_pairs,
     is_main_process,
     load_model,
@@ -141,7 +141,7 @@ def run(args, callbacks=()):
         batch = args.batch_size * args.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1"))
         train_pairs = demo_pairs(model.config, args.steps * batch, args.seed, args.demo_length)
         if eval_pairs is None:
-            eval_pairs = demo_pairs(model.config, args.eval_examples, DEMO_EVAL_SEED, args.demo_length)
+            eval_pairs = demo_evaluation_pairs(model.config, args.eval_examples, args.demo_length)
     train_dataset = tokenize(args, tokenizer, model.config, train_pairs, args.train_file or "train")
     eval_dataset = None if eval_pairs is None else tokenize(args, tokenizer, model.config, eval_pairs,
                                                              args.eval_file or "eval")
