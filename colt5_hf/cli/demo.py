@@ -120,7 +120,8 @@ def run(args):
           f"answer is the letter nearer the anchor, e.g.\n  {shown} -> {example['target']}\n"
           f"Model: {args.model} (local radius {config.local_radius}), {args.steps} steps of {args.batch_size} examples "
           f"on the CPU ({jobs} process{'es' if jobs > 1 else ''}, {threads} thread{'s' if threads > 1 else ''} each), "
-          f"exact match on {args.eval_examples} held-out examples every {args.eval_steps} steps.\n", flush=True)
+          f"exact match on {args.eval_examples} held-out examples (half of them the other half's mirrors) every "
+          f"{args.eval_steps} steps.\n", flush=True)
     print(TABLE_HEADER, flush=True)
     start = time.perf_counter()
     if jobs == 1:
@@ -136,10 +137,9 @@ def run(args):
         print(format_row(rows[-1]))
     shortcut = synthetic.calibration(DEMO_TASK, args.demo_length, geometry)["shortcut"]
     print(f"\nLocal attention sees {geometry.reach} positions on each side of a token through the encoder, and every "
-          "item lies farther than that from the others: it finds the letters but not which is nearer the anchor, so it "
-          "is right half the time (50%, give or take "
-          f"{50 / args.eval_examples ** 0.5:.0f}% on {args.eval_examples} examples). Where the items sit tells at most "
-          f"{100 * shortcut:.0f}%. CoLT5's routers send tokens to the heavy branch, whose attention spans the input "
-          "with relative positions: it can compare the two distances.\n"
+          "item lies farther than that from the others: it finds the letters but not which is nearer the anchor, and "
+          "answers an example and its mirror (the letters swapped) alike: 50% on the evaluation set, which holds both. "
+          f"Where the items sit tells at most {100 * shortcut:.0f}%. CoLT5's routers send tokens to the heavy branch, "
+          "whose attention spans the input with relative positions: it can compare the two distances.\n"
           f"Models: {args.output_dir}/colt5 and {args.output_dir}/local-only. What did the routers pick?\n"
           f"  colt5-hf inspect {args.output_dir}/colt5 --demo-task --output {args.output_dir}/routing.png")
