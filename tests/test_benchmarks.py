@@ -151,7 +151,7 @@ def test_the_readmes_performance_table_is_the_results_json():
     """Every number of the README's performance table, read back from the benchmark records it cites (device
     included): steps and peaks of train_step.py, seconds per sample of generate.py, the ratios to LongT5 local."""
     results = REPO / "benchmarks" / "results"
-    train = [r for n in (8192, 16384)
+    train = [r for n in (4096, 8192, 16384, 65536)
              for r in json.loads((results / "train-step-h100" / f"train_step_{n}.json").read_text())["records"]]
     generate = json.loads((results / "generate-user-h100" / "generate.json").read_text())["records"]
     assert {r["device"] for r in train + generate} == {"NVIDIA H100 80GB HBM3"}
@@ -168,11 +168,15 @@ def test_the_readmes_performance_table_is_the_results_json():
         return f"{next(r for r in train if r['model'] == model and r['n'] == n)['peak_gib']:.1f} GiB"
 
     local, default, fast = "longt5-local", "colt5-hf/default", "colt5-hf/fast"
-    local_seconds = float(step(local, 8192).split()[0])
-    assert rows["training step, 8192 input tokens"] == [
-        f"{step(local, 8192)}, {peak(local, 8192)}",
-        *(f"{step(m, 8192)} ({local_seconds / float(step(m, 8192).split()[0]):.2f}x), {peak(m, 8192)}"
-          for m in (default, fast))]
+    def speedup(model, n):
+        return next(r for r in train if r["model"] == model and r["n"] == n)["speedup_vs_longt5_local"]
+
+    for n, label in ((4096, "4096 input tokens"), (8192, "8192 input tokens"),
+                     (65536, "65536 input tokens, gradient checkpointing")):
+        assert rows[f"training step, {label}"] == [
+            f"{step(local, n)}, {peak(local, n)}",
+            *(f"{step(m, n)} ({speedup(m, n):.2f}x), {peak(m, n)}" for m in (default, fast))]
+    assert {r["gradient_checkpointing"] for r in train if r["n"] == 65536} == {True}
     assert rows["training step, 16384 input tokens"] == [
         "out of memory", f"{step(default, 16384)}, {peak(default, 16384)}", f"{step(fast, 16384)}, {peak(fast, 16384)}"]
     assert step(local, 16384) == "out of memory"
