@@ -9,6 +9,8 @@ import datasets
 
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
 class DataError(ValueError):
     """A problem with the user's data, worded for the command line."""
 

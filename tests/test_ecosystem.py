@@ -667,26 +667,32 @@ def test_example_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
                   "--target-length", "6"])
 
 
-@needs_processes
-def test_colt5_hf_train_on_two_cpu_processes_matches_one_process(tmp_path, capsys):
-    """`colt5-hf train` with one process per rank (as `accelerate launch` starts it; gloo on the CPU here): 2 processes
-    x 8 examples train like 1 process x 8 examples x 2 accumulation steps, the run reports once, and its model loads."""
+def one_process_and_two(tmp_path, capsys, common):
+    """The command `common` run here with 2 accumulation steps and on 2 processes (one per rank, gloo): the summary
+    line of each, the two processes' result, and the two saved models."""
     from colt5_hf import cli
 
-    common = ["train", "--model", "colt5-tiny", "--demo-task", "--steps", "3", "--eval-steps", "3", "--eval-examples",
-              "16", "--batch-size", "8", "--cpu"]
     cli.main([*common, "--output-dir", str(tmp_path / "one"), "--gradient-accumulation-steps", "2"])
     one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     result = run_processes(["-m", "colt5_hf.cli", *common, "--output-dir", str(tmp_path / "ddp")])
     reports = [line for line in result.stdout.splitlines() if line.startswith('{"output_dir"')]
-    assert len(reports) == 1 and result.stderr.count("training examples") == 1  # the first process reports
-    ddp = json.loads(reports[0])
+    assert len(reports) == 1  # the first process reports
+    models = [CoLT5ForConditionalGeneration.from_pretrained(tmp_path / name).eval() for name in ("one", "ddp")]
+    return one, json.loads(reports[0]), result, models
+
+
+@needs_processes
+def test_colt5_hf_train_on_two_cpu_processes_matches_one_process(tmp_path, capsys):
+    """`colt5-hf train` with one process per rank (as `accelerate launch` starts it; gloo on the CPU here): 2 processes
+    x 8 examples train like 1 process x 8 examples x 2 accumulation steps, the run reports once, and its model loads."""
+    common = ["train", "--model", "colt5-tiny", "--demo-task", "--steps", "3", "--eval-steps", "3", "--eval-examples",
+              "16", "--batch-size", "8", "--cpu"]
+    one, ddp, result, (one_model, ddp_model) = one_process_and_two(tmp_path, capsys, common)
+    assert result.stderr.count("training examples") == 1  # the first process reports
     assert one["steps"] == ddp["steps"] == 3
     assert ddp["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
     assert ddp["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
     inputs = labelled(lengths=(48, 30), target_length=6)
-    one_model, ddp_model = (CoLT5ForConditionalGeneration.from_pretrained(tmp_path / name).eval()
-                            for name in ("one", "ddp"))
     # the two runs add the same gradients in another order, and Adam magnifies that in weights whose gradient is ~0:
     # elementwise, logits differ by up to ~1e-4 (of ~30), as a whole by ~2e-6 (measured on this machine)
     assert relative_error(logits_of(ddp_model, inputs), logits_of(one_model, inputs)) < 1e-4
@@ -696,8 +702,6 @@ def test_colt5_hf_train_on_two_cpu_processes_matches_one_process(tmp_path, capsy
 def test_colt5_hf_uptrain_on_two_cpu_processes_matches_one_process(tmp_path, capsys):
     """`colt5-hf uptrain` with one process per rank: 2 processes x 4 denoised examples train like 1 process x 4 x 2
     accumulation steps (the same packed examples in the same global batches), each denoiser's evaluation loss too."""
-    from colt5_hf import cli
-
     words = "the a routed heavy light token layer branch attention local global span input target".split()
     text = " ".join(words[(7 * i) % len(words)] for i in range(900)) + "."
     (tmp_path / "train.txt").write_text(text)
@@ -706,20 +710,13 @@ def test_colt5_hf_uptrain_on_two_cpu_processes_matches_one_process(tmp_path, cap
               str(tmp_path / "eval.txt"), "--length", "96", "--max-target-length", "32", "--batch-size", "4",
               "--steps", "3", "--eval-steps", "3", "--eval-examples", "4", "--learning-rate", "3e-3",
               "--warmup-steps", "0", "--seed", "0", "--quiet", "--cpu"]
-    cli.main([*common, "--output-dir", str(tmp_path / "one"), "--gradient-accumulation-steps", "2"])
-    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    result = run_processes(["-m", "colt5_hf.cli", *common, "--output-dir", str(tmp_path / "ddp")])
-    reports = [line for line in result.stdout.splitlines() if line.startswith('{"output_dir"')]
-    assert len(reports) == 1  # the first process reports
-    ddp = json.loads(reports[0])
+    one, ddp, _, (one_model, ddp_model) = one_process_and_two(tmp_path, capsys, common)
     assert one["steps"] == ddp["steps"] == 3
     assert [key for key in one if key.startswith("eval_")] == ["eval_R3_loss", "eval_R8_loss", "eval_X64_loss",
                                                                "eval_S_loss"]
     for key in one:
         if key.endswith("loss"):
             assert ddp[key] == pytest.approx(one[key], rel=1e-4), key
-    one_model, ddp_model = (CoLT5ForConditionalGeneration.from_pretrained(tmp_path / name).eval()
-                            for name in ("one", "ddp"))
     inputs = labelled(lengths=(48, 30), target_length=6)
     assert relative_error(logits_of(ddp_model, inputs), logits_of(one_model, inputs)) < 1e-4
 
