@@ -344,3 +344,36 @@ def test_train_refuses_several_gpus_in_one_process(tmp_path, capsys, monkeypatch
           "2 GPUs are visible to a single process", "accelerate launch", "CUDA_VISIBLE_DEVICES=0")
     run(["train", *TRAIN, "--train-file", good, "--steps", 1, "--output-dir", tmp_path / "cpu", "--cpu"], capsys)
     assert (tmp_path / "cpu" / "model.safetensors").exists()
+
+
+def test_generate_keeps_to_the_ids_its_tokenizer_decodes(tmp_path, capsys):
+    """A model whose vocabulary (1024) is larger than the ByT5 byte tokenizer's (384), saved without a tokenizer,
+    made to prefer ids beyond the tokenizer: ByT5 cannot write those out (it raised inside decode). generate,
+    evaluate and inspect keep generation to the tokenizer's ids: the outputs are the model's best byte tokens."""
+    from colt5_hf import CoLT5Config, CoLT5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = CoLT5Config.from_preset("tiny", vocab_size=1024)
+    model = CoLT5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        direction = torch.randn(config.d_model)
+        model.lm_head.weight[1000] = 50 * direction  # one of the two wins every step by a wide margin
+        model.lm_head.weight[1001] = -50 * direction
+    model.save_pretrained(tmp_path / "model")
+    tokenizer = ByT5Tokenizer()
+    input_ids = torch.tensor([tokenizer("reverse alpha").input_ids])
+    with torch.no_grad():
+        unrestricted = model.generate(input_ids=input_ids, max_new_tokens=4)
+        # the same model with only the tokenizer's rows of the output layer: greedy decoding within its ids
+        head = model.lm_head
+        model.lm_head = torch.nn.Linear(config.d_model, len(tokenizer), bias=False)
+        model.lm_head.weight.copy_(head.weight[:len(tokenizer)])
+        expected = model.generate(input_ids=input_ids, max_new_tokens=4)
+    assert (unrestricted[0, 1:] >= 1000).all() and (expected[0, 1:] < len(tokenizer)).all()
+    out, _ = run(["generate", tmp_path / "model", "--text", "reverse alpha", "--max-new-tokens", 4], capsys)
+    assert out.splitlines() == [one_line(tokenizer.decode(expected[0], skip_special_tokens=True))]
+    write_jsonl(tmp_path / "pairs.jsonl", [{"source": "reverse alpha", "target": "ahpla"}])
+    out, _ = run(["evaluate", tmp_path / "model", "--file", tmp_path / "pairs.jsonl", "--max-new-tokens", 4], capsys)
+    assert json.loads(out)["examples"] == 1
+    run(["inspect", tmp_path / "model", "--text", "reverse alpha", "--output", tmp_path / "routing.png"], capsys)
+    assert (tmp_path / "routing.png").stat().st_size > 0

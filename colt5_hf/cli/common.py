@@ -13,7 +13,15 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoTokenizer, ByT5Tokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers import (
+    AutoTokenizer,
+    ByT5Tokenizer,
+    DataCollatorForSeq2Seq,
+    LogitsProcessor,
+    LogitsProcessorList,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+)
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..checkpoints import last_complete_checkpoint
@@ -451,6 +459,26 @@ def is_main_process():
 def batches(items, size):
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+class TokenizerVocabulary(LogitsProcessor):
+    """Generation keeps to the ids the tokenizer decodes: a model's vocab_size may exceed its tokenizer (T5's 32128
+    rows for 32100 tokens, a preset's 32128 with the ByT5 byte tokenizer's 384), and an id beyond the tokenizer cannot
+    be written out (ByT5 raises)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, input_ids, scores):
+        return scores.index_fill(-1, torch.arange(self.size, scores.shape[-1], device=scores.device), float("-inf"))
+
+
+def decodable(tokenizer, config):
+    """generate()'s `logits_processor` that keeps it to `tokenizer`'s ids (TokenizerVocabulary), where the model's
+    vocabulary is larger."""
+    if len(tokenizer) >= config.vocab_size:
+        return LogitsProcessorList()
+    return LogitsProcessorList([TokenizerVocabulary(len(tokenizer))])
 
 
 def collator(tokenizer):

@@ -14,6 +14,7 @@ from .common import (
     check_saved_model,
     check_writable_file,
     collator,
+    decodable,
     demo_evaluation_pairs,
     device_of,
     load_saved_model,
@@ -65,7 +66,8 @@ def run(args):
             loss_sum, token_count = loss_sum + output.loss.item() * count, token_count + count
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                        max_new_tokens=args.max_new_tokens or labels.shape[1] + 8,
-                                       num_beams=args.num_beams)
+                                       num_beams=args.num_beams,
+                                       logits_processor=decodable(tokenizer, model.config))
             for offset, text in enumerate(tokenizer.batch_decode(generated, skip_special_tokens=True)):
                 target = pairs[start + offset]["target"]
                 correct += text.strip() == target.strip()

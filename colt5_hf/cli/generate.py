@@ -13,6 +13,7 @@ from .common import (
     check_saved_model,
     check_text,
     collator,
+    decodable,
     device_of,
     load_saved_model,
     load_tokenizer,
@@ -63,6 +64,7 @@ def run(args):
         for chunk in batches(rows, args.batch_size):
             batch = collate(chunk).to(device)
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+                                       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                                       logits_processor=decodable(tokenizer, model.config))
             for text in tokenizer.batch_decode(generated, skip_special_tokens=True):
                 print(one_line(text))

@@ -13,6 +13,7 @@ from .common import (
     check_saved_model,
     check_text,
     check_writable_file,
+    decodable,
     demo_evaluation_pairs,
     load_saved_model,
     load_tokenizer,
@@ -67,7 +68,8 @@ def run(args):
     tokenized = tokenize(args, tokenizer, model.config, datasets.Dataset.from_list([{"source": text}]), "input")
     input_ids = torch.tensor([tokenized[0]["input_ids"]])
     with torch.no_grad(), model.record_routing() as routing:
-        generated = model.generate(input_ids=input_ids, max_new_tokens=args.max_new_tokens)
+        generated = model.generate(input_ids=input_ids, max_new_tokens=args.max_new_tokens,
+                                   logits_processor=decodable(tokenizer, model.config))
     tokens = tokenizer.convert_ids_to_tokens(input_ids[0].tolist())
     output_text = tokenizer.decode(generated[0], skip_special_tokens=True)
     with writing(f"--output {args.output}", Path(args.output).parent, "free space there or choose another --output"):
