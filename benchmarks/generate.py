@@ -13,7 +13,14 @@ gives: `model.generate(input_ids=..., attention_mask=..., max_new_tokens=..., mi
 `cache_implementation`, no compile of our own and the attention implementation the model picks, so it measures
 whatever the model and generate() choose by default (the config's `encoder_compile`, the cache); its warm-up is its
 first call, a generate() of the timed call's shapes (`first_call_s`, compilation included), and the record names the
-cache that call used.
+cache that call used. `colt5-hf/command` is the command line: the model is saved (safetensors, its generation config
+asking for exactly --new-tokens tokens) and `colt5-hf generate MODEL --file INPUTS --batch-size B --max-new-tokens N`
+and `colt5-hf evaluate MODEL --file PAIRS ...` run in this process (`colt5_hf.cli.main`) on COMMAND_BATCHES batches of
+random letters (ByT5 bytes: one token each, EOS included in --length; evaluate's targets are --new-tokens tokens
+long); each command runs twice, and the record is the second run, its seconds per sample including the command's
+loading of the model (`load_s`: one load timed alone); `first_call_s` is the first run's (compilation, after the rows
+before it in this process). `longt5-local` and `longt5-tglobal` are Transformers' LongT5 with local or transient-global
+attention, as Transformers gives them (dynamic cache, eager).
 
 --profile writes generate_profile.txt to $OUT: torch.profiler tables (by device time and by CPU time) of 5 decoding
 steps in the middle of a generate() call, per model and batch.
@@ -23,8 +30,14 @@ steps in the middle of a generate() call, per model and batch.
 """
 
 import argparse
+import contextlib
+import io
 import json
+import random
+import string
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -32,7 +45,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from common import LARGE, colt5_large_config, environment, error_text, free_memory, out_dir
 
 
-MODELS = ["colt5-hf/user", "colt5-hf/flex_attention/static", "colt5-hf/flex_attention", "longt5-tglobal"]
+MODELS = ["colt5-hf/user", "colt5-hf/command", "colt5-hf/flex_attention/static", "colt5-hf/flex_attention",
+          "longt5-local", "longt5-tglobal"]
+LONGT5_ATTENTION = {"longt5-local": "local", "longt5-tglobal": "transient-global"}
+COMMAND_BATCHES = 2  # batches per command run: the model's loading is spread over that many
 PROFILE_STEPS = (8, 13)  # decoding steps [first, last) under the profiler
 
 
@@ -53,7 +69,9 @@ def build(name):
         return model
     from transformers import LongT5Config, LongT5ForConditionalGeneration
 
-    config = LongT5Config(**LARGE, num_layers=24, num_decoder_layers=24, encoder_attention_type="transient-global",
+    if name not in LONGT5_ATTENTION:
+        raise SystemExit(f"unknown model {name!r}; the models are {', '.join(MODELS)}")
+    config = LongT5Config(**LARGE, num_layers=24, num_decoder_layers=24, encoder_attention_type=LONGT5_ATTENTION[name],
                           local_radius=127, global_block_size=16, feed_forward_proj="gated-gelu", dropout_rate=0.0,
                           decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     with torch.device("cuda"):
@@ -104,6 +122,62 @@ def cache_name(output):
     return type(cache).__name__ if cache is not None else None
 
 
+def command_records(args, info):
+    """The `colt5-hf/command` rows (module doc): `colt5-hf generate` and `colt5-hf evaluate` on a saved colt5-hf
+    Large, each batch size's command run twice in this process, the second timed."""
+    from colt5_hf import CoLT5ForConditionalGeneration
+    from colt5_hf.cli import main as command
+    from colt5_hf.cli.common import load_saved_model
+
+    folder = Path(tempfile.mkdtemp(prefix="colt5-command-"))
+    with torch.device("cuda"):
+        model = CoLT5ForConditionalGeneration(colt5_large_config(num_layers=24, num_decoder_layers=24,
+                                                                 encoder_compile="auto")).to(torch.bfloat16)
+    model.generation_config.min_new_tokens = args.new_tokens  # EOS suppressed, as in the other rows
+    model.save_pretrained(folder)
+    model = None
+    free_memory()
+    load_s, loaded = timed(lambda: load_saved_model(folder).to("cuda"))
+    dtype, loaded = str(next(loaded.parameters()).dtype), None
+    free_memory()
+    letters = random.Random(0)
+    records = []
+    for batch in args.batches:
+        examples = COMMAND_BATCHES * batch
+
+        def text(length):  # ByT5 bytes: one token a letter, and EOS
+            return "".join(letters.choices(string.ascii_lowercase, k=length - 1))
+
+        files = {"generate": folder / f"inputs-{batch}.jsonl", "evaluate": folder / f"pairs-{batch}.jsonl"}
+        rows = [{"source": text(args.length), "target": text(args.new_tokens)} for _ in range(examples)]
+        for path in files.values():
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        for name, path in files.items():
+            argv = [name, str(folder), "--file", str(path), "--batch-size", str(batch),
+                    "--max-new-tokens", str(args.new_tokens)]
+            record = {"model": "colt5-hf/command", "command": "colt5-hf " + " ".join(argv[:1] + argv[2:]),
+                      "batch": batch, "length": args.length, "new_tokens": args.new_tokens, "examples": examples,
+                      "device": info["device"], "dtype": dtype, "load_s": load_s}
+            printed = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(printed):
+                    first_s, _ = timed(lambda: command(argv))
+                    printed.seek(0), printed.truncate()
+                    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                    total_s, _ = timed(lambda: command(argv))
+                    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+                lines = printed.getvalue().splitlines()
+                record.update(first_call_s=first_s, total_s=total_s, s_per_sample=total_s / examples,
+                              graphs_compiled_in_timed_call=graphs, output_lines=len(lines))
+                if name == "evaluate":
+                    record["metrics"] = json.loads(lines[-1])
+            except (Exception, SystemExit) as error:  # noqa: BLE001 - recorded, the benchmark goes on
+                record["error"] = error_text(error) if isinstance(error, Exception) else f"exit {error.code}"
+            free_memory()
+            records.append(record)
+    return records
+
+
 def timed(function):
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -132,6 +206,13 @@ def main():
     print(json.dumps(info), flush=True)
     records = []
     for name in args.models:
+        if name == "colt5-hf/command":
+            for record in command_records(args, info):
+                records.append(record)
+                print(json.dumps(record), flush=True)
+                (out_dir() / "generate.json").write_text(json.dumps({"environment": info, "records": records},
+                                                                   indent=1))
+            continue
         model = build(name).eval()
         user = name == "colt5-hf/user"
         for key, value in (defaults if user else ours).items():
@@ -192,6 +273,9 @@ def main():
     for r in records:
         if "error" in r:
             print(f"{r['model']:32s} {r['batch']:5d} {r['error']}")
+        elif "command" in r:
+            print(f"{' '.join(r['command'].split()[:2]):32s} {r['batch']:5d} {r['s_per_sample']:9.3f} {r['total_s']:8.2f} "
+                  f"{'':9s} {'':15s} {r['first_call_s']:9.1f}  ({r['examples']} examples, load {r['load_s']:.1f} s)")
         else:
             print(f"{r['model']:32s} {r['batch']:5d} {r['s_per_sample']:9.3f} {r['total_s']:8.2f} "
                   f"{r['encoder_s']:9.3f} {1000 * r['decode_s_per_token']:15.2f} {r['warm_up_s']:9.1f}")

@@ -4,7 +4,8 @@
 #        [routing_tasks]
 # (default: all but parts, train and routing_tasks (calls of their own: they fill their budgets) and multigpu, which
 # needs 2 GPUs)
-# TEST_FILES picks the tests of the tests stage (default: the three GPU test files and the Hub copy of the kernels).
+# TEST_FILES picks the tests of the tests stage (default: the three GPU test files and the Hub copy of the kernels);
+# PYTEST_ARGS adds pytest options ("-n 4": four processes share the GPU, pytest-xdist).
 # Wheels for packages the machine lacks are taken from .whl/ if present: datasets, dill and multiprocess for the
 # command and its tests; colt5-attention 0.2.2 and its dependencies for the tests that compare against it.
 set -u
@@ -24,7 +25,7 @@ log=$OUT/run.log
 for stage in $stages; do
   echo "=== $stage $(date -u +%FT%TZ)" | tee -a "$log"
   case $stage in
-    tests) timeout ${TESTS_TIMEOUT:-560} python3 -m pytest -o addopts= -v -rfE --tb=short --timeout 240 -p no:cacheprovider ${TEST_FILES:-tests/test_gpu_fast_path.py tests/test_gpu_compile.py tests/test_gpu.py tests/test_ecosystem.py::test_custom_code_copy_of_the_kernels_imports_beside_colt5_hf} > "$OUT/tests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -30 | tee -a "$log" ;;
+    tests) timeout ${TESTS_TIMEOUT:-560} python3 -m pytest -o addopts= -v -rfE --tb=short --timeout 400 -p no:cacheprovider ${PYTEST_ARGS:-} ${TEST_FILES:-tests/test_gpu_fast_path.py tests/test_gpu_compile.py tests/test_gpu.py tests/test_ecosystem.py::test_custom_code_copy_of_the_kernels_imports_beside_colt5_hf} > "$OUT/tests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -30 | tee -a "$log" ;;
     routing) timeout 60 python3 benchmarks/routing.py 2>&1 | tee -a "$log" ;;
     parts) { timeout 120 python3 benchmarks/parts.py --check && timeout ${PARTS_TIMEOUT:-300} python3 benchmarks/parts.py ${PARTS_ARGS:-}; } 2>&1 | grep -v Warning | tee -a "$log" ;;
     profile) timeout ${PROFILE_TIMEOUT:-120} python3 benchmarks/profile_encoder.py ${PROFILE_ARGS:-} 2>&1 | grep "^== " | tee -a "$log" ;;
