@@ -1,6 +1,7 @@
 """The longest input each preset handles on this GPU: batch 1, bf16 weights, for inference (encoder + one decoding
-step, no gradients) and for a training step (forward and backward of the seq2seq loss on 128 target tokens; gradients in
-bf16, optimizer state not included: it does not grow with the input, see `params GiB`). Lengths are searched by doubling
+step, no gradients) and for a training step (forward and backward of the seq2seq loss on 128 target tokens, then an
+AdamW step: gradients and the optimizer's two moments in bf16, the weights' dtype, held in every peak after the first
+step). Lengths are searched by doubling
 from --start until a step runs out of memory (or fails otherwise), then by bisection down to --resolution of the
 longest good length. Each trial records its peak and its wall time (which includes compiling flex attention for a new
 shape); the longest good length then runs once more, warm, for the time per step. Prints a table and writes
@@ -36,8 +37,9 @@ def build(preset, implementation):
     return model
 
 
-def step(model, mode, length):
-    """One step at `length` input tokens; returns its peak allocated GiB and its wall seconds."""
+def step(model, mode, length, optimizer=None):
+    """One step at `length` input tokens (training: `optimizer` steps); returns its peak allocated GiB and its wall
+    seconds."""
     vocab = model.config.vocab_size
     input_ids = torch.randint(2, vocab, (1, length), device="cuda")
     labels = torch.randint(2, vocab, (1, TARGET_LENGTH), device="cuda")
@@ -49,12 +51,13 @@ def step(model, mode, length):
             model.eval()(input_ids=input_ids, decoder_input_ids=labels[:, :1])
     else:
         model.train()(input_ids=input_ids, labels=labels).loss.backward()
+        optimizer.step()
         model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 2**30, time.perf_counter() - began
 
 
-def search(model, mode, start, resolution, budget_s, longest):
+def search(model, mode, start, resolution, budget_s, longest, optimizer=None):
     """(longest good length, its peak GiB, first failing length or None, failure text, trials)."""
     began, trials = time.perf_counter(), []
     good, good_peak, bad, failure = None, None, None, None
@@ -62,7 +65,7 @@ def search(model, mode, start, resolution, budget_s, longest):
     def attempt(length):
         nonlocal good, good_peak, bad, failure
         try:
-            peak, seconds = step(model, mode, length)
+            peak, seconds = step(model, mode, length, optimizer)
             good, good_peak = length, peak
             trials.append({"length": length, "peak_gib": round(peak, 2), "seconds": round(seconds, 2)})
             return True
@@ -104,13 +107,14 @@ def main():
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         params_gib = sum(p.numel() for p in model.parameters()) * 2 / 2**30
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)  # its moments: twice the weights, from step one
         for mode in args.modes:
             good, peak, bad, failure, trials = search(model, mode, args.start, args.resolution, args.budget_s,
-                                                      args.longest)
+                                                      args.longest, optimizer)
             step_s = None
             if good is not None:  # warm: compiled for this shape in the search
                 try:
-                    step_s = round(step(model, mode, good)[1], 3)
+                    step_s = round(step(model, mode, good, optimizer)[1], 3)
                 except Exception as error:  # noqa: BLE001 - a repeat that fails (fragmentation) is reported, not fatal
                     step_s = error_text(error)
                 finally:
@@ -118,12 +122,13 @@ def main():
                     free_memory()
             record = {"preset": preset, "mode": mode, "implementation": args.implementation,
                       "gradient_checkpointing": args.gradient_checkpointing,
+                      "optimizer": "AdamW, moments in bf16" if mode == "training" else None,
                       "params_gib": round(params_gib, 2), "longest": good, "peak_gib": peak and round(peak, 2),
                       "step_s": step_s, "first_failure": bad, "failure": failure, "trials": trials}
             records.append(record)
             print(json.dumps(record), flush=True)
             (out_dir() / "limits.json").write_text(json.dumps({"environment": info, "records": records}, indent=1))
-        del model
+        del model, optimizer
         free_memory()
     print(f"\n{info['device']} ({info.get('gpu_memory_gib')} GiB), batch 1, bf16, {args.implementation}"
           + (", gradient checkpointing" if args.gradient_checkpointing else ""))

@@ -125,7 +125,8 @@ def test_limits_search_records_peaks_times_and_a_warm_step(tmp_path, monkeypatch
     limits = benchmark_module("limits", monkeypatch)
     fits, calls = 300_000, []
 
-    def step(model, mode, length):
+    def step(model, mode, length, optimizer=None):
+        assert isinstance(optimizer, torch.optim.AdamW)  # training steps it; its moments are in every peak
         calls.append(length)
         if length > fits:
             raise RuntimeError("CUDA out of memory (simulated)")
@@ -134,10 +135,13 @@ def test_limits_search_records_peaks_times_and_a_warm_step(tmp_path, monkeypatch
     monkeypatch.setattr(limits, "step", step)
     monkeypatch.setattr(limits, "build", lambda preset, implementation: torch.nn.Linear(2, 2))
     monkeypatch.setenv("OUT", str(tmp_path))
-    monkeypatch.setattr(sys, "argv", ["limits.py", "--presets", "large", "--modes", "inference", "--start", "65536",
-                                      "--resolution", "4096"])
+    monkeypatch.setattr(sys, "argv", ["limits.py", "--presets", "large", "--modes", "inference", "training",
+                                      "--start", "65536", "--resolution", "4096"])
     limits.main()
-    (record,) = json.loads((tmp_path / "limits.json").read_text())["records"]
+    record, training = json.loads((tmp_path / "limits.json").read_text())["records"]
+    assert (record["optimizer"], training["optimizer"]) == (None, "AdamW, moments in bf16")
+    assert training["longest"] == record["longest"]
+    calls = calls[:len(calls) // 2]  # the inference search's
     assert record["first_failure"] > fits >= record["longest"] > fits - max(4096, record["longest"] // 16)
     assert record["implementation"] == "flex_attention" and record["step_s"] == round(record["longest"] / 1e6, 3)
     assert calls[:4] == [65536, 131072, 262144, 524288] and calls[-1] == record["longest"]
