@@ -39,6 +39,7 @@ VARIANTS = {
     "local": None,
     "paper": dict(router_one_sided_gradient=False),
     "explore": dict(router_exploration=0.125),
+    "leak": dict(router_one_sided_leak=0.1),
     "noise": dict(router_noise=1.0),
     "zero_heavy": dict(heavy_output_init=0.0),
     "slow_router": dict(router_lr_scale=0.1),

@@ -66,6 +66,9 @@ class CoLT5Config(PreTrainedConfig):
             nothing brings them back: with the two-sided gradient no seed learned the long-range tasks of
             `colt5_hf.synthetic`, with this one five of five seeds learned two of them and three of five the third
             (docs/routing.md). False: the paper's two-sided gradient (what colt5-attention computes).
+        router_one_sided_leak: share of the part that asks for less which the one-sided gradient keeps, in [0, 1): a
+            routed token that never helps then sinks slowly and lets another in, where with 0 a first layer that routes
+            a filler token (every occurrence alike) and none of the letters a task needs keeps it so.
         router_noise: scale of the logistic noise added to the router scores in training (eval is deterministic), so
             that a route also tries tokens outside its top k: a token that is never routed gets no gradient of its own.
             None: the router type's own (1 for "sinkhorn", 0 for the others, the paper's hard top-k).
@@ -126,6 +129,7 @@ class CoLT5Config(PreTrainedConfig):
     router_temperature: float = 1.0
     router_straight_through: bool = True
     router_one_sided_gradient: bool = True
+    router_one_sided_leak: float = 0.0
     router_noise: float | None = None
     router_exploration: float = 0.0
     heavy_output_init: float = 1.0
@@ -204,10 +208,10 @@ class CoLT5Config(PreTrainedConfig):
             and math.isfinite(self.router_noise) and self.router_noise >= 0
         ):
             raise ValueError(f"CoLT5Config: `router_noise` must be None or a number >= 0, got {self.router_noise!r}")
-        if not (isinstance(self.router_exploration, (int, float)) and not isinstance(self.router_exploration, bool)
-                and 0 <= self.router_exploration < 1):
-            raise ValueError(f"CoLT5Config: `router_exploration` must be a share in [0, 1), got "
-                             f"{self.router_exploration!r}")
+        for name in ("router_exploration", "router_one_sided_leak"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
+                raise ValueError(f"CoLT5Config: `{name}` must be a share in [0, 1), got {value!r}")
         if not (isinstance(self.router_fetch_ratio, (int, float)) and math.isfinite(self.router_fetch_ratio)
                 and self.router_fetch_ratio >= 1):
             raise ValueError(f"CoLT5Config: `router_fetch_ratio` must be a finite number >= 1, got "

@@ -168,16 +168,18 @@ def logistic_noise(like):
 
 
 class OneSidedGradient(torch.autograd.Function):
-    """Identity forward; backward passes only the negative part of the gradient: the part of the loss's gradient that
-    asks for more of a routed token (d loss / d weight < 0: its heavy output helped). `router_one_sided_gradient`."""
+    """Identity forward; backward passes the negative part of the gradient, the part of the loss's gradient that asks
+    for more of a routed token (d loss / d weight < 0: its heavy output helped), and `leak` times the positive part.
+    `router_one_sided_gradient`, `router_one_sided_leak`."""
 
     @staticmethod
-    def forward(ctx, weights):
+    def forward(ctx, weights, leak: float):
+        ctx.leak = leak
         return weights.view_as(weights)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.clamp(max=0)
+        return grad.clamp(max=0) + ctx.leak * grad.clamp(min=0) if ctx.leak else grad.clamp(max=0), None
 
 
 class RouterOutput(NamedTuple):
@@ -292,7 +294,7 @@ def select_routes(routers, scores, mask, num_tokens=None) -> list[RouterOutput]:
     if config.router_straight_through:
         weights = 1.0 + (weights - weights.detach())  # forward value exactly 1, gradient of the soft score
     if config.router_one_sided_gradient and weights.requires_grad:
-        weights = OneSidedGradient.apply(weights)
+        weights = OneSidedGradient.apply(weights, config.router_one_sided_leak)
     every_token = (k == lengths[:, None])[..., None]  # (b, R, 1)
     weights = weights.masked_fill(every_token, 1.0).masked_fill(~valid, 0.0)
 

@@ -49,6 +49,7 @@ INVALID_VALUES = {
     "router_fetch_ratio": [0.5, 0, float("nan"), float("inf"), "2"],
     "router_noise": [-0.5, float("nan"), float("inf"), "1", True],
     "router_exploration": [-0.1, 1.0, float("nan"), "0.1", None, True],
+    "router_one_sided_leak": [-0.1, 1.0, float("nan"), "0.1", None, True],
     "heavy_output_init": [-1.0, float("nan"), float("inf"), "0", None, True],
     "dropout_rate": [-0.1, 1.0, "0.1", None],
     "dense_act_fn": ["no_such_activation", None],

@@ -390,27 +390,31 @@ def test_exploration_routes_the_top_tokens_and_draws_the_rest_at_random_in_train
     assert exploring.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("leak", [0.0, 0.1])
 @pytest.mark.parametrize("straight_through", [True, False])
-def test_one_sided_gradient_keeps_only_the_asks_for_more(straight_through):
+def test_one_sided_gradient_keeps_only_the_asks_for_more(straight_through, leak):
     """router_one_sided_gradient: the same routes and weights; the router's gradient is the one the two-sided router
-    gets when every routed token's d loss / d weight above 0 (its heavy output hurt) is set to 0; a loss that every
-    routed token hurts moves no router weight."""
+    gets when every routed token's d loss / d weight above 0 (its heavy output hurt) is scaled by
+    router_one_sided_leak (0: dropped); a loss that every routed token hurts moves the router weight by the leak's
+    share of the two-sided gradient (0: not at all)."""
     hidden_states, mask = padded_batch([48, 30, 9], 48, seed=8)
     two_sided = make_router(router_config(router_straight_through=straight_through, router_one_sided_gradient=False),
                             routes=2, seed=8)
-    one_sided = make_router(router_config(router_straight_through=straight_through, router_one_sided_gradient=True),
-                            routes=2, seed=8)
+    one_sided = make_router(router_config(router_straight_through=straight_through, router_one_sided_gradient=True,
+                                          router_one_sided_leak=leak), routes=2, seed=8)
     expected, out = two_sided(hidden_states, mask), one_sided(hidden_states, mask)
     assert torch.equal(out.indices, expected.indices) and torch.equal(out.weights, expected.weights)
     upstream = torch.randn(out.weights.shape, generator=torch.Generator().manual_seed(8))
     assert (upstream[out.valid] > 0).any() and (upstream[out.valid] < 0).any()
     (out.weights * upstream).sum().backward()
-    (expected.weights * upstream.clamp(max=0)).sum().backward()
+    (expected.weights * (upstream.clamp(max=0) + leak * upstream.clamp(min=0))).sum().backward()
     assert one_sided.weight.grad.abs().sum() > 0
     torch.testing.assert_close(one_sided.weight.grad, two_sided.weight.grad, atol=1e-7, rtol=1e-6)
-    one_sided.weight.grad = None
+    one_sided.weight.grad = two_sided.weight.grad = None
     one_sided(hidden_states, mask).weights.sum().backward()  # more weight on any routed token raises the loss
-    assert not one_sided.weight.grad.any()
+    two_sided(hidden_states, mask).weights.sum().backward()
+    assert two_sided.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(one_sided.weight.grad, leak * two_sided.weight.grad, atol=1e-7, rtol=1e-6)
 
 
 def test_router_noise_none_is_the_router_types_own():
