@@ -141,13 +141,13 @@ def command_records(args, info):
     dtype, loaded = str(next(loaded.parameters()).dtype), None
     free_memory()
     letters = random.Random(0)
+
+    def text(length):  # ByT5 bytes: one token a letter, and EOS
+        return "".join(letters.choices(string.ascii_lowercase, k=length - 1))
+
     records = []
     for batch in args.batches:
         examples = COMMAND_BATCHES * batch
-
-        def text(length):  # ByT5 bytes: one token a letter, and EOS
-            return "".join(letters.choices(string.ascii_lowercase, k=length - 1))
-
         files = {"generate": folder / f"inputs-{batch}.jsonl", "evaluate": folder / f"pairs-{batch}.jsonl"}
         rows = [{"source": text(args.length), "target": text(args.new_tokens)} for _ in range(examples)]
         for path in files.values():
@@ -162,7 +162,8 @@ def command_records(args, info):
             try:
                 with contextlib.redirect_stdout(printed):
                     first_s, _ = timed(lambda: command(argv))
-                    printed.seek(0), printed.truncate()
+                    printed.seek(0)
+                    printed.truncate()
                     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                     total_s, _ = timed(lambda: command(argv))
                     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs

@@ -37,7 +37,7 @@ def build(preset, implementation):
     return model
 
 
-def step(model, mode, length, optimizer=None):
+def step(model, mode, length, optimizer):
     """One step at `length` input tokens (training: `optimizer` steps); returns its peak allocated GiB and its wall
     seconds."""
     vocab = model.config.vocab_size
@@ -57,7 +57,7 @@ def step(model, mode, length, optimizer=None):
     return torch.cuda.max_memory_allocated() / 2**30, time.perf_counter() - began
 
 
-def search(model, mode, start, resolution, budget_s, longest, optimizer=None):
+def search(model, mode, start, resolution, budget_s, longest, optimizer):
     """(longest good length, its peak GiB, first failing length or None, failure text, trials)."""
     began, trials = time.perf_counter(), []
     good, good_peak, bad, failure = None, None, None, None

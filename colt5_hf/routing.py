@@ -179,7 +179,7 @@ class OneSidedGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.clamp(max=0) + ctx.leak * grad.clamp(min=0) if ctx.leak else grad.clamp(max=0), None
+        return torch.where(grad > 0, ctx.leak * grad, grad), None
 
 
 class RouterOutput(NamedTuple):

@@ -55,6 +55,7 @@ def run(args):
         pairs = demo_evaluation_pairs(model.config, args.eval_examples, args.demo_length)
     tokenized = tokenize(args, tokenizer, model.config, pairs, args.file or "demo task")
     collate = collator(tokenizer)
+    logits_processor = decodable(tokenizer, model.config)
     loss_sum, token_count, correct, predictions = 0.0, 0, 0, []
     rows = [tokenized[i] for i in range(len(tokenized))]
     with torch.no_grad():
@@ -67,7 +68,7 @@ def run(args):
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                        max_new_tokens=args.max_new_tokens or labels.shape[1] + 8,
                                        num_beams=args.num_beams,
-                                       logits_processor=decodable(tokenizer, model.config))
+                                       logits_processor=logits_processor)
             for offset, text in enumerate(tokenizer.batch_decode(generated, skip_special_tokens=True)):
                 target = pairs[start + offset]["target"]
                 correct += text.strip() == target.strip()

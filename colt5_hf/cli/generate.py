@@ -59,12 +59,13 @@ def run(args):
     model = apply_compile_option(load_saved_model(args.model), args).to(device)
     tokenized = tokenize(args, tokenizer, model.config, pairs, "--text" if args.text else args.file)
     collate = collator(tokenizer)
+    logits_processor = decodable(tokenizer, model.config)
     rows = [tokenized[i] for i in range(len(tokenized))]
     with torch.no_grad():
         for chunk in batches(rows, args.batch_size):
             batch = collate(chunk).to(device)
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                                       logits_processor=decodable(tokenizer, model.config))
+                                       logits_processor=logits_processor)
             for text in tokenizer.batch_decode(generated, skip_special_tokens=True):
                 print(one_line(text))
