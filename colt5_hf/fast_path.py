@@ -21,6 +21,7 @@ at once) runs the decoder blocks compiled too, by the same rules (read off the e
 in either stack keeps the decoder off CUDA graphs, whose step the encoder begins); incremental decoding (a cache) and
 forwards given `encoder_outputs` (generate's) run them eagerly: generate's static-cache step is compiled by
 Transformers.
+A variant whose compilation fails (a compiler's bug) runs eagerly after a warning (`CompiledLayer`).
 A compiled call pads its input to a length bucket (`length_bucket`; the mask hides the padding, and every router
 counts a sample's real tokens, so the real tokens' outputs are those of the unpadded input) and compiles once per
 bucket, batch size and mode (training or not, gradients or not); the decoder pads its target at the end to a coarser
@@ -111,11 +112,51 @@ def encoder_compile_mode(config, hidden_states, output_attentions: bool, gradien
 
 
 _compiled_layers = {}
+_compile_failures = 0  # failed variants so far (CompileReport reports none of them as compiled)
 
 
-def compiled_layer(layer, mode: str):
+class CompiledLayer:
     """torch.compile of `layer` (CoLT5EncoderBlock.layer or CoLT5DecoderBlock.layer, called with the block as its first
-    argument) with static shapes, one per layer, mode and backend."""
+    argument) with static shapes. A variant (its tensors' shapes and dtypes, gradients, training, autocast) whose
+    compilation fails runs eagerly, the same function, after one warning that names the error; it is not tried again."""
+
+    def __init__(self, layer, mode: str):
+        options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
+        self.layer = layer
+        self.compiled = torch.compile(layer, backend=COMPILE_BACKEND, dynamic=False, **options)
+        self.failed = set()
+
+    def __call__(self, block, *args):
+        device = args[0].device.type
+        variant = (tuple(None if arg is None else (tuple(arg.shape), arg.dtype) for arg in args),
+                   torch.is_grad_enabled(), block.training, torch.is_autocast_enabled(device))
+        if variant not in self.failed:
+            try:
+                return self.compiled(block, *args)
+            # Inductor's or Triton's rejection of a generated kernel (InductorError is one), raised before the
+            # compiled code has run
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                global _compile_failures
+                _compile_failures += 1
+                self.failed.add(variant)
+                logger.warning(
+                    f"CoLT5: compiling the {type(block).__name__} layer for inputs of shape {tuple(args[0].shape)} "
+                    f"failed ({compile_error(error)}); this shape runs eagerly (slower, same results). "
+                    "encoder_compile='off' skips compiling."
+                )
+        return self.layer(block, *args)
+
+
+def compile_error(error) -> str:
+    """One line for a failed compilation: the compiler's own exception and the last line of its message (a compile
+    worker's message ends with the traceback of the error it met)."""
+    inner = getattr(error, "inner_exception", None) or error
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return f"{type(inner).__name__}: {lines[-1][:200] if lines else ''}".rstrip(": ")
+
+
+def compiled_layer(layer, mode: str) -> CompiledLayer:
+    """The `CompiledLayer` of `layer`, one per layer, mode and backend."""
     key = (layer, mode, COMPILE_BACKEND)
     if key not in _compiled_layers:
         # the accumulated limit caps all the variants of one code object whatever their guards: it must be as high
@@ -124,8 +165,7 @@ def compiled_layer(layer, mode: str):
             names = ("cache_size_limit", "accumulated_cache_size_limit")
         for name in names:
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT))
-        options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
-        _compiled_layers[key] = torch.compile(layer, backend=COMPILE_BACKEND, dynamic=False, **options)
+        _compiled_layers[key] = CompiledLayer(layer, mode)
     return _compiled_layers[key]
 
 
@@ -160,14 +200,16 @@ class CompileReport:
         self.seen.add(variant)
         if hidden_states.is_cuda:
             torch.cuda.synchronize()
-        return variant, time.perf_counter()
+        return variant, time.perf_counter(), _compile_failures
 
     def finish(self, started, hidden_states):
         if started is None:
             return
         if hidden_states.is_cuda:
             torch.cuda.synchronize()
-        (mode, (batch, length), encoder_length, training, gradients), start = started
+        (mode, (batch, length), encoder_length, training, gradients), start, failures = started
+        if _compile_failures != failures:  # CompiledLayer said so
+            return
         shape, buckets = f"{length}-token inputs", "Each length bucket compiles"
         if encoder_length is not None:
             shape, buckets = f"{length}-token targets of {encoder_length}-token inputs", "Each pair of buckets compiles"

@@ -371,3 +371,37 @@ def test_decoder_hidden_states_of_the_compiled_path_are_the_real_positions_rows(
     for ours, reference in zip(compiled, eager):
         assert ours.shape == reference.shape
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+class FailingBackend:
+    """A torch.compile backend whose compilations fail as a compiler's bug does (Inductor raising, wrapped by Dynamo
+    in BackendCompilerFailed); counts its attempts."""
+
+    def __init__(self):
+        self.attempts = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.attempts += 1
+        raise RuntimeError("PassManager::run failed")
+
+
+def test_a_variant_that_fails_to_compile_runs_eagerly_once_warned(monkeypatch, caplog):
+    """Every compilation fails: two micro-steps of one pair of buckets train as the eager model does (logits, losses,
+    accumulated gradients), one warning per stack names the error, and no variant is tried a second time."""
+    backend = FailingBackend()
+    monkeypatch.setattr(fast_path, "COMPILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(fast_path, "COMPILE_MIN_LENGTH", MIN_LENGTH)
+    monkeypatch.setattr(fast_path, "COMPILE_BACKEND", backend)
+    monkeypatch.setattr(fast_path, "_compiled_layers", {})
+    torch._dynamo.reset()
+    model = seq2seq_model()
+    steps = [seq2seq_inputs(40, 9, seed) for seed in range(2)]  # one pair of buckets: one variant per stack
+    with caplog.at_level("WARNING", logger="colt5_hf.fast_path"):
+        assert_trains_as_eager(model, steps)
+    torch._dynamo.reset()
+    failures = [record.getMessage() for record in caplog.records if "failed" in record.getMessage()]
+    assert len(failures) == 2 and all("PassManager::run failed" in message for message in failures), failures
+    assert {message.split(" layer ")[0] for message in failures} == {
+        "CoLT5: compiling the CoLT5EncoderBlock", "CoLT5: compiling the CoLT5DecoderBlock"}
+    assert backend.attempts == 2  # the first block of each stack, once
+    assert not any("compiled its layer" in record.getMessage() for record in caplog.records)

@@ -167,3 +167,46 @@ def test_the_command_trains_evaluates_and_generates_on_the_fast_path(tmp_path, m
     calls.clear()
     assert main(["generate", str(output), "--text", text, "--max-new-tokens", "4", "--no-compile"]) in (0, None)
     assert not calls and capsys.readouterr().out.splitlines()[-1] == generated
+
+
+def test_a_converted_t5_small_trains_compiled_at_4096_tokens_in_bf16():
+    """The uptrain recipe's shape on a GPU (benchmarks/uptrain.py: a T5.1.1-small-shaped model converted with the
+    presets' routing, batches of 4 x 4096 tokens with padded samples, bf16 autocast), two layers a stack: the training
+    step compiles every layer it meets (none falls back to eager) and gives the eager step's loss and gradients."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from colt5_hf.conversion import colt5_config_from_source, convert_t5_to_colt5
+
+    torch.manual_seed(0)
+    source_config = T5Config(vocab_size=384, d_model=512, d_kv=64, num_heads=8, d_ff=1024, num_layers=2,
+                             num_decoder_layers=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                             dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    preset = CoLT5Config.from_preset("base")
+    routing = {name: getattr(preset, name) for name in (
+        "attention_q_fraction", "attention_kv_fraction", "feed_forward_fraction", "local_radius",
+        "num_cross_attention_kv_heads", "min_routed_tokens", "router_iterations")}
+    config = colt5_config_from_source(source_config, dropout_rate=0.0, encoder_compile="auto", **routing)
+    model = convert_t5_to_colt5(T5ForConditionalGeneration(source_config), config).cuda().train()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    attention_mask = torch.ones(4, 4096, dtype=torch.long, device="cuda")
+    attention_mask[2, 3000:], attention_mask[3, 1500:] = 0, 0
+    labels = torch.randint(2, 384, (4, 1024), device="cuda", generator=generator)
+    labels[1:, 700:] = -100
+    batch = dict(input_ids=torch.randint(2, 384, (4, 4096), device="cuda", generator=generator) * attention_mask,
+                 attention_mask=attention_mask, labels=labels)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+
+    failures = fast_path._compile_failures
+    loss, grads = step()
+    assert fast_path._compile_failures == failures, "a layer fell back to eager: its compilation failed"
+    assert model.encoder.compile_report.seen and model.decoder.compile_report.seen
+    model.config.encoder_compile = "off"
+    eager_loss, eager_grads = step()
+    assert relative_error(loss, eager_loss) < 1e-2
+    assert relative_error(grads, eager_grads) < 0.05
