@@ -118,7 +118,9 @@ _compile_failures = 0  # failed variants so far (CompileReport reports none of t
 class CompiledLayer:
     """torch.compile of `layer` (CoLT5EncoderBlock.layer or CoLT5DecoderBlock.layer, called with the block as its first
     argument) with static shapes. A variant (its tensors' shapes and dtypes, gradients, training, autocast) whose
-    compilation fails runs eagerly, the same function, after one warning that names the error; it is not tried again."""
+    compilation fails runs eagerly, the same function, after one warning that names the error; it is not tried again.
+    This covers the forward's compilation; with gradients the backward compiles at the first backward, where a
+    failure is raised as it comes."""
 
     def __init__(self, layer, mode: str):
         options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
