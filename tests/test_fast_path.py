@@ -385,7 +385,8 @@ class FailingBackend:
         raise RuntimeError("PassManager::run failed")
 
 
-def test_a_variant_that_fails_to_compile_runs_eagerly_once_warned(monkeypatch, caplog):
+@pytest.mark.parametrize("setting", ["auto", "cuda_graphs"])
+def test_a_variant_that_fails_to_compile_runs_eagerly_once_warned(monkeypatch, caplog, setting):
     """Every compilation fails: two micro-steps of one pair of buckets train as the eager model does (logits, losses,
     accumulated gradients), one warning per stack names the error, and no variant is tried a second time."""
     backend = FailingBackend()
@@ -394,7 +395,7 @@ def test_a_variant_that_fails_to_compile_runs_eagerly_once_warned(monkeypatch, c
     monkeypatch.setattr(fast_path, "COMPILE_BACKEND", backend)
     monkeypatch.setattr(fast_path, "_compiled_layers", {})
     torch._dynamo.reset()
-    model = seq2seq_model()
+    model = seq2seq_model(encoder_compile=setting)
     steps = [seq2seq_inputs(40, 9, seed) for seed in range(2)]  # one pair of buckets: one variant per stack
     with caplog.at_level("WARNING", logger="colt5_hf.fast_path"):
         assert_trains_as_eager(model, steps)
