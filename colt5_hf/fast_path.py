@@ -129,24 +129,28 @@ class CompiledLayer:
         self.failed = set()
 
     def __call__(self, block, *args):
-        device = args[0].device.type
-        variant = (tuple(None if arg is None else (tuple(arg.shape), arg.dtype) for arg in args),
-                   torch.is_grad_enabled(), block.training, torch.is_autocast_enabled(device))
-        if variant not in self.failed:
-            try:
-                return self.compiled(block, *args)
-            # Inductor's or Triton's rejection of a generated kernel (InductorError is one), raised before the
-            # compiled code has run
-            except torch._dynamo.exc.BackendCompilerFailed as error:
-                global _compile_failures
-                _compile_failures += 1
-                self.failed.add(variant)
-                logger.warning(
-                    f"CoLT5: compiling the {type(block).__name__} layer for inputs of shape {tuple(args[0].shape)} "
-                    f"failed ({compile_error(error)}); this shape runs eagerly (slower, same results). "
-                    "encoder_compile='off' skips compiling."
-                )
+        if self.failed and self.variant(block, args) in self.failed:
+            return self.layer(block, *args)
+        try:
+            return self.compiled(block, *args)
+        # Inductor's or Triton's rejection of a generated kernel (InductorError is one), raised before the compiled
+        # code has run
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            global _compile_failures
+            _compile_failures += 1
+            self.failed.add(self.variant(block, args))
+            logger.warning(
+                f"CoLT5: compiling the {type(block).__name__} layer for inputs of shape {tuple(args[0].shape)} failed "
+                f"({compile_error(error)}); this shape runs eagerly (slower, same results). encoder_compile='off' "
+                "skips compiling."
+            )
         return self.layer(block, *args)
+
+    @staticmethod
+    def variant(block, args):
+        """What a compilation is specific to (computed only once one has failed: the calls are the hot path)."""
+        return (tuple(None if arg is None else (tuple(arg.shape), arg.dtype) for arg in args),
+                torch.is_grad_enabled(), block.training, torch.is_autocast_enabled(args[0].device.type))
 
 
 def compile_error(error) -> str:
