@@ -20,7 +20,7 @@ each batch's mean token loss) and their mean, at the start of step 4 and every `
 one example (matrix products only, counted from the shapes: the encoder, the decoder and LM head at the target bound,
 --max-target-length, which overstates both sides' decoder alike; CoLT5's light attention as its 2 * radius + 1 window, its routers' scores included, their coordinate descent
 left out) and the measured seconds per optimizer step of each side (a TrainerCallback around each step, evaluation
-left out). Writes OUT/uptrain.json and OUT/uptrain.png (OUT: --out, else $OUT, else benchmarks/out) and prints the
+left out; the table says when some of CoLT5's layers failed to compile and ran eagerly). Writes OUT/uptrain.json and OUT/uptrain.png (OUT: --out, else $OUT, else benchmarks/out) and prints the
 table; `--from-json` prints the table of an earlier run. The corpus and the models go to --work (default OUT); with
 `--stage pretrain` and then `--stage compare` the two halves run as two processes (for machines that limit a job's
 time), --work a folder that lasts between them.
@@ -213,10 +213,12 @@ def train_run(options, label, model_folder, output, train_file, steps, eval_step
     from colt5_hf.cli import build_parser
     from colt5_hf.cli import uptrain
 
+    from colt5_hf import fast_path
+
     timer = StepTimer()
     args = build_parser().parse_args(uptrain_argv(options, model_folder, output, train_file, steps, eval_steps, seed))
     print(f"--- {label}: {steps} steps", file=sys.stderr, flush=True)
-    started = time.perf_counter()
+    started, failures = time.perf_counter(), fast_path._compile_failures
     uptrain.run(args, callbacks=[timer], model=model)
     state = json.loads((output / f"checkpoint-{steps}" / "trainer_state.json").read_text())
     evaluations = {}
@@ -228,6 +230,8 @@ def train_run(options, label, model_folder, output, train_file, steps, eval_step
     return {"label": label, "steps": steps, "wall_s": time.perf_counter() - started,
             "step_s": statistics.median(timer.times[steady:]), "first_step_s": timer.times[0],
             "train_losses": [(e["step"], e["loss"]) for e in state["log_history"] if "loss" in e],
+            # layer variants that failed to compile and ran eagerly (fast_path.CompiledLayer): their steps are slower
+            "eager_fallbacks": fast_path._compile_failures - failures,
             "eval": {str(step): losses for step, losses in sorted(evaluations.items())}}
 
 
@@ -393,6 +397,9 @@ def table(record):
         lines.append(f"| {label} | {steps} | " + " | ".join(f"{losses[name]:.4f}" for name in names) +
                      f" | {mean:.4f} | {100 * (mean / dense_final - 1):+.1f}% | "
                      f"{'' if flops is None else f'{flops / 1e9:.2f}'} | {'' if step_s is None else f'{step_s:.2f}'} |")
+    fallbacks = record["colt5"].get("eager_fallbacks", 0)
+    if fallbacks:
+        lines.append(f"\nCoLT5's s / step: {fallbacks} layer variant(s) failed to compile and ran eagerly.")
     return "\n".join(lines)
 
 

@@ -72,6 +72,9 @@ def test_uptrain_tiny_converts_exactly_and_reports_both_sides(tmp_path, monkeypa
     assert (tmp_path / "uptrain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     module = benchmark_module("uptrain", monkeypatch)
     assert module.table(record).strip() in stdout
+    assert record["colt5"]["eager_fallbacks"] == 0 and "ran eagerly" not in stdout  # the CPU never compiles here
+    record["colt5"]["eager_fallbacks"] = 2
+    assert module.table(record).endswith("2 layer variant(s) failed to compile and ran eagerly.")
     # the FLOP count of a one-layer dense T5 by hand: d 8, 2 heads of 2, d_ff 16, vocabulary 10, 4 inputs, 2 targets
     from transformers import T5Config
 
