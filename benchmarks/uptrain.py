@@ -18,12 +18,13 @@ The recipe of the CoLT5 paper at a small scale, every step on one device:
 Reported: the evaluation loss of each denoiser on the evaluation set (Trainer's eval loss: the mean over examples of
 each batch's mean token loss) and their mean, at the start of step 4 and every `--eval-steps`; the forward FLOPs of
 one example (matrix products only, counted from the shapes: the encoder, the decoder and LM head at the target bound,
---max-target-length, which overstates both sides' decoder alike; CoLT5's light attention as its 2 * radius + 1 window, its routers' scores included, their coordinate descent
-left out) and the measured seconds per optimizer step of each side (a TrainerCallback around each step, evaluation
-left out; the table says when some of CoLT5's layers failed to compile and ran eagerly). Writes OUT/uptrain.json and OUT/uptrain.png (OUT: --out, else $OUT, else benchmarks/out) and prints the
-table; `--from-json` prints the table of an earlier run. The corpus and the models go to --work (default OUT); with
-`--stage pretrain` and then `--stage compare` the two halves run as two processes (for machines that limit a job's
-time), --work a folder that lasts between them.
+--max-target-length, which overstates both sides' decoder alike; CoLT5's light attention as its 2 * radius + 1 window,
+its routers' scores included, their coordinate descent left out) and the measured seconds per optimizer step of each
+side (a TrainerCallback around each step, evaluation left out; the table says when some of CoLT5's layers failed to
+compile and ran eagerly). Writes OUT/uptrain.json and OUT/uptrain.png (OUT: --out, else $OUT, else benchmarks/out) and
+prints the table; `--from-json` prints the table of an earlier run. The corpus and the models go to --work (default
+OUT); with `--stage pretrain` and then `--stage compare` the two halves run as two processes (for machines that limit
+a job's time), --work a folder that lasts between them.
 
     nice -n 10 python benchmarks/uptrain.py                      # CPU, one thread: the README's table
     # a GPU, in two processes (on an H100 the first takes 7 minutes, 0.38 s a dense step; the second's dense side

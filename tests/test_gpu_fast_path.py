@@ -7,6 +7,8 @@ test_fast_path.py.
 """
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from tiny import CountingBackend, relative_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+REPO = Path(__file__).resolve().parents[1]
 MIN_LENGTH = 512  # COMPILE_MIN_LENGTH for these tests: small models at short lengths compile fast
 
 
@@ -181,10 +184,10 @@ def test_a_converted_t5_small_trains_compiled_at_4096_tokens_in_bf16():
     source_config = T5Config(vocab_size=384, d_model=512, d_kv=64, num_heads=8, d_ff=1024, num_layers=2,
                              num_decoder_layers=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                              dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    preset = CoLT5Config.from_preset("base")
-    routing = {name: getattr(preset, name) for name in (
-        "attention_q_fraction", "attention_kv_fraction", "feed_forward_fraction", "local_radius",
-        "num_cross_attention_kv_heads", "min_routed_tokens", "router_iterations")}
+    spec = importlib.util.spec_from_file_location("uptrain_benchmark", REPO / "benchmarks" / "uptrain.py")
+    uptrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(uptrain)
+    routing = uptrain.routing_settings(4096, source_config.num_heads)["preset"]  # the recipe's conversion
     config = colt5_config_from_source(source_config, dropout_rate=0.0, encoder_compile="auto", **routing)
     model = convert_t5_to_colt5(T5ForConditionalGeneration(source_config), config).cuda().train()
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -200,7 +203,8 @@ def test_a_converted_t5_small_trains_compiled_at_4096_tokens_in_bf16():
         with torch.autocast("cuda", torch.bfloat16):
             loss = model(**batch).loss
         loss.backward()
-        return loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        grads = [p.grad.float().flatten() for p in model.parameters() if p.grad is not None]
+        return loss.detach().float(), torch.cat(grads)
 
     failures = fast_path._compile_failures
     loss, grads = step()
