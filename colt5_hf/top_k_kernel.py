@@ -42,7 +42,7 @@ def _select_top_k(scores_ptr, mask_ptr, k_ptr, out_ptr, n, k_max, BLOCK: tl.cons
     index = tl.arange(0, BLOCK // COLUMNS)[:, None] * COLUMNS + tl.arange(0, COLUMNS)[None, :]  # (lines, columns)
     inside = index < n
     key = _order_keys(scores_ptr + row * n, mask_ptr + row * n, index, n)  # the row, held in registers
-    k = tl.load(k_ptr + row)
+    k = tl.load(k_ptr + row).to(tl.int32)
 
     # a threshold t with exactly k keys >= t, bit by bit from the top: the largest t with at least k keys >= t,
     # unless a candidate on the way already counts exactly k (with distinct scores after about 20 of the 32 bits)
@@ -72,7 +72,7 @@ def _select_top_k(scores_ptr, mask_ptr, k_ptr, out_ptr, n, k_max, BLOCK: tl.cons
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::select_top_k", mutates_args=(), device_types="cuda")
 def select_top_k_rows(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
-    """scores (rows, n) float32, mask (rows, n) bool, k (rows,) int32 -> (rows, k_max) int64 positions: see
+    """scores (rows, n) float32, mask (rows, n) bool, k (rows,) int64 -> (rows, k_max) int64 positions: see
     `routing.top_k_positions`. One program per row, n <= RESIDENT_ROW."""
     scores, mask, k = scores.contiguous(), mask.contiguous(), k.contiguous()
     rows, n = scores.shape
@@ -98,5 +98,8 @@ def fused_top_k_positions(scores, mask, k, k_max: int):
         raise ValueError(f"the top-k kernel takes rows of at most {RESIDENT_ROW} tokens, got {n}")
     scores_rows = scores.reshape(-1, n).float().contiguous()
     mask_rows = mask.expand(scores.shape).reshape(-1, n).contiguous()
-    k_rows = k.expand(scores.shape[:-1]).reshape(-1).to(torch.int32).contiguous()
+    # int64 counts, narrowed in the kernel: an int32 copy would be a fourth form of the counts (beside int64, float32
+    # and bool) that Inductor fuses into the reduction counting each sample's real tokens, and Triton 3.6 fails to
+    # compile that reduction (PassManager::run failed)
+    k_rows = k.expand(scores.shape[:-1]).reshape(-1).long().contiguous()
     return select_top_k_rows(scores_rows, mask_rows, k_rows, k_max).view(*scores.shape[:-1], k_max)
