@@ -194,3 +194,18 @@ def test_the_readmes_performance_table_is_the_results_json():
         assert float(cells[0]) == pytest.approx(longt5, abs=0.006)
         assert float(cells[1].split()[0]) == pytest.approx(colt5, abs=0.0006)
         assert cells[1].split()[1] == f"({longt5 / colt5:.1f}x)"
+
+
+def test_the_readmes_uptraining_tables_are_the_results_json(monkeypatch):
+    """The README's uptraining tables, the CPU's and the GPU's in that order, are the tables of the records they
+    come from."""
+    module = benchmark_module("uptrain", monkeypatch)
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Uptraining"):readme.index("## Where the code lives")]
+    blocks = [[line for line in block.splitlines() if line.startswith("|")] for block in section.split("\n\n")]
+    tables = ["\n".join(lines) for lines in blocks if lines]
+    results = REPO / "benchmarks" / "results"
+    records = [json.loads((results / folder / "uptrain.json").read_text())
+               for folder in ("uptrain-cpu", "uptrain-gpu-h100")]
+    assert records[1]["environment"]["device"] == "NVIDIA H100 80GB HBM3"
+    assert tables == [module.table(record).split("\n\n")[0].strip() for record in records]
