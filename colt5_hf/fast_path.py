@@ -38,6 +38,7 @@ than the training one: 156 + 78 = 234) and the encoder for nine batch sizes in b
 targets too (32 buckets for 1-512 tokens) would give 13 x 32 x 2 = 832 decoder variants.
 """
 
+import contextlib
 import math
 import time
 
@@ -119,8 +120,8 @@ class CompiledLayer:
     """torch.compile of `layer` (CoLT5EncoderBlock.layer or CoLT5DecoderBlock.layer, called with the block as its first
     argument) with static shapes. A variant (its tensors' shapes and dtypes, gradients, training, autocast) whose
     compilation fails runs eagerly, the same function, after one warning that names the error; it is not tried again.
-    This covers the forward's compilation; with gradients the backward compiles at the first backward, where a
-    failure is raised as it comes."""
+    With gradients the backward compiles with the forward (`backward_compiles_with_forward`), so its failures are
+    caught here too."""
 
     def __init__(self, layer, mode: str):
         options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
@@ -151,6 +152,16 @@ class CompiledLayer:
         """What a compilation is specific to (computed only once one has failed: the calls are the hot path)."""
         return (tuple(None if arg is None else (tuple(arg.shape), arg.dtype) for arg in args),
                 torch.is_grad_enabled(), block.training, torch.is_autocast_enabled(args[0].device.type))
+
+
+def backward_compiles_with_forward(started):
+    """The context of a stack's blocks on a call `CompileReport.start` found new (`started`, None otherwise): with
+    gradients, the layers' backward compiles with their forward instead of lazily at the first backward, so a failed
+    compilation of the backward reaches `CompiledLayer` (whose variant then runs eagerly) instead of failing the
+    backward, and the reported compile time is the whole step's."""
+    if started is None or not torch.is_grad_enabled():
+        return contextlib.nullcontext()
+    return torch._functorch.config.patch(force_non_lazy_backward_lowering=True)
 
 
 def compile_error(error) -> str:
@@ -200,7 +211,9 @@ class CompileReport:
         """Called before the blocks run on their padded `hidden_states` (and, for the decoder, padded
         `encoder_hidden_states`); returns the time to hand to `finish`, or None for a variant seen before."""
         encoder_length = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        variant = (mode, tuple(hidden_states.shape[:2]), encoder_length, training, torch.is_grad_enabled())
+        # what a layer's compiled variant is specific to (`CompiledLayer.variant`), as the stack's input shows it
+        variant = (mode, tuple(hidden_states.shape[:2]), encoder_length, training, torch.is_grad_enabled(),
+                   hidden_states.dtype, torch.is_autocast_enabled(hidden_states.device.type))
         if variant in self.seen:
             return None
         self.seen.add(variant)
@@ -213,7 +226,7 @@ class CompileReport:
             return
         if hidden_states.is_cuda:
             torch.cuda.synchronize()
-        (mode, (batch, length), encoder_length, training, gradients), start, failures = started
+        (mode, (batch, length), encoder_length, training, gradients, *_), start, failures = started
         if _compile_failures != failures:  # CompiledLayer said so
             return
         shape, buckets = f"{length}-token inputs", "Each length bucket compiles"
@@ -222,7 +235,7 @@ class CompileReport:
         logger.warning(
             f"CoLT5 {self.stack}: compiled its layer for {shape} (batch {batch}, "
             f"{'training' if training else 'inference'}{'' if gradients else ', no gradients'}, mode {mode}) in "
-            f"{time.perf_counter() - start:.1f} s{' (its backward compiles at the first backward)' if gradients else ''}"
+            f"{time.perf_counter() - start:.1f} s{' (forward and backward)' if gradients else ''}"
             f". {buckets} once; encoder_compile='off' runs eagerly instead."
         )
 

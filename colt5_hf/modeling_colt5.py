@@ -33,6 +33,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .configuration_colt5 import CoLT5Config
 from .fast_path import (
     CompileReport,
+    backward_compiles_with_forward,
     before_compiled_blocks,
     compiled_layer,
     encoder_compile_mode,
@@ -734,15 +735,18 @@ class CoLT5Encoder(nn.Module):
         # must be asked for before it runs, and a compiled layer returns its length bucket's padded rows, which under
         # CUDA graphs the next replay overwrites. The decoder collects its own the same way.
         all_hidden_states, all_attentions = (), ()
-        for block in self.block:
-            if output_hidden_states:
-                # compiled: a copy of the real tokens' rows (a CUDA graph's output is overwritten by its next replay)
-                all_hidden_states += (hidden_states if compile_mode is None else hidden_states[:, :n].clone(),)
-            hidden_states, weights = block(
-                hidden_states, mask, light_bias_table, heavy_bias_weight, output_attentions, compile_mode=compile_mode
-            )
-            if output_attentions:
-                all_attentions += (weights,)
+        with backward_compiles_with_forward(compiling):
+            for block in self.block:
+                if output_hidden_states:
+                    # compiled: a copy of the real tokens' rows (a CUDA graph's output is overwritten by its next
+                    # replay)
+                    all_hidden_states += (hidden_states if compile_mode is None else hidden_states[:, :n].clone(),)
+                hidden_states, weights = block(
+                    hidden_states, mask, light_bias_table, heavy_bias_weight, output_attentions,
+                    compile_mode=compile_mode,
+                )
+                if output_attentions:
+                    all_attentions += (weights,)
         self.compile_report.finish(compiling, hidden_states)
         hidden_states = self.dropout(self.final_layer_norm(hidden_states[:, :n]))
         if output_hidden_states:
@@ -841,17 +845,19 @@ class CoLT5Decoder(nn.Module):
         )
 
         all_hidden_states, all_self_attentions, all_cross_attentions = (), (), ()
-        for block in self.block:
-            if output_hidden_states:
-                # compiled: a copy of the real positions' rows (a CUDA graph's output is overwritten by its next replay)
-                all_hidden_states += (hidden_states if compile_mode is None else hidden_states[:, :t].clone(),)
-            hidden_states, self_weights, cross_weights = block(
-                hidden_states, bias, encoder_hidden_states, encoder_mask, cache=cache,
-                cross_attention_bias=cross_attention_bias, output_attentions=output_attentions,
-                compile_mode=compile_mode,
-            )
-            all_self_attentions += (self_weights,)
-            all_cross_attentions += (cross_weights,)
+        with backward_compiles_with_forward(compiling):
+            for block in self.block:
+                if output_hidden_states:
+                    # compiled: a copy of the real positions' rows (a CUDA graph's output is overwritten by its next
+                    # replay)
+                    all_hidden_states += (hidden_states if compile_mode is None else hidden_states[:, :t].clone(),)
+                hidden_states, self_weights, cross_weights = block(
+                    hidden_states, bias, encoder_hidden_states, encoder_mask, cache=cache,
+                    cross_attention_bias=cross_attention_bias, output_attentions=output_attentions,
+                    compile_mode=compile_mode,
+                )
+                all_self_attentions += (self_weights,)
+                all_cross_attentions += (cross_weights,)
         self.compile_report.finish(compiling, hidden_states)
         hidden_states = self.dropout(self.final_layer_norm(hidden_states[:, :t]))
         if output_hidden_states:

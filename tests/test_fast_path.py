@@ -282,7 +282,7 @@ def test_decoder_compiled_path_with_gradient_accumulation_equals_eager(on_cpu, s
     assert all(target_bucket(t) > t for _, t in lengths)  # every target is padded
     assert_trains_as_eager(model, steps)
     assert model.decoder.compile_report.seen == {
-        (mode, (2, target_bucket(t)), length_bucket(n), True, True) for n, t in lengths
+        (mode, (2, target_bucket(t)), length_bucket(n), True, True, torch.float32, False) for n, t in lengths
     }
 
 
@@ -321,7 +321,8 @@ def test_an_epoch_of_every_target_length_compiles_the_decoder_once_per_target_bu
     buckets = {target_bucket(t) for t in lengths}
     assert buckets == {16, 32, 64, 128} and len({length_bucket(t) for t in lengths}) == 23
     assert on_cpu.graphs == 1 + len(buckets)  # the encoder's layer once, the decoder's once per target bucket
-    assert model.decoder.compile_report.seen == {("default", (2, b), length_bucket(n), True, True) for b in buckets}
+    assert model.decoder.compile_report.seen == {
+        ("default", (2, b), length_bucket(n), True, True, torch.float32, False) for b in buckets}
 
 
 def test_which_forwards_compile_the_decoder(on_cpu):
@@ -338,7 +339,7 @@ def test_which_forwards_compile_the_decoder(on_cpu):
     with torch.no_grad():
         compiled = model(**inputs)
         assert getattr(compiled, CACHE_FIELD) is None
-        assert seen == {("reduce-overhead", (2, 16), 40, False, False)}
+        assert seen == {("reduce-overhead", (2, 16), 40, False, False, torch.float32, False)}
         seen.clear()
         cached = model(**decoder_inputs)
         assert getattr(cached, CACHE_FIELD) is not None  # as T5: an inference forward returns its cache
@@ -356,7 +357,7 @@ def test_which_forwards_compile_the_decoder(on_cpu):
     model.config.encoder_compile = "auto"
     model.train()
     assert getattr(model(**decoder_inputs), CACHE_FIELD) is None
-    assert seen == {("default", (2, 16), 40, True, True)}
+    assert seen == {("default", (2, 16), 40, True, True, torch.float32, False)}
 
 
 def test_decoder_hidden_states_of_the_compiled_path_are_the_real_positions_rows(on_cpu):
@@ -406,3 +407,41 @@ def test_a_variant_that_fails_to_compile_runs_eagerly_once_warned(monkeypatch, c
         "CoLT5: compiling the CoLT5EncoderBlock", "CoLT5: compiling the CoLT5DecoderBlock"}
     assert backend.attempts == 2  # the first block of each stack, once
     assert not any("compiled its layer" in record.getMessage() for record in caplog.records)
+
+
+def test_a_backward_that_fails_to_compile_runs_eagerly_from_the_forward(monkeypatch, caplog):
+    """The forward compiles and the backward does not: with gradients the backward compiles with the forward (not at
+    the first backward), so its failure is caught there, the variant runs eagerly and trains as the eager model does;
+    inference compiles the forward alone and runs compiled."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    attempts = {"forward": 0, "backward": 0}
+
+    def forward_compiler(graph_module, example_inputs):
+        attempts["forward"] += 1
+        return graph_module.forward
+
+    def backward_compiler(graph_module, example_inputs):
+        attempts["backward"] += 1
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(fast_path, "COMPILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(fast_path, "COMPILE_MIN_LENGTH", MIN_LENGTH)
+    monkeypatch.setattr(fast_path, "COMPILE_BACKEND", aot_autograd(fw_compiler=forward_compiler,
+                                                                   bw_compiler=backward_compiler))
+    monkeypatch.setattr(fast_path, "_compiled_layers", {})
+    torch._dynamo.reset()
+    model = seq2seq_model()
+    steps = [seq2seq_inputs(40, 9, seed) for seed in range(2)]
+    with caplog.at_level("WARNING", logger="colt5_hf.fast_path"):
+        assert_trains_as_eager(model, steps)
+        assert attempts == {"forward": 2, "backward": 2}  # each stack's training variant, once
+        model.config.encoder_compile = "auto"
+        with torch.no_grad():
+            model.eval()(**steps[0])
+    torch._dynamo.reset()
+    assert attempts == {"forward": 4, "backward": 2}  # inference: no backward to compile
+    failures = [record.getMessage() for record in caplog.records if "failed" in record.getMessage()]
+    assert len(failures) == 2 and all("PassManager::run failed" in message for message in failures), failures
+    compiled = [record.getMessage() for record in caplog.records if "compiled its layer" in record.getMessage()]
+    assert len(compiled) == 2 and all("inference, no gradients" in message for message in compiled), compiled
