@@ -33,7 +33,6 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .configuration_colt5 import CoLT5Config
 from .fast_path import (
     CompileReport,
-    backward_compiles_with_forward,
     before_compiled_blocks,
     compiled_layer,
     encoder_compile_mode,
@@ -728,14 +727,13 @@ class CoLT5Encoder(nn.Module):
         if compile_mode is not None:  # padded to its length bucket: one compilation serves every length in it
             hidden_states, mask = pad_to_bucket(hidden_states), pad_to_bucket(mask, value=False)
             before_compiled_blocks(compile_mode, self.block, begins_step=True)
-        compiling = self.compile_report.start(compile_mode, hidden_states, self.training) if compile_mode else None
 
         # Collected here rather than by Transformers' output recorders (`_can_record_outputs`, hooks on the layers'
         # outputs): the routed attention's weights over the sequence come from its own eager path, which the layer
         # must be asked for before it runs, and a compiled layer returns its length bucket's padded rows, which under
         # CUDA graphs the next replay overwrites. The decoder collects its own the same way.
         all_hidden_states, all_attentions = (), ()
-        with backward_compiles_with_forward(compiling):
+        with self.compile_report.blocks(compile_mode, hidden_states, self.training):
             for block in self.block:
                 if output_hidden_states:
                     # compiled: a copy of the real tokens' rows (a CUDA graph's output is overwritten by its next
@@ -747,7 +745,6 @@ class CoLT5Encoder(nn.Module):
                 )
                 if output_attentions:
                     all_attentions += (weights,)
-        self.compile_report.finish(compiling, hidden_states)
         hidden_states = self.dropout(self.final_layer_norm(hidden_states[:, :n]))
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -839,13 +836,9 @@ class CoLT5Decoder(nn.Module):
             encoder_mask = pad_to_bucket(encoder_mask, value=False)
             before_compiled_blocks(compile_mode, self.block, begins_step=False)
         cross_attention_bias = self.block[0].cross_attention.key_bias(encoder_mask, inputs_embeds.dtype)  # all layers
-        compiling = (
-            self.compile_report.start(compile_mode, hidden_states, self.training, encoder_hidden_states)
-            if compile_mode else None
-        )
 
         all_hidden_states, all_self_attentions, all_cross_attentions = (), (), ()
-        with backward_compiles_with_forward(compiling):
+        with self.compile_report.blocks(compile_mode, hidden_states, self.training, encoder_hidden_states):
             for block in self.block:
                 if output_hidden_states:
                     # compiled: a copy of the real positions' rows (a CUDA graph's output is overwritten by its next
@@ -858,7 +851,6 @@ class CoLT5Decoder(nn.Module):
                 )
                 all_self_attentions += (self_weights,)
                 all_cross_attentions += (cross_weights,)
-        self.compile_report.finish(compiling, hidden_states)
         hidden_states = self.dropout(self.final_layer_norm(hidden_states[:, :t]))
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
