@@ -1,18 +1,15 @@
 """The benchmark scripts run end to end on the CPU with the tiny preset and write sane records (no timing checks)."""
 
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-
-REPO = Path(__file__).resolve().parents[1]
+from tiny import REPO, benchmark_module
 
 
 def run_script(script, args, out, timeout=120):
@@ -21,15 +18,6 @@ def run_script(script, args, out, timeout=120):
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
-
-
-def benchmark_module(name, monkeypatch):
-    """benchmarks/<name>.py imported (it imports its neighbour `common`)."""
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_train_step_tiny_writes_records_and_table(tmp_path, monkeypatch):

@@ -7,20 +7,17 @@ test_fast_path.py.
 """
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from colt5_hf import CoLT5Config, CoLT5ForConditionalGeneration, fast_path
 from colt5_hf.fast_path import length_bucket, target_bucket
-from tiny import CountingBackend, relative_error
+from tiny import CountingBackend, benchmark_module, relative_error
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-REPO = Path(__file__).resolve().parents[1]
 MIN_LENGTH = 512  # COMPILE_MIN_LENGTH for these tests: small models at short lengths compile fast
 
 
@@ -172,7 +169,7 @@ def test_the_command_trains_evaluates_and_generates_on_the_fast_path(tmp_path, m
     assert not calls and capsys.readouterr().out.splitlines()[-1] == generated
 
 
-def test_a_converted_t5_small_trains_compiled_at_4096_tokens_in_bf16():
+def test_a_converted_t5_small_trains_compiled_at_4096_tokens_in_bf16(monkeypatch):
     """The uptrain recipe's shape on a GPU (benchmarks/uptrain.py: a T5.1.1-small-shaped model converted with the
     presets' routing, batches of 4 x 4096 tokens with padded samples, bf16 autocast), two layers a stack: the training
     step compiles every layer it meets (none falls back to eager) and gives the eager step's loss and gradients."""
@@ -184,9 +181,7 @@ def test_a_converted_t5_small_trains_compiled_at_4096_tokens_in_bf16():
     source_config = T5Config(vocab_size=384, d_model=512, d_kv=64, num_heads=8, d_ff=1024, num_layers=2,
                              num_decoder_layers=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                              dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    spec = importlib.util.spec_from_file_location("uptrain_benchmark", REPO / "benchmarks" / "uptrain.py")
-    uptrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(uptrain)
+    uptrain = benchmark_module("uptrain", monkeypatch)
     routing = uptrain.routing_settings(4096, source_config.num_heads)["preset"]  # the recipe's conversion
     config = colt5_config_from_source(source_config, dropout_rate=0.0, encoder_compile="auto", **routing)
     model = convert_t5_to_colt5(T5ForConditionalGeneration(source_config), config).cuda().train()

@@ -1,6 +1,7 @@
-"""What the test files share: the tiny preset (configs/colt5-tiny.json), a graph-counting torch.compile backend and a
-relative error."""
+"""What the test files share: the tiny preset (configs/colt5-tiny.json), a graph-counting torch.compile backend, a
+relative error and the benchmark scripts as modules."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import torch
 from colt5_hf import CoLT5Config, CoLT5ForConditionalGeneration
 
 
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "colt5-tiny.json"
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "colt5-tiny.json"
 
 
 def tiny_values():
@@ -50,3 +52,12 @@ class CountingBackend:
     def __call__(self, graph_module, example_inputs):
         self.graphs += 1
         return self.backend(graph_module, example_inputs)
+
+
+def benchmark_module(name, monkeypatch):
+    """benchmarks/<name>.py imported (it imports its neighbour `common`)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
