@@ -207,21 +207,20 @@ class CompileReport:
         self.stack = stack
         self.seen = set()
 
+    @contextlib.contextmanager
     def blocks(self, mode, hidden_states, training, encoder_hidden_states=None):
         """The context of a stack's blocks running under `mode` (None: eagerly) on their padded `hidden_states` (and,
         for the decoder, padded `encoder_hidden_states`): on a variant's first call, with gradients, the backward
         compiles with the forward (`backward_compiles_with_forward`), and the time the blocks took is logged after
-        them. The context keeps no tensor alive (the blocks' outputs replace their inputs)."""
-        return self.around(None if mode is None else self.start(mode, hidden_states, training, encoder_hidden_states))
-
-    @contextlib.contextmanager
-    def around(self, started):
+        them."""
+        started = None if mode is None else self._start(mode, hidden_states, training, encoder_hidden_states)
+        del hidden_states, encoder_hidden_states  # the blocks' outputs replace their inputs: this frame keeps neither
         with backward_compiles_with_forward(started):
             yield
-        self.finish(started)
+        self._finish(started)
 
-    def start(self, mode, hidden_states, training, encoder_hidden_states=None):
-        """The variant, the time and the failures so far to hand to `finish`, or None for a variant seen before."""
+    def _start(self, mode, hidden_states, training, encoder_hidden_states=None):
+        """The variant, the time and the failures so far to hand to `_finish`, or None for a variant seen before."""
         encoder_length = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         # what a layer's compiled variant is specific to (`CompiledLayer.variant`), as the stack's input shows it
         variant = (mode, tuple(hidden_states.shape[:2]), encoder_length, training, torch.is_grad_enabled(),
@@ -233,7 +232,7 @@ class CompileReport:
             torch.cuda.synchronize()
         return variant, time.perf_counter(), _compile_failures, hidden_states.is_cuda
 
-    def finish(self, started):
+    def _finish(self, started):
         if started is None:
             return
         (mode, (batch, length), encoder_length, training, gradients, *_), start, failures, cuda = started
